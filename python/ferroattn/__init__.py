@@ -1,0 +1,76 @@
+"""ferroattn: fast self-attention on the CPU.
+
+Flash-style blocked kernels in Rust (online softmax, SIMD chosen at run time, threads over
+independent tiles) behind a NumPy API: arrays in, arrays out, dtype kept.
+
+Example:
+    >>> import numpy as np, ferroattn
+    >>> rng = np.random.default_rng(0)
+    >>> q, k, v = (rng.standard_normal((1, 8, 256, 64), dtype=np.float32) for _ in range(3))
+    >>> out = ferroattn.attention(q, k, v, causal=True)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+from . import _ferroattn
+from .functional import attention, attention_varlen, attention_weights
+
+__version__: str = _ferroattn.__version__
+
+__all__ = [
+    "__version__",
+    "attention",
+    "attention_varlen",
+    "attention_weights",
+    "get_num_threads",
+    "info",
+    "set_num_threads",
+]
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of threads ferroattn's kernels use (its own pool; default: all cores,
+    or ``FERROATTN_NUM_THREADS``)."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    _ferroattn.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    """The number of threads ferroattn's kernels use."""
+    return int(_ferroattn.get_num_threads())
+
+
+def info() -> dict[str, Any]:
+    """Version, SIMD path in use, paths this CPU can run, CPU features, threads.
+
+    Never imports torch (``ferroattn info`` on the command line reports torch as well).
+    """
+    return dict(_ferroattn.build_info())
+
+
+def _warn_on_unknown_isa() -> None:
+    wanted = os.environ.get("FERROATTN_ISA", "").strip().lower()
+    if not wanted:
+        return
+    facts = _ferroattn.build_info()
+    if wanted != facts["isa"]:
+        warnings.warn(
+            f"FERROATTN_ISA={wanted!r} is not available on this CPU (available: "
+            f"{', '.join(facts['isa_available'])}); using {facts['isa']!r}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_warn_on_unknown_isa()
+
+# A forked child has none of the parent's pool threads: start a fresh pool there.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ferroattn._after_fork_in_child)

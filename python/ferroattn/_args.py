@@ -1,0 +1,199 @@
+"""Argument normalization shared by the public functions.
+
+Everything the Rust layer needs arrives as a 4-D ``(B, H, N, D)`` view with a contiguous last
+axis and a native float dtype; layouts and ranks are views (strides), never copies. Copies happen
+only for float64 or byte-swapped input (computed in float32), for a non-contiguous last axis, and
+for misaligned buffers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_KERNEL_DTYPES = {"float32", "float16", "bfloat16"}
+
+
+def as_array(name: str, x: Any) -> np.ndarray:
+    """Return ``x`` as an ndarray, refusing things that are not numeric arrays."""
+    if isinstance(x, np.ndarray):
+        return x
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # noqa: BLE001 - report any conversion failure as a type problem
+        raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}") from e
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}")
+    return arr
+
+
+def dtype_code(arr: np.ndarray) -> str | None:
+    """The kernel dtype name of ``arr``, or None when it must be converted to float32 first."""
+    dt = arr.dtype
+    if dt.name == "bfloat16" and dt.itemsize == 2:
+        return "bfloat16"
+    if dt.kind == "f" and dt.isnative and dt.name in _KERNEL_DTYPES:
+        return dt.name
+    return None
+
+
+def check_dtypes(arrays: dict[str, np.ndarray]) -> np.dtype:
+    """All inputs must share one floating dtype; return it."""
+    dtypes = {name: a.dtype for name, a in arrays.items()}
+    for name, dt in dtypes.items():
+        if not (dt.kind == "f" or dt.name == "bfloat16"):
+            raise TypeError(
+                f"{name} has dtype {dt}; ferroattn takes float32, float16, bfloat16 "
+                "(or float64, computed in float32)"
+            )
+    first = next(iter(dtypes.values()))
+    if any(dt != first for dt in dtypes.values()):
+        listed = ", ".join(f"{n}={dt}" for n, dt in dtypes.items())
+        raise TypeError(f"inputs must share one dtype, got {listed}")
+    return first
+
+
+def kernel_ready(arr: np.ndarray) -> np.ndarray:
+    """A view (or, only when needed, a copy) the kernels can read directly."""
+    if dtype_code(arr) is None:
+        arr = arr.astype(np.float32)
+    last_ok = arr.shape[-1] <= 1 or arr.strides[-1] == arr.itemsize
+    if not last_ok or not arr.flags.aligned:
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def to_bhsd(name: str, arr: np.ndarray, layout: str) -> np.ndarray:
+    """View an input of rank 2, 3 or 4 in ``layout`` as 4-D head-major ``(B, H, N, D)``."""
+    if arr.ndim == 4:
+        return arr if layout == "bhsd" else arr.transpose(0, 2, 1, 3)
+    if arr.ndim == 3:
+        return arr[None] if layout == "bhsd" else arr.transpose(1, 0, 2)[None]
+    if arr.ndim == 2:
+        return arr[None, None]
+    raise ValueError(f"{name} must have 2, 3 or 4 dimensions, got shape {arr.shape}")
+
+
+def from_bhsd_shape(shape4: tuple[int, ...], ndim: int, layout: str) -> tuple[int, ...]:
+    """The user-facing shape of a 4-D head-major shape for an input of rank ``ndim``."""
+    b, h, n, d = shape4
+    if ndim == 4:
+        return (b, h, n, d) if layout == "bhsd" else (b, n, h, d)
+    if ndim == 3:
+        return (h, n, d) if layout == "bhsd" else (n, h, d)
+    return (n, d)
+
+
+def check_layout(layout: Any) -> str:
+    if layout not in ("bhsd", "bshd"):
+        raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
+    return layout
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Normalized mask and score options, as the binding takes them."""
+
+    scale: float
+    softcap: float | None
+    causal: bool
+    top_left: bool
+    window_left: int | None
+    window_right: int | None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "softcap": self.softcap,
+            "causal": self.causal,
+            "top_left": self.top_left,
+            "window_left": self.window_left,
+            "window_right": self.window_right,
+        }
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _window_side(x: Any) -> int | None:
+    if x is None:
+        return None
+    if not _is_int(x):
+        raise ValueError(f"window sides must be ints, -1 or None, got {x!r}")
+    if x == -1:
+        return None
+    if x < 0:
+        raise ValueError(f"window sides must be >= 0 (or -1/None for unbounded), got {x}")
+    return int(x)
+
+
+def mask_options(
+    *, head_dim: int, causal: Any, window: Any, scale: Any, softcap: Any
+) -> MaskOptions:
+    """Validate ``causal``, ``window``, ``scale`` and ``softcap``."""
+    top_left = False
+    if isinstance(causal, str):
+        if causal not in ("bottom_right", "top_left"):
+            raise ValueError(
+                f"causal must be a bool, 'bottom_right' or 'top_left', got {causal!r}"
+            )
+        top_left = causal == "top_left"
+        is_causal = True
+    elif isinstance(causal, (bool, np.bool_)) or (_is_int(causal) and causal in (0, 1)):
+        is_causal = bool(causal)
+    else:
+        raise TypeError(f"causal must be a bool, 'bottom_right' or 'top_left', got {causal!r}")
+
+    if window is None:
+        left = right = None
+    elif _is_int(window):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (the number of keys seen), got {window}")
+        left, right = int(window) - 1, 0
+    elif isinstance(window, (tuple, list)) and len(window) == 2:
+        left, right = _window_side(window[0]), _window_side(window[1])
+    else:
+        raise ValueError(f"window must be None, an int or a (left, right) pair, got {window!r}")
+
+    if scale is None:
+        scale_f = 1.0 / math.sqrt(head_dim)
+    else:
+        try:
+            scale_f = float(scale)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"scale must be a number, got {scale!r}") from e
+        if not math.isfinite(scale_f):
+            raise ValueError(f"scale must be finite, got {scale!r}")
+
+    if softcap is None:
+        cap = None
+    else:
+        try:
+            cap = float(softcap)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"softcap must be a number, got {softcap!r}") from e
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+
+    return MaskOptions(scale_f, cap, is_causal, top_left, left, right)
+
+
+def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:
+    """A 1-D array-like of non-negative integers as a list."""
+    arr = np.asarray(x)
+    if arr.ndim != 1 or not (arr.dtype.kind in "iu" or (arr.size == 0 and arr.dtype.kind == "f")):
+        raise ValueError(
+            f"{name} must be a 1-D array of integers, got shape {arr.shape} dtype {arr.dtype}"
+        )
+    if length is not None and arr.shape[0] != length:
+        raise ValueError(f"{name} must have {length} entries, got {arr.shape[0]}")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"{name} must not be negative, got {arr.tolist()}")
+    return [int(v) for v in arr]

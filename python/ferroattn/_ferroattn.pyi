@@ -1,0 +1,43 @@
+"""Type stubs of the compiled extension (kept in step with rust/py/src/lib.rs)."""
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    out: np.ndarray,
+    dtype: str,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    kv_lengths: list[int] | None = None,
+    cu_seqlens: tuple[list[int], list[int]] | None = None,
+    return_lse: bool = False,
+) -> npt.NDArray[np.float32] | None: ...
+def attention_weights(
+    q: np.ndarray,
+    k: np.ndarray,
+    dtype: str,
+    *,
+    scale: float,
+    softcap: float | None = None,
+    causal: bool = False,
+    top_left: bool = False,
+    window_left: int | None = None,
+    window_right: int | None = None,
+    kv_lengths: list[int] | None = None,
+) -> npt.NDArray[np.float32]: ...
+def set_num_threads(n: int) -> None: ...
+def get_num_threads() -> int: ...
+def build_info() -> dict[str, Any]: ...
+def _after_fork_in_child() -> None: ...

@@ -1,0 +1,293 @@
+"""The attention functions: NumPy arrays in, NumPy arrays out."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _ferroattn
+from ._args import (
+    MaskOptions,
+    as_array,
+    check_dtypes,
+    check_layout,
+    dtype_code,
+    from_bhsd_shape,
+    int_vector,
+    kernel_ready,
+    mask_options,
+    to_bhsd,
+)
+
+Causal = bool | Literal["bottom_right", "top_left"]
+Window = int | tuple[int | None, int | None] | None
+
+__all__ = ["attention", "attention_varlen", "attention_weights"]
+
+
+def _check_shapes(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray | None, shapes: str) -> None:
+    b, hq, _, d = q4.shape
+    bk, hk, nk, dk = k4.shape
+    if d < 1:
+        raise ValueError(f"q: head dimension must be at least 1; {shapes}")
+    if bk != b:
+        raise ValueError(f"q and k have different batch sizes; {shapes}")
+    if dk != d:
+        raise ValueError(f"q and k have different head dimensions ({d} vs {dk}); {shapes}")
+    if hk < 1 or hq % hk:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hk}); {shapes}"
+        )
+    if v4 is not None:
+        if v4.shape[:3] != (bk, hk, nk):
+            raise ValueError(f"k and v must agree in batch, heads and length; {shapes}")
+        if v4.shape[3] < 1:
+            raise ValueError(f"v: value dimension must be at least 1; {shapes}")
+
+
+def _prepare(
+    q: Any, k: Any, v: Any | None, layout: str
+) -> tuple[list[np.ndarray], list[np.ndarray], np.dtype, int]:
+    """Validate ranks and dtypes; return user arrays, kernel-ready 4-D views, dtype, rank."""
+    layout = check_layout(layout)
+    named = {"q": as_array("q", q), "k": as_array("k", k)}
+    if v is not None:
+        named["v"] = as_array("v", v)
+    dtype = check_dtypes(named)
+    arrays = list(named.values())
+    ranks = {a.ndim for a in arrays}
+    shapes = ", ".join(f"{n} {a.shape}" for n, a in named.items())
+    if len(ranks) != 1:
+        raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
+    ndim = arrays[0].ndim
+    views = [to_bhsd(n, kernel_ready(a), layout) for n, a in named.items()]
+    _check_shapes(views[0], views[1], views[2] if v is not None else None, f"got {shapes}")
+    return arrays, views, dtype, ndim
+
+
+def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]):
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, a in zip(("q", "k", "v"), inputs):
+        if np.may_share_memory(out, a):
+            raise ValueError(f"out must not share memory with {name}")
+
+
+def _run(
+    q4: np.ndarray,
+    k4: np.ndarray,
+    v4: np.ndarray,
+    out4: np.ndarray,
+    opts: MaskOptions,
+    return_lse: bool,
+    **seqs: Any,
+) -> np.ndarray | None:
+    """Call the kernel, writing into ``out4`` when it is kernel-writable, else via a buffer."""
+    direct = (
+        dtype_code(out4) == dtype_code(q4)
+        and (out4.shape[-1] <= 1 or out4.strides[-1] == out4.itemsize)
+        and out4.flags.aligned
+    )
+    target = out4 if direct else np.empty(out4.shape, dtype=q4.dtype)
+    lse = _ferroattn.attention(
+        q4, k4, v4, target, q4.dtype.name, return_lse=return_lse, **opts.kwargs(), **seqs
+    )
+    if not direct:
+        out4[...] = target
+    return lse
+
+
+def attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: Causal = False,
+    window: Window = None,
+    scale: float | None = None,
+    kv_lengths: Any = None,
+    softcap: float | None = None,
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+    return_lse: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Scaled-dot-product attention, ``softmax(scale · q kᵀ [masked]) v``.
+
+    Args:
+        q: queries ``(B, Hq, Nq, D)``; also ``(H, N, D)`` or ``(N, D)``. With ``layout="bshd"``:
+            ``(B, N, H, D)`` or ``(N, H, D)``.
+        k: keys ``(B, Hkv, Nk, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: query head
+            ``h`` reads key/value head ``h // (Hq // Hkv)``).
+        v: values ``(B, Hkv, Nk, Dv)``.
+        causal: ``True`` or ``"bottom_right"``: query ``i`` sits at position
+            ``i + k_len - q_len`` and sees keys ``j <= position`` (flash-attn's convention, right
+            for decoding with a cache). ``"top_left"``: position ``i`` (torch's ``is_causal``).
+        window: ``(left, right)``: a query at position ``p`` sees keys ``p-left <= j <= p+right``;
+            ``None`` or ``-1`` leaves a side unbounded. An int ``w`` means ``(w - 1, 0)``, the
+            last ``w`` keys including its own (Mistral's ``sliding_window``). Positions follow
+            the causal alignment (bottom-right unless ``causal="top_left"``). Cost is
+            ``O(N·w)``.
+        scale: multiplies ``q·k``; defaults to ``1/sqrt(D)``.
+        kv_lengths: ``(B,)`` integers: batch ``b`` has ``kv_lengths[b]`` valid keys (right
+            padding); positions and causal alignment use that length.
+        softcap: ``c``: scores become ``c·tanh(score/c)`` (after ``scale``).
+        layout: ``"bhsd"`` (head-major) or ``"bshd"`` (token-major, flash-attn/HF); the output
+            uses the same layout.
+        return_lse: also return the natural log-sum-exp of each row's scores, float32
+            ``(B, Hq, Nq)``.
+        out: array of the output's shape and dtype to write into (returned as is).
+
+    Returns:
+        The output, shaped like ``q`` with last axis ``Dv`` and of ``q``'s dtype, or
+        ``(out, lse)``. A query that sees no key gets zeros and ``lse = -inf``.
+
+    float32, float16 and bfloat16 (``ml_dtypes``) are computed with float32 accumulation;
+    float64 and byte-swapped inputs are converted to float32 once and the result cast back.
+
+    Example:
+        >>> import numpy as np, ferroattn
+        >>> q = np.random.default_rng(0).standard_normal((1, 8, 128, 64), dtype=np.float32)
+        >>> ferroattn.attention(q, q, q, causal=True).shape
+        (1, 8, 128, 64)
+    """
+    arrays, (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
+    opts = mask_options(
+        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+    )
+    b, hq, nq, _ = q4.shape
+    lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
+    if lens is not None and any(n > k4.shape[2] for n in lens):
+        raise ValueError(f"kv_lengths must lie in [0, {k4.shape[2]}] (the key length), got {lens}")
+    shape4 = (b, hq, nq, v4.shape[3])
+    user_shape = from_bhsd_shape(shape4, ndim, layout)
+    if out is None:
+        result = np.empty(user_shape, dtype=dtype)
+    else:
+        _check_out(out, user_shape, dtype, arrays)
+        result = out
+    lse = _run(q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens)
+    if not return_lse:
+        return result
+    assert lse is not None
+    return result, lse.reshape((b, hq, nq)[4 - ndim :])
+
+
+def attention_varlen(
+    q: Any,
+    k: Any,
+    v: Any,
+    cu_seqlens_q: Any,
+    cu_seqlens_k: Any,
+    *,
+    causal: Causal = False,
+    window: Window = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    return_lse: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Attention over packed sequences of different lengths (flash-attn's varlen API).
+
+    Args:
+        q: ``(total_q, Hq, D)``: the queries of all sequences, one after another.
+        k: ``(total_k, Hkv, D)``.
+        v: ``(total_k, Hkv, Dv)``.
+        cu_seqlens_q: ``(S + 1,)`` integers: sequence ``s`` owns query rows
+            ``cu_seqlens_q[s]:cu_seqlens_q[s+1]``; starts at 0, ends at ``total_q``.
+        cu_seqlens_k: the same for keys and values.
+        causal, window, scale, softcap, return_lse, out: as in :func:`attention`, per sequence.
+
+    Returns:
+        ``(total_q, Hq, Dv)``, or with ``return_lse`` also the float32 LSE ``(Hq, total_q)``.
+
+    Example:
+        >>> import numpy as np, ferroattn
+        >>> x = np.ones((5, 2, 16), np.float32)
+        >>> ferroattn.attention_varlen(x, x, x, [0, 2, 5], [0, 2, 5], causal=True).shape
+        (5, 2, 16)
+    """
+    named = {"q": as_array("q", q), "k": as_array("k", k), "v": as_array("v", v)}
+    for name, a in named.items():
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be 3-D (total_tokens, heads, dim), got shape {a.shape}")
+    arrays, (q4, k4, v4), dtype, _ = _prepare(*named.values(), layout="bshd")
+    opts = mask_options(
+        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+    )
+    cq = int_vector("cu_seqlens_q", cu_seqlens_q)
+    ck = int_vector("cu_seqlens_k", cu_seqlens_k)
+    for name, cu, total in (("cu_seqlens_q", cq, q4.shape[2]), ("cu_seqlens_k", ck, k4.shape[2])):
+        if not cu or cu[0] != 0 or cu[-1] != total or any(a > b for a, b in zip(cu, cu[1:])):
+            raise ValueError(
+                f"{name} must start at 0, never decrease and end at {total} "
+                f"(the packed length); got {cu}"
+            )
+    if len(cq) != len(ck):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cq)} and {len(ck)}"
+        )
+    _, hq, total_q, _ = q4.shape
+    user_shape = (total_q, hq, v4.shape[3])
+    if out is None:
+        result = np.empty(user_shape, dtype=dtype)
+    else:
+        _check_out(out, user_shape, dtype, arrays)
+        result = out
+    lse = _run(
+        q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck)
+    )
+    if not return_lse:
+        return result
+    assert lse is not None
+    return result, lse.reshape(hq, total_q)
+
+
+def attention_weights(
+    q: Any,
+    k: Any,
+    *,
+    causal: Causal = False,
+    window: Window = None,
+    scale: float | None = None,
+    kv_lengths: Any = None,
+    softcap: float | None = None,
+    layout: Literal["bhsd", "bshd"] = "bhsd",
+) -> np.ndarray:
+    """The attention probabilities themselves, ``softmax(scale · q kᵀ [masked])``.
+
+    The only ferroattn function that allocates ``Nq × Nk`` per head: meant for inspection and
+    plots. Options as in :func:`attention`.
+
+    Returns:
+        ``(B, Hq, Nq, Nk)`` (head-major for either layout; ``(Hq, Nq, Nk)`` or ``(Nq, Nk)`` for
+        3-D or 2-D input) in the input's dtype. Entries a query may not see are 0; a query that
+        sees no key has a row of zeros.
+
+    Example:
+        >>> import numpy as np, ferroattn
+        >>> x = np.eye(3, dtype=np.float32)
+        >>> ferroattn.attention_weights(x, x, causal=True)[0].tolist()
+        [1.0, 0.0, 0.0]
+    """
+    _, (q4, k4), dtype, ndim = _prepare(q, k, None, layout)
+    opts = mask_options(
+        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+    )
+    b, hq, nq, _ = q4.shape
+    nk = k4.shape[2]
+    lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
+    if lens is not None and any(n > nk for n in lens):
+        raise ValueError(f"kv_lengths must lie in [0, {nk}] (the key length), got {lens}")
+    flat = _ferroattn.attention_weights(
+        q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs()
+    )
+    w = flat.reshape(b, hq, nq, nk)
+    w = w.reshape(w.shape[4 - ndim :])
+    return w if w.dtype == dtype else w.astype(dtype)

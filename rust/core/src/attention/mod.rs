@@ -1,0 +1,222 @@
+//! Scaled-dot-product attention over strided views: argument checks, the split into tasks, and
+//! the dispatch of each task to the kernel of the active ISA.
+//!
+//! A task is one sequence × one KV head × one tile of queries, holding the rows of *all* query
+//! heads that share the KV head (GQA/MQA): each K/V tile is converted and packed once for the
+//! whole group, and tasks are independent, so rayon balances causal and windowed work by
+//! stealing.
+
+mod blocked;
+mod gemm;
+mod weights;
+
+use crate::error::{ensure_shape, Error, Result};
+use crate::layout::{RowWriter, Strided, StridedMut};
+use crate::mask::{visible, Params, Sequence};
+use crate::parallel;
+use crate::simd::Isa;
+use rayon::prelude::*;
+
+/// Query rows per task (all heads of a group together) and keys per tile.
+const ROWS: usize = 64;
+const KEYS: usize = 64;
+
+/// Sizes shared by every task of a call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plan {
+    /// Query heads per KV head.
+    pub group: usize,
+    /// Queries per task (each with `group` rows).
+    pub tq: usize,
+    pub d: usize,
+    pub dv: usize,
+    /// Keys per tile.
+    pub bc: usize,
+}
+
+impl Plan {
+    fn new(group: usize, d: usize, dv: usize) -> Plan {
+        Plan { group, tq: (ROWS / group).max(1), d, dv, bc: KEYS }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Task {
+    pub seq: usize,
+    pub kvh: usize,
+    pub i0: usize,
+    pub i1: usize,
+}
+
+/// What every task reads.
+pub(crate) struct Ctx<'a> {
+    pub q: &'a Strided<'a>,
+    pub k: &'a Strided<'a>,
+    pub v: Option<&'a Strided<'a>>,
+    pub seqs: &'a [Sequence],
+    pub params: &'a Params,
+    pub plan: Plan,
+}
+
+impl Ctx<'_> {
+    /// The union of the keys the rows of `task` see, `None` when they see none.
+    pub(crate) fn key_range(&self, task: &Task) -> Option<(usize, usize)> {
+        let seq = &self.seqs[task.seq];
+        let (mut lo, mut hi) = (usize::MAX, 0);
+        for i in task.i0..task.i1 {
+            let (a, b) = visible(self.params, seq, i);
+            if a < b {
+                lo = lo.min(a);
+                hi = hi.max(b);
+            }
+        }
+        (lo < hi).then_some((lo, hi))
+    }
+}
+
+/// Raw destination for the log-sum-exp, `(B, Hq, Sq)` contiguous.
+#[derive(Clone, Copy)]
+pub(crate) struct LsePtr(*mut f32);
+// SAFETY: each task writes the LSE of its own rows only; rows of different tasks are disjoint.
+unsafe impl Send for LsePtr {}
+// SAFETY: as for Send.
+unsafe impl Sync for LsePtr {}
+
+/// Output sinks of [`attention`].
+pub(crate) struct Sinks<'a> {
+    pub out: RowWriter<'a>,
+    pub lse: Option<LsePtr>,
+    /// Strides of the LSE buffer for (batch, head, token).
+    pub lse_dims: [usize; 3],
+}
+
+fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence], params: &Params) -> Result<()> {
+    params.validate()?;
+    let [b, hq, sq, d] = q.shape();
+    let [bk, hk, sk, dk] = k.shape();
+    ensure_shape!(d >= 1, "q: head dimension must be at least 1, got shape {:?}", q.shape());
+    ensure_shape!(bk == b, "q and k have different batch sizes: {:?} vs {:?}", q.shape(), k.shape());
+    ensure_shape!(dk == d, "q and k have different head dimensions: {:?} vs {:?}", q.shape(), k.shape());
+    ensure_shape!(
+        hk >= 1 && hq % hk == 0,
+        "query heads ({hq}) must be a multiple of key/value heads ({hk}); q {:?}, k {:?}",
+        q.shape(),
+        k.shape()
+    );
+    ensure_shape!(
+        v_shape[..3] == k.shape()[..3],
+        "k and v must agree in batch, heads and length: k {:?}, v {v_shape:?}",
+        k.shape()
+    );
+    ensure_shape!(v_shape[3] >= 1, "v: value dimension must be at least 1, got shape {v_shape:?}");
+    for s in seqs {
+        ensure_shape!(
+            s.batch < b && s.q_start + s.q_len <= sq && s.k_start + s.k_len <= sk,
+            "sequence {s:?} lies outside q {:?} / k {:?}",
+            q.shape(),
+            k.shape()
+        );
+    }
+    Ok(())
+}
+
+fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan) -> Vec<Task> {
+    let mut t = Vec::new();
+    for (si, s) in seqs.iter().enumerate() {
+        for kvh in 0..hkv {
+            for i0 in (0..s.q_len).step_by(plan.tq) {
+                t.push(Task { seq: si, kvh, i0, i1: (i0 + plan.tq).min(s.q_len) });
+            }
+        }
+    }
+    t
+}
+
+/// Attention of `q` over `k`/`v` for each of `seqs`, written into `out`; when `lse` is given
+/// (length `B·Hq·Sq`, laid out `(B, Hq, Sq)`), also the natural log-sum-exp of each row.
+///
+/// Rows of `out` that belong to no sequence are left untouched. A row that sees no key gets
+/// zeros and an LSE of −∞.
+pub fn attention(
+    q: &Strided,
+    k: &Strided,
+    v: &Strided,
+    out: &mut StridedMut,
+    lse: Option<&mut [f32]>,
+    seqs: &[Sequence],
+    params: &Params,
+) -> Result<()> {
+    check_inputs(q, k, v.shape(), seqs, params)?;
+    let [b, hq, sq, _] = q.shape();
+    let hkv = k.shape()[1];
+    let dv = v.shape()[3];
+    ensure_shape!(
+        out.shape() == [b, hq, sq, dv],
+        "out has shape {:?}, expected {:?}",
+        out.shape(),
+        [b, hq, sq, dv]
+    );
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() || q.dtype() != out.dtype() {
+        return Err(Error::DType(format!(
+            "q, k, v and out must share one dtype, got {}, {}, {}, {}",
+            q.dtype().name(),
+            k.dtype().name(),
+            v.dtype().name(),
+            out.dtype().name()
+        )));
+    }
+    let lse = match lse {
+        Some(buf) => {
+            ensure_shape!(buf.len() == b * hq * sq, "lse buffer has {} entries, expected {}", buf.len(), b * hq * sq);
+            Some(LsePtr(buf.as_mut_ptr()))
+        }
+        None => None,
+    };
+    let plan = Plan::new(hq / hkv, q.shape()[3], dv);
+    let ctx = Ctx { q, k, v: Some(v), seqs, params, plan };
+    let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
+    let work = tasks(seqs, hkv, &plan);
+    let isa = Isa::active();
+    parallel::install(|| {
+        work.par_iter().for_each_init(
+            || blocked::Scratch::new(&plan),
+            // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
+            |scratch, task| unsafe { blocked::run(isa, &ctx, &sinks, task, scratch) },
+        )
+    });
+    Ok(())
+}
+
+/// The softmax probabilities of `q` against `k`, written into `weights` (`(B, Hq, Sq, Sk)`,
+/// C-contiguous, which the caller zero-fills: entries no query sees stay as they were).
+pub fn attention_weights(
+    q: &Strided,
+    k: &Strided,
+    weights: &mut [f32],
+    seqs: &[Sequence],
+    params: &Params,
+) -> Result<()> {
+    check_inputs(q, k, k.shape(), seqs, params)?;
+    ensure_shape!(q.dtype() == k.dtype(), "q and k must share one dtype");
+    let [b, hq, sq, d] = q.shape();
+    let [_, hkv, sk, _] = k.shape();
+    ensure_shape!(
+        weights.len() == b * hq * sq * sk,
+        "weights buffer has {} entries, expected {}",
+        weights.len(),
+        b * hq * sq * sk
+    );
+    let plan = Plan::new(hq / hkv, d, d);
+    let ctx = Ctx { q, k, v: None, seqs, params, plan };
+    let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
+    let work = tasks(seqs, hkv, &plan);
+    let isa = Isa::active();
+    parallel::install(|| {
+        work.par_iter().for_each_init(
+            || blocked::Scratch::new(&plan),
+            // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
+            |scratch, task| unsafe { weights::run(isa, &ctx, &dest, task, scratch) },
+        )
+    });
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Strided 4-D views `(batch, heads, tokens, dim)` over caller memory, in any of the three
+//! element types.
+//!
+//! Both the head-major (BHSD) and token-major (BSHD) layouts, slices and negative strides are
+//! just different strides here, so no input is copied to change its layout; only the last
+//! (feature) axis must be contiguous, which the kernels rely on to convert a row at once.
+
+use crate::error::{ensure_shape, Error, Result};
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+/// Element type of a view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+        }
+    }
+}
+
+/// Read-only elements of one of the supported types.
+#[derive(Clone, Copy)]
+pub enum Elems<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+}
+
+impl Elems<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Elems::F32(s) => s.len(),
+            Elems::F16(s) => s.len(),
+            Elems::BF16(s) => s.len(),
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        match self {
+            Elems::F32(_) => DType::F32,
+            Elems::F16(_) => DType::F16,
+            Elems::BF16(_) => DType::BF16,
+        }
+    }
+}
+
+/// Writable elements of one of the supported types.
+pub enum ElemsMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+    BF16(&'a mut [bf16]),
+}
+
+impl ElemsMut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            ElemsMut::F32(s) => s.len(),
+            ElemsMut::F16(s) => s.len(),
+            ElemsMut::BF16(s) => s.len(),
+        }
+    }
+    pub fn dtype(&self) -> DType {
+        match self {
+            ElemsMut::F32(_) => DType::F32,
+            ElemsMut::F16(_) => DType::F16,
+            ElemsMut::BF16(_) => DType::BF16,
+        }
+    }
+}
+
+/// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`.
+fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
+    if shape.contains(&0) {
+        return Ok(());
+    }
+    let (mut lo, mut hi) = (offset as i128, offset as i128);
+    for (&n, &s) in shape.iter().zip(&strides) {
+        let span = (n as i128 - 1) * s as i128;
+        if span < 0 {
+            lo += span;
+        } else {
+            hi += span;
+        }
+    }
+    ensure_shape!(
+        lo >= 0 && hi < len as i128,
+        "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer of {len} elements"
+    );
+    Ok(())
+}
+
+/// A read-only strided view of shape `(B, H, N, D)`.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    data: Elems<'a>,
+    offset: usize,
+    shape: [usize; 4],
+    strides: [isize; 4],
+}
+
+impl<'a> Strided<'a> {
+    /// `offset` is the index of element `[0, 0, 0, 0]` in `data`; strides count elements.
+    pub fn new(name: &str, data: Elems<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
+        ensure_shape!(
+            shape[3] <= 1 || strides[3] == 1,
+            "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
+        );
+        check_extent(name, data.len(), offset, shape, strides)?;
+        Ok(Strided { data, offset, shape, strides })
+    }
+
+    /// A C-contiguous view over a whole buffer.
+    pub fn contiguous(name: &str, data: Elems<'a>, shape: [usize; 4]) -> Result<Self> {
+        let strides = contiguous_strides(shape);
+        ensure_shape!(
+            data.len() == shape.iter().product::<usize>(),
+            "{name}: buffer of {} elements does not hold shape {shape:?}",
+            data.len()
+        );
+        Self::new(name, data, 0, shape, strides)
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    fn index(&self, b: usize, h: usize, n: usize) -> usize {
+        (self.offset as isize
+            + b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + n as isize * self.strides[2]) as usize
+    }
+
+    /// Converts row `[b, h, n, :]` to f32 into `dst` (length `D`), times `mul`.
+    #[inline]
+    pub(crate) fn read_row(&self, b: usize, h: usize, n: usize, dst: &mut [f32], mul: f32) {
+        let d = self.shape[3];
+        let at = self.index(b, h, n);
+        match self.data {
+            Elems::F32(s) => dst[..d].copy_from_slice(&s[at..at + d]),
+            Elems::F16(s) => s[at..at + d].convert_to_f32_slice(&mut dst[..d]),
+            Elems::BF16(s) => s[at..at + d].convert_to_f32_slice(&mut dst[..d]),
+        }
+        if mul != 1.0 {
+            dst[..d].iter_mut().for_each(|x| *x *= mul);
+        }
+    }
+}
+
+pub(crate) fn contiguous_strides(shape: [usize; 4]) -> [isize; 4] {
+    let mut strides = [1isize; 4];
+    for i in (0..3).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1].max(1) as isize;
+    }
+    strides
+}
+
+/// A writable strided view of shape `(B, H, N, D)`; distinct indices never share memory.
+pub struct StridedMut<'a> {
+    data: ElemsMut<'a>,
+    offset: usize,
+    shape: [usize; 4],
+    strides: [isize; 4],
+}
+
+impl<'a> StridedMut<'a> {
+    pub fn new(name: &str, data: ElemsMut<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
+        ensure_shape!(
+            shape[3] <= 1 || strides[3] == 1,
+            "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
+        );
+        check_extent(name, data.len(), offset, shape, strides)?;
+        // Rows are written from several threads: no two indices may alias. Sorted by |stride|,
+        // each stride must step over everything the smaller axes span.
+        let mut axes: Vec<(usize, usize)> =
+            (0..4).filter(|&i| shape[i] > 1).map(|i| (strides[i].unsigned_abs(), shape[i])).collect();
+        axes.sort_unstable();
+        let mut span = 1usize;
+        for (stride, n) in axes {
+            if stride < span {
+                return Err(Error::Shape(format!(
+                    "{name}: strides {strides:?} make different elements of shape {shape:?} overlap"
+                )));
+            }
+            span = stride * (n - 1) + span;
+        }
+        Ok(StridedMut { data, offset, shape, strides })
+    }
+
+    pub fn contiguous(name: &str, data: ElemsMut<'a>, shape: [usize; 4]) -> Result<Self> {
+        ensure_shape!(
+            data.len() == shape.iter().product::<usize>(),
+            "{name}: buffer of {} elements does not hold shape {shape:?}",
+            data.len()
+        );
+        Self::new(name, data, 0, shape, contiguous_strides(shape))
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.data.dtype()
+    }
+
+    /// A handle that writes rows from several threads at once.
+    pub(crate) fn rows(&mut self) -> RowWriter<'_> {
+        let (ptr, dtype) = match &mut self.data {
+            ElemsMut::F32(s) => (s.as_mut_ptr() as *mut u8, DType::F32),
+            ElemsMut::F16(s) => (s.as_mut_ptr() as *mut u8, DType::F16),
+            ElemsMut::BF16(s) => (s.as_mut_ptr() as *mut u8, DType::BF16),
+        };
+        RowWriter { ptr, dtype, offset: self.offset, shape: self.shape, strides: self.strides, _life: std::marker::PhantomData }
+    }
+}
+
+/// Shared writer of whole rows of a [`StridedMut`]; each row must be written by one thread.
+pub(crate) struct RowWriter<'a> {
+    ptr: *mut u8,
+    dtype: DType,
+    offset: usize,
+    shape: [usize; 4],
+    strides: [isize; 4],
+    _life: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+// SAFETY: `StridedMut::new` proved that distinct rows are disjoint memory, and the kernels write
+// each row from exactly one task, so concurrent writes never touch the same bytes.
+unsafe impl Sync for RowWriter<'_> {}
+// SAFETY: as for Sync; the pointer is only dereferenced through `write_row`.
+unsafe impl Send for RowWriter<'_> {}
+
+impl RowWriter<'_> {
+    /// Writes `src` (length `D`) into row `[b, h, n, :]`, rounding to the view's type.
+    ///
+    /// # Safety
+    /// No other thread may write the same row concurrently.
+    #[inline]
+    pub(crate) unsafe fn write_row(&self, b: usize, h: usize, n: usize, src: &[f32]) {
+        let d = self.shape[3];
+        debug_assert!(b < self.shape[0] && h < self.shape[1] && n < self.shape[2] && src.len() >= d);
+        let at = (self.offset as isize
+            + b as isize * self.strides[0]
+            + h as isize * self.strides[1]
+            + n as isize * self.strides[2]) as usize;
+        // SAFETY: `check_extent` proved `at..at + d` in bounds for every in-range index, rows are
+        // disjoint (see the Sync impl), and the caller writes each row from one thread.
+        unsafe {
+            match self.dtype {
+                DType::F32 => std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(at), d).copy_from_slice(&src[..d]),
+                DType::F16 => std::slice::from_raw_parts_mut((self.ptr as *mut f16).add(at), d).convert_from_f32_slice(&src[..d]),
+                DType::BF16 => {
+                    std::slice::from_raw_parts_mut((self.ptr as *mut bf16).add(at), d).convert_from_f32_slice(&src[..d])
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! What a query may see.
+//!
+//! Every mask ferroattn supports (causal in either alignment, a sliding window, per-sequence key
+//! lengths) leaves each query a single contiguous range of keys, so a row's mask is two numbers
+//! and a tile is skipped or clipped without ever building a mask array.
+
+use crate::error::{ensure_shape, Error, Result};
+
+/// Where query `i` of a sequence sits among its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Align {
+    /// Query `i` has position `i + k_len − q_len`: the last query sees the last key
+    /// (flash-attn ≥ 2.1, KV-cache decoding).
+    #[default]
+    BottomRight,
+    /// Query `i` has position `i` (torch's `is_causal`).
+    TopLeft,
+}
+
+/// Options shared by every kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Params {
+    /// Multiplies `q·k`; usually `1/sqrt(D)`.
+    pub scale: f32,
+    /// `Some(c)`: scores become `c·tanh(s/c)`.
+    pub softcap: Option<f32>,
+    pub causal: bool,
+    pub align: Align,
+    /// Keys visible to the left / right of a query's position; `None` = unbounded.
+    pub window: (Option<usize>, Option<usize>),
+}
+
+impl Params {
+    pub fn new(scale: f32) -> Self {
+        Params { scale, softcap: None, causal: false, align: Align::BottomRight, window: (None, None) }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if !self.scale.is_finite() {
+            return Err(Error::Value(format!("scale must be finite, got {}", self.scale)));
+        }
+        if let Some(c) = self.softcap {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(Error::Value(format!("softcap must be a positive finite number, got {c}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One sequence of a batch: its query rows and key rows in the token axis of batch `batch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sequence {
+    pub batch: usize,
+    pub q_start: usize,
+    pub q_len: usize,
+    pub k_start: usize,
+    pub k_len: usize,
+}
+
+/// Sequences of a padded batch: all queries, the first `kv_lengths[b]` keys (all when `None`).
+pub fn padded_sequences(batch: usize, nq: usize, nk: usize, kv_lengths: Option<&[usize]>) -> Result<Vec<Sequence>> {
+    if let Some(lens) = kv_lengths {
+        ensure_shape!(lens.len() == batch, "kv_lengths has {} entries for a batch of {batch}", lens.len());
+        if let Some(&bad) = lens.iter().find(|&&l| l > nk) {
+            return Err(Error::Value(format!("kv_lengths must lie in [0, {nk}] (the key length), got {bad}")));
+        }
+    }
+    Ok((0..batch)
+        .map(|b| Sequence { batch: b, q_start: 0, q_len: nq, k_start: 0, k_len: kv_lengths.map_or(nk, |l| l[b]) })
+        .collect())
+}
+
+/// Sequences of a packed batch from cumulative lengths (`cu[0] = 0`, non-decreasing).
+pub fn varlen_sequences(cu_q: &[usize], cu_k: &[usize], total_q: usize, total_k: usize) -> Result<Vec<Sequence>> {
+    for (name, cu, total) in [("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)] {
+        ensure_shape!(!cu.is_empty() && cu[0] == 0, "{name} must start with 0");
+        ensure_shape!(cu.windows(2).all(|w| w[0] <= w[1]), "{name} must be non-decreasing, got {cu:?}");
+        ensure_shape!(
+            cu[cu.len() - 1] == total,
+            "{name} must end with the number of packed tokens ({total}), got {}",
+            cu[cu.len() - 1]
+        );
+    }
+    ensure_shape!(
+        cu_q.len() == cu_k.len(),
+        "cu_seqlens_q and cu_seqlens_k describe different numbers of sequences ({} vs {})",
+        cu_q.len() - 1,
+        cu_k.len() - 1
+    );
+    Ok((0..cu_q.len() - 1)
+        .map(|s| Sequence {
+            batch: 0,
+            q_start: cu_q[s],
+            q_len: cu_q[s + 1] - cu_q[s],
+            k_start: cu_k[s],
+            k_len: cu_k[s + 1] - cu_k[s],
+        })
+        .collect())
+}
+
+/// The keys `[lo, hi)` (relative to the sequence's first key) that query `i` sees; `lo >= hi`
+/// means none.
+#[inline]
+pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> (usize, usize) {
+    let k_len = seq.k_len as i64;
+    let pos = match p.align {
+        Align::BottomRight => i as i64 + k_len - seq.q_len as i64,
+        Align::TopLeft => i as i64,
+    };
+    let mut lo = 0i64;
+    let mut hi = k_len;
+    if p.causal {
+        hi = hi.min(pos + 1);
+    }
+    if let Some(left) = p.window.0 {
+        lo = lo.max(pos - left as i64);
+    }
+    if let Some(right) = p.window.1 {
+        hi = hi.min(pos + right as i64 + 1);
+    }
+    let lo = lo.clamp(0, k_len) as usize;
+    let hi = hi.clamp(0, k_len) as usize;
+    (lo, hi.max(lo))
+}

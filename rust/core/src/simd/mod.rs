@@ -1,0 +1,119 @@
+//! Vector primitives and the instruction-set choice.
+//!
+//! Kernels are written once, generic over [`Simd`], and marked `#[inline(always)]`; each ISA gets
+//! a `#[target_feature]` entry point that instantiates them, so one binary built for the baseline
+//! target runs the best path the CPU offers. The path is chosen once per process ([`Isa::active`]);
+//! `FERROATTN_ISA=scalar|avx2|avx512|neon` forces a path (lower ones only: a path the CPU lacks is
+//! refused and the best available one is used instead).
+
+use std::sync::OnceLock;
+
+pub(crate) mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86;
+
+/// The vector operations the kernels need, over `LANES` f32 values.
+///
+/// # Safety
+/// Implementations may use instructions the CPU must support: callers only instantiate a
+/// kernel with a type whose [`Isa`] was detected at run time.
+pub(crate) unsafe trait Simd: Copy {
+    const LANES: usize;
+    type V: Copy;
+    fn zero() -> Self::V;
+    fn splat(x: f32) -> Self::V;
+    /// # Safety
+    /// `p` must be valid for reading `LANES` floats.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// # Safety
+    /// `p` must be valid for writing `LANES` floats.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `a * b + c`, fused where the ISA has FMA.
+    fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    fn add(a: Self::V, b: Self::V) -> Self::V;
+    fn mul(a: Self::V, b: Self::V) -> Self::V;
+    fn sub(a: Self::V, b: Self::V) -> Self::V;
+    fn max(a: Self::V, b: Self::V) -> Self::V;
+    /// `e^x`, ~1 ulp on the range softmax uses; exactly 0 below −87.3, NaN kept.
+    fn exp(x: Self::V) -> Self::V;
+    fn reduce_max(v: Self::V) -> f32;
+    fn reduce_sum(v: Self::V) -> f32;
+}
+
+/// An instruction-set path for the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Isa> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "scalar" | "portable" => Some(Isa::Scalar),
+            "avx2" => Some(Isa::Avx2),
+            "avx512" | "avx512f" => Some(Isa::Avx512),
+            _ => None,
+        }
+    }
+
+    /// Every path this CPU can run, lowest first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                v.push(Isa::Avx2);
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                v.push(Isa::Avx512);
+            }
+        }
+        v
+    }
+
+    /// The path in use: the best available, or `FERROATTN_ISA` when it names an available one.
+    pub fn active() -> Isa {
+        static ACTIVE: OnceLock<Isa> = OnceLock::new();
+        *ACTIVE.get_or_init(|| {
+            let avail = Isa::available();
+            let best = *avail.last().expect("scalar is always available");
+            match std::env::var("FERROATTN_ISA") {
+                Ok(name) if !name.trim().is_empty() => match Isa::from_name(&name) {
+                    Some(isa) if avail.contains(&isa) => isa,
+                    _ => best,
+                },
+                _ => best,
+            }
+        })
+    }
+}
+
+/// CPU features relevant to the kernels that this CPU reports.
+pub fn cpu_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut found = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => {$( if std::is_x86_feature_detected!($f) { found.push($f); } )*};
+        }
+        probe!("sse4.1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16");
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            found.push("neon");
+        }
+    }
+    found
+}

@@ -1,0 +1,73 @@
+//! The portable path: one lane, plain arithmetic. It is the reference the vector paths are
+//! tested against and the path every CPU can run.
+
+use super::Simd;
+
+#[derive(Clone, Copy)]
+pub(crate) struct Scalar;
+
+// SAFETY: uses no instruction beyond the baseline target.
+unsafe impl Simd for Scalar {
+    const LANES: usize = 1;
+    type V = f32;
+    #[inline(always)]
+    fn zero() -> f32 {
+        0.0
+    }
+    #[inline(always)]
+    fn splat(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        unsafe { *p }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: f32) {
+        // SAFETY: the caller guarantees `p` is writable.
+        unsafe { *p = v }
+    }
+    #[inline(always)]
+    fn fma(a: f32, b: f32, c: f32) -> f32 {
+        // Not `mul_add`: without hardware FMA that is a slow libm call.
+        a * b + c
+    }
+    #[inline(always)]
+    fn add(a: f32, b: f32) -> f32 {
+        a + b
+    }
+    #[inline(always)]
+    fn mul(a: f32, b: f32) -> f32 {
+        a * b
+    }
+    #[inline(always)]
+    fn sub(a: f32, b: f32) -> f32 {
+        a - b
+    }
+    #[inline(always)]
+    fn max(a: f32, b: f32) -> f32 {
+        // NaN in `b` wins, as in the vector paths, so a NaN score is not dropped.
+        if a > b {
+            a
+        } else {
+            b
+        }
+    }
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        if x < -87.3 {
+            0.0
+        } else {
+            x.exp()
+        }
+    }
+    #[inline(always)]
+    fn reduce_max(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    fn reduce_sum(v: f32) -> f32 {
+        v
+    }
+}

@@ -1,0 +1,174 @@
+//! Zero-copy views of NumPy arrays as core strided views.
+//!
+//! The Python layer has already normalized every array to 4-D `(B, H, N, D)` with a contiguous
+//! last axis and a native float dtype; here we only re-check what soundness depends on (rank,
+//! item size, alignment, bounds, writability, no overlap with the output) and borrow the memory.
+
+use ferroattn_core::{DType, Elems, ElemsMut, Error, Strided, StridedMut};
+use half::{bf16, f16};
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+/// The raw facts of one array: where element 0 is, and the span of memory it reaches.
+pub(crate) struct Raw {
+    name: &'static str,
+    dtype: DType,
+    base: *mut u8,
+    shape: [usize; 4],
+    /// Strides in elements.
+    strides: [isize; 4],
+    /// Element offsets of the lowest and highest element relative to element 0.
+    lo: isize,
+    hi: isize,
+    writeable: bool,
+}
+
+// SAFETY: the pointer refers to NumPy memory kept alive by the caller's borrowed array for the
+// whole call; it is only turned into slices inside that call.
+unsafe impl Send for Raw {}
+// SAFETY: as for Send; `Raw` itself is never mutated after construction.
+unsafe impl Sync for Raw {}
+
+fn dtype_of(name: &str, code: &str) -> Result<(DType, usize), Error> {
+    match code {
+        "float32" => Ok((DType::F32, 4)),
+        "float16" => Ok((DType::F16, 2)),
+        "bfloat16" => Ok((DType::BF16, 2)),
+        other => Err(Error::DType(format!("{name}: unsupported dtype {other}"))),
+    }
+}
+
+impl Raw {
+    pub(crate) fn new(name: &'static str, arr: &Bound<'_, PyUntypedArray>, code: &str) -> Result<Raw, Error> {
+        let (dtype, size) = dtype_of(name, code)?;
+        if arr.ndim() != 4 {
+            return Err(Error::Shape(format!("{name}: expected a 4-D array, got {} dimensions", arr.ndim())));
+        }
+        if arr.dtype().itemsize() != size {
+            return Err(Error::DType(format!("{name}: item size {} does not match {code}", arr.dtype().itemsize())));
+        }
+        let mut shape = [0usize; 4];
+        shape.copy_from_slice(arr.shape());
+        let mut strides = [0isize; 4];
+        for (s, &b) in strides.iter_mut().zip(arr.strides()) {
+            if b % size as isize != 0 {
+                return Err(Error::Shape(format!("{name}: byte strides {:?} are not multiples of {size}", arr.strides())));
+            }
+            *s = b / size as isize;
+        }
+        // SAFETY: `as_array_ptr` is a live PyArrayObject while `arr` is borrowed.
+        let (base, flags) = unsafe {
+            let p = arr.as_array_ptr();
+            ((*p).fields.data as *mut u8, (*p).fields.flags)
+        };
+        if (base as usize) % size != 0 {
+            return Err(Error::Shape(format!("{name}: data is not aligned to its item size")));
+        }
+        let (mut lo, mut hi) = (0isize, 0isize);
+        if !shape.contains(&0) {
+            for (&n, &s) in shape.iter().zip(&strides) {
+                let span = (n as isize - 1) * s;
+                if span < 0 {
+                    lo += span
+                } else {
+                    hi += span
+                }
+            }
+        }
+        Ok(Raw { name, dtype, base, shape, strides, lo, hi, writeable: flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0 })
+    }
+
+    fn byte_range(&self) -> (usize, usize) {
+        let size = match self.dtype {
+            DType::F32 => 4,
+            _ => 2,
+        };
+        let start = self.base as isize + self.lo * size;
+        let end = self.base as isize + (self.hi + 1) * size;
+        (start as usize, end as usize)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.shape.contains(&0)
+    }
+
+    /// Refuses an output that shares memory with an input: the core would alias `&` and `&mut`.
+    pub(crate) fn check_disjoint(&self, other: &Raw) -> Result<(), Error> {
+        if self.is_empty() || other.is_empty() {
+            return Ok(());
+        }
+        let (a0, a1) = self.byte_range();
+        let (b0, b1) = other.byte_range();
+        if a0 < b1 && b0 < a1 {
+            return Err(Error::Value(format!("{} must not share memory with {}", self.name, other.name)));
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        if self.is_empty() {
+            0
+        } else {
+            (self.hi - self.lo + 1) as usize
+        }
+    }
+
+    /// # Safety
+    /// The array behind `self` must stay alive and unmodified by others for `'a`.
+    pub(crate) unsafe fn view<'a>(&self) -> Result<Strided<'a>, Error> {
+        let n = self.len();
+        let offset = (-self.lo) as usize;
+        // SAFETY: `lo..=hi` is exactly the span NumPy says the array covers, aligned above.
+        let data = unsafe {
+            let start = self.base.offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
+            match self.dtype {
+                DType::F32 => Elems::F32(slice_or_empty(start as *const f32, n)),
+                DType::F16 => Elems::F16(slice_or_empty(start as *const f16, n)),
+                DType::BF16 => Elems::BF16(slice_or_empty(start as *const bf16, n)),
+            }
+        };
+        Strided::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+    }
+
+    /// # Safety
+    /// As for [`Raw::view`], and no other reference to the memory may exist for `'a`.
+    pub(crate) unsafe fn view_mut<'a>(&self) -> Result<StridedMut<'a>, Error> {
+        if !self.writeable {
+            return Err(Error::Value(format!("{} is read-only", self.name)));
+        }
+        let n = self.len();
+        let offset = (-self.lo) as usize;
+        // SAFETY: as in `view`; exclusivity is the caller's promise (checked with check_disjoint).
+        let data = unsafe {
+            let start = self.base.offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
+            match self.dtype {
+                DType::F32 => ElemsMut::F32(slice_mut_or_empty(start as *mut f32, n)),
+                DType::F16 => ElemsMut::F16(slice_mut_or_empty(start as *mut f16, n)),
+                DType::BF16 => ElemsMut::BF16(slice_mut_or_empty(start as *mut bf16, n)),
+            }
+        };
+        StridedMut::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+    }
+}
+
+/// # Safety
+/// `p` valid for `n` reads when `n > 0`.
+unsafe fn slice_or_empty<'a, T>(p: *const T, n: usize) -> &'a [T] {
+    if n == 0 {
+        &[]
+    } else {
+        // SAFETY: forwarded.
+        unsafe { std::slice::from_raw_parts(p, n) }
+    }
+}
+
+/// # Safety
+/// `p` valid and exclusive for `n` writes when `n > 0`.
+unsafe fn slice_mut_or_empty<'a, T>(p: *mut T, n: usize) -> &'a mut [T] {
+    if n == 0 {
+        &mut []
+    } else {
+        // SAFETY: forwarded.
+        unsafe { std::slice::from_raw_parts_mut(p, n) }
+    }
+}

@@ -1,0 +1,172 @@
+//! The Python extension `ferroattn._ferroattn`: converts arguments, releases the GIL, calls
+//! `ferroattn-core`, converts results. All argument normalization (ranks, layouts, dtypes,
+//! defaults) happens in the Python package; this layer re-checks only what memory safety needs.
+
+mod arrays;
+mod errors;
+
+use arrays::Raw;
+use ferroattn_core as core;
+use numpy::{PyArray1, PyUntypedArray, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+/// Mask and score options shared by the entry points.
+struct Options {
+    params: core::Params,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn options(
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: Option<usize>,
+    window_right: Option<usize>,
+) -> Options {
+    let mut params = core::Params::new(scale as f32);
+    params.softcap = softcap.map(|c| c as f32);
+    params.causal = causal;
+    params.align = if top_left { core::Align::TopLeft } else { core::Align::BottomRight };
+    params.window = (window_left, window_right);
+    Options { params }
+}
+
+fn sequences(
+    shape_q: [usize; 4],
+    shape_k: [usize; 4],
+    kv_lengths: Option<Vec<usize>>,
+    cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
+) -> Result<Vec<core::Sequence>, core::Error> {
+    match cu_seqlens {
+        Some((cq, ck)) => core::varlen_sequences(&cq, &ck, shape_q[2], shape_k[2]),
+        None => core::padded_sequences(shape_q[0], shape_q[2], shape_k[2], kv_lengths.as_deref()),
+    }
+}
+
+/// Attention over 4-D `(B, H, N, D)` arrays into `out`; returns the flat LSE when asked.
+#[pyfunction]
+#[pyo3(signature = (q, k, v, out, dtype, *, scale, softcap=None, causal=false, top_left=false,
+                    window_left=None, window_right=None, kv_lengths=None, cu_seqlens=None, return_lse=false))]
+#[allow(clippy::too_many_arguments)]
+fn attention<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyUntypedArray>,
+    k: &Bound<'py, PyUntypedArray>,
+    v: &Bound<'py, PyUntypedArray>,
+    out: &Bound<'py, PyUntypedArray>,
+    dtype: &str,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: Option<usize>,
+    window_right: Option<usize>,
+    kv_lengths: Option<Vec<usize>>,
+    cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
+    return_lse: bool,
+) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+    let convert = || -> Result<_, core::Error> {
+        let rq = Raw::new("q", q, dtype)?;
+        let rk = Raw::new("k", k, dtype)?;
+        let rv = Raw::new("v", v, dtype)?;
+        let ro = Raw::new("out", out, dtype)?;
+        for input in [&rq, &rk, &rv] {
+            ro.check_disjoint(input)?;
+        }
+        Ok((rq, rk, rv, ro))
+    };
+    let (rq, rk, rv, ro) = convert().map_err(errors::to_py)?;
+    let opts = options(scale, softcap, causal, top_left, window_left, window_right);
+    let [b, hq, sq, _] = q.shape().try_into().unwrap_or([0; 4]);
+    let mut lse = return_lse.then(|| vec![0f32; b * hq * sq]);
+    py.detach(|| {
+        errors::catch(|| {
+            // SAFETY: the four arrays are borrowed by this call and outlive it; `out` was checked
+            // writable and disjoint from the inputs.
+            let (qv, kv, vv, mut ov) = unsafe { (rq.view()?, rk.view()?, rv.view()?, ro.view_mut()?) };
+            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens)?;
+            core::attention(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params)
+        })
+    })?;
+    Ok(lse.map(|l| PyArray1::from_vec(py, l)))
+}
+
+/// The `(B, Hq, Nq, Nk)` softmax probabilities, flat, as float32.
+#[pyfunction]
+#[pyo3(signature = (q, k, dtype, *, scale, softcap=None, causal=false, top_left=false,
+                    window_left=None, window_right=None, kv_lengths=None))]
+#[allow(clippy::too_many_arguments)]
+fn attention_weights<'py>(
+    py: Python<'py>,
+    q: &Bound<'py, PyUntypedArray>,
+    k: &Bound<'py, PyUntypedArray>,
+    dtype: &str,
+    scale: f64,
+    softcap: Option<f64>,
+    causal: bool,
+    top_left: bool,
+    window_left: Option<usize>,
+    window_right: Option<usize>,
+    kv_lengths: Option<Vec<usize>>,
+) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    let rq = Raw::new("q", q, dtype).map_err(errors::to_py)?;
+    let rk = Raw::new("k", k, dtype).map_err(errors::to_py)?;
+    let opts = options(scale, softcap, causal, top_left, window_left, window_right);
+    let ([b, hq, sq, _], sk) = (q.shape().try_into().unwrap_or([0; 4]), k.shape().get(2).copied().unwrap_or(0));
+    let weights = py.detach(|| {
+        errors::catch(|| {
+            let mut w = vec![0f32; b * hq * sq * sk];
+            // SAFETY: both arrays are borrowed by this call and outlive it.
+            let (qv, kv) = unsafe { (rq.view()?, rk.view()?) };
+            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None)?;
+            core::attention_weights(&qv, &kv, &mut w, &seqs, &opts.params)?;
+            Ok(w)
+        })
+    })?;
+    Ok(PyArray1::from_vec(py, weights))
+}
+
+/// Sets the number of threads the kernels use.
+#[pyfunction]
+fn set_num_threads(n: usize) {
+    core::set_num_threads(n);
+}
+
+/// The number of threads the kernels use.
+#[pyfunction]
+fn get_num_threads() -> usize {
+    core::num_threads()
+}
+
+/// Build and CPU facts: SIMD path, available paths, CPU features, threads.
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("version", env!("CARGO_PKG_VERSION"))?;
+    d.set_item("isa", core::Isa::active().name())?;
+    d.set_item("isa_available", core::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
+    d.set_item("cpu_features", core::cpu_features())?;
+    d.set_item("num_threads", core::num_threads())?;
+    d.set_item("arch", std::env::consts::ARCH)?;
+    Ok(d)
+}
+
+/// Drops the thread pool in a forked child, where its threads do not exist.
+#[pyfunction]
+fn _after_fork_in_child() {
+    core::forget_pool_after_fork();
+}
+
+#[pymodule]
+mod _ferroattn {
+    #[pymodule_export]
+    use super::{_after_fork_in_child, attention, attention_weights, build_info, get_num_threads, set_num_threads};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}
