@@ -77,7 +77,13 @@ impl ElemsMut<'_> {
 }
 
 /// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`.
-fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
+fn check_extent(
+    name: &str,
+    len: usize,
+    offset: usize,
+    shape: [usize; 4],
+    strides: [isize; 4],
+) -> Result<()> {
     if shape.contains(&0) {
         return Ok(());
     }
@@ -108,13 +114,24 @@ pub struct Strided<'a> {
 
 impl<'a> Strided<'a> {
     /// `offset` is the index of element `[0, 0, 0, 0]` in `data`; strides count elements.
-    pub fn new(name: &str, data: Elems<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        data: Elems<'a>,
+        offset: usize,
+        shape: [usize; 4],
+        strides: [isize; 4],
+    ) -> Result<Self> {
         ensure_shape!(
             shape[3] <= 1 || strides[3] == 1,
             "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
         );
         check_extent(name, data.len(), offset, shape, strides)?;
-        Ok(Strided { data, offset, shape, strides })
+        Ok(Strided {
+            data,
+            offset,
+            shape,
+            strides,
+        })
     }
 
     /// A C-contiguous view over a whole buffer.
@@ -140,6 +157,21 @@ impl<'a> Strided<'a> {
             + b as isize * self.strides[0]
             + h as isize * self.strides[1]
             + n as isize * self.strides[2]) as usize
+    }
+
+    /// For f32 data: a pointer to row `[b, h, n, :]` and the distance between consecutive
+    /// tokens, so f32 tiles are read in place instead of copied.
+    #[inline]
+    pub(crate) fn f32_rows(&self, b: usize, h: usize, n: usize) -> Option<(*const f32, isize)> {
+        match self.data {
+            // `add` on the whole slice's pointer keeps provenance over every row, negative strides too.
+            // SAFETY: `index` is in bounds for in-range (b, h, n) (checked at construction).
+            Elems::F32(s) => Some((
+                unsafe { s.as_ptr().add(self.index(b, h, n)) },
+                self.strides[2],
+            )),
+            _ => None,
+        }
     }
 
     /// Converts row `[b, h, n, :]` to f32 into `dst` (length `D`), times `mul`.
@@ -175,7 +207,13 @@ pub struct StridedMut<'a> {
 }
 
 impl<'a> StridedMut<'a> {
-    pub fn new(name: &str, data: ElemsMut<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
+    pub fn new(
+        name: &str,
+        data: ElemsMut<'a>,
+        offset: usize,
+        shape: [usize; 4],
+        strides: [isize; 4],
+    ) -> Result<Self> {
         ensure_shape!(
             shape[3] <= 1 || strides[3] == 1,
             "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
@@ -183,8 +221,10 @@ impl<'a> StridedMut<'a> {
         check_extent(name, data.len(), offset, shape, strides)?;
         // Rows are written from several threads: no two indices may alias. Sorted by |stride|,
         // each stride must step over everything the smaller axes span.
-        let mut axes: Vec<(usize, usize)> =
-            (0..4).filter(|&i| shape[i] > 1).map(|i| (strides[i].unsigned_abs(), shape[i])).collect();
+        let mut axes: Vec<(usize, usize)> = (0..4)
+            .filter(|&i| shape[i] > 1)
+            .map(|i| (strides[i].unsigned_abs(), shape[i]))
+            .collect();
         axes.sort_unstable();
         let mut span = 1usize;
         for (stride, n) in axes {
@@ -195,7 +235,12 @@ impl<'a> StridedMut<'a> {
             }
             span = stride * (n - 1) + span;
         }
-        Ok(StridedMut { data, offset, shape, strides })
+        Ok(StridedMut {
+            data,
+            offset,
+            shape,
+            strides,
+        })
     }
 
     pub fn contiguous(name: &str, data: ElemsMut<'a>, shape: [usize; 4]) -> Result<Self> {
@@ -221,7 +266,14 @@ impl<'a> StridedMut<'a> {
             ElemsMut::F16(s) => (s.as_mut_ptr() as *mut u8, DType::F16),
             ElemsMut::BF16(s) => (s.as_mut_ptr() as *mut u8, DType::BF16),
         };
-        RowWriter { ptr, dtype, offset: self.offset, shape: self.shape, strides: self.strides, _life: std::marker::PhantomData }
+        RowWriter {
+            ptr,
+            dtype,
+            offset: self.offset,
+            shape: self.shape,
+            strides: self.strides,
+            _life: std::marker::PhantomData,
+        }
     }
 }
 
@@ -249,7 +301,9 @@ impl RowWriter<'_> {
     #[inline]
     pub(crate) unsafe fn write_row(&self, b: usize, h: usize, n: usize, src: &[f32]) {
         let d = self.shape[3];
-        debug_assert!(b < self.shape[0] && h < self.shape[1] && n < self.shape[2] && src.len() >= d);
+        debug_assert!(
+            b < self.shape[0] && h < self.shape[1] && n < self.shape[2] && src.len() >= d
+        );
         let at = (self.offset as isize
             + b as isize * self.strides[0]
             + h as isize * self.strides[1]
@@ -258,11 +312,12 @@ impl RowWriter<'_> {
         // disjoint (see the Sync impl), and the caller writes each row from one thread.
         unsafe {
             match self.dtype {
-                DType::F32 => std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(at), d).copy_from_slice(&src[..d]),
-                DType::F16 => std::slice::from_raw_parts_mut((self.ptr as *mut f16).add(at), d).convert_from_f32_slice(&src[..d]),
-                DType::BF16 => {
-                    std::slice::from_raw_parts_mut((self.ptr as *mut bf16).add(at), d).convert_from_f32_slice(&src[..d])
-                }
+                DType::F32 => std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(at), d)
+                    .copy_from_slice(&src[..d]),
+                DType::F16 => std::slice::from_raw_parts_mut((self.ptr as *mut f16).add(at), d)
+                    .convert_from_f32_slice(&src[..d]),
+                DType::BF16 => std::slice::from_raw_parts_mut((self.ptr as *mut bf16).add(at), d)
+                    .convert_from_f32_slice(&src[..d]),
             }
         }
     }

@@ -32,16 +32,27 @@ pub struct Params {
 
 impl Params {
     pub fn new(scale: f32) -> Self {
-        Params { scale, softcap: None, causal: false, align: Align::BottomRight, window: (None, None) }
+        Params {
+            scale,
+            softcap: None,
+            causal: false,
+            align: Align::BottomRight,
+            window: (None, None),
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
         if !self.scale.is_finite() {
-            return Err(Error::Value(format!("scale must be finite, got {}", self.scale)));
+            return Err(Error::Value(format!(
+                "scale must be finite, got {}",
+                self.scale
+            )));
         }
         if let Some(c) = self.softcap {
             if !(c.is_finite() && c > 0.0) {
-                return Err(Error::Value(format!("softcap must be a positive finite number, got {c}")));
+                return Err(Error::Value(format!(
+                    "softcap must be a positive finite number, got {c}"
+                )));
             }
         }
         Ok(())
@@ -59,23 +70,51 @@ pub struct Sequence {
 }
 
 /// Sequences of a padded batch: all queries, the first `kv_lengths[b]` keys (all when `None`).
-pub fn padded_sequences(batch: usize, nq: usize, nk: usize, kv_lengths: Option<&[usize]>) -> Result<Vec<Sequence>> {
+pub fn padded_sequences(
+    batch: usize,
+    nq: usize,
+    nk: usize,
+    kv_lengths: Option<&[usize]>,
+) -> Result<Vec<Sequence>> {
     if let Some(lens) = kv_lengths {
-        ensure_shape!(lens.len() == batch, "kv_lengths has {} entries for a batch of {batch}", lens.len());
+        ensure_shape!(
+            lens.len() == batch,
+            "kv_lengths has {} entries for a batch of {batch}",
+            lens.len()
+        );
         if let Some(&bad) = lens.iter().find(|&&l| l > nk) {
-            return Err(Error::Value(format!("kv_lengths must lie in [0, {nk}] (the key length), got {bad}")));
+            return Err(Error::Value(format!(
+                "kv_lengths must lie in [0, {nk}] (the key length), got {bad}"
+            )));
         }
     }
     Ok((0..batch)
-        .map(|b| Sequence { batch: b, q_start: 0, q_len: nq, k_start: 0, k_len: kv_lengths.map_or(nk, |l| l[b]) })
+        .map(|b| Sequence {
+            batch: b,
+            q_start: 0,
+            q_len: nq,
+            k_start: 0,
+            k_len: kv_lengths.map_or(nk, |l| l[b]),
+        })
         .collect())
 }
 
 /// Sequences of a packed batch from cumulative lengths (`cu[0] = 0`, non-decreasing).
-pub fn varlen_sequences(cu_q: &[usize], cu_k: &[usize], total_q: usize, total_k: usize) -> Result<Vec<Sequence>> {
-    for (name, cu, total) in [("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)] {
+pub fn varlen_sequences(
+    cu_q: &[usize],
+    cu_k: &[usize],
+    total_q: usize,
+    total_k: usize,
+) -> Result<Vec<Sequence>> {
+    for (name, cu, total) in [
+        ("cu_seqlens_q", cu_q, total_q),
+        ("cu_seqlens_k", cu_k, total_k),
+    ] {
         ensure_shape!(!cu.is_empty() && cu[0] == 0, "{name} must start with 0");
-        ensure_shape!(cu.windows(2).all(|w| w[0] <= w[1]), "{name} must be non-decreasing, got {cu:?}");
+        ensure_shape!(
+            cu.windows(2).all(|w| w[0] <= w[1]),
+            "{name} must be non-decreasing, got {cu:?}"
+        );
         ensure_shape!(
             cu[cu.len() - 1] == total,
             "{name} must end with the number of packed tokens ({total}), got {}",

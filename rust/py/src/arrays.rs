@@ -39,20 +39,33 @@ fn dtype_of(name: &str, code: &str) -> Result<(DType, usize), Error> {
 }
 
 impl Raw {
-    pub(crate) fn new(name: &'static str, arr: &Bound<'_, PyUntypedArray>, code: &str) -> Result<Raw, Error> {
+    pub(crate) fn new(
+        name: &'static str,
+        arr: &Bound<'_, PyUntypedArray>,
+        code: &str,
+    ) -> Result<Raw, Error> {
         let (dtype, size) = dtype_of(name, code)?;
         if arr.ndim() != 4 {
-            return Err(Error::Shape(format!("{name}: expected a 4-D array, got {} dimensions", arr.ndim())));
+            return Err(Error::Shape(format!(
+                "{name}: expected a 4-D array, got {} dimensions",
+                arr.ndim()
+            )));
         }
         if arr.dtype().itemsize() != size {
-            return Err(Error::DType(format!("{name}: item size {} does not match {code}", arr.dtype().itemsize())));
+            return Err(Error::DType(format!(
+                "{name}: item size {} does not match {code}",
+                arr.dtype().itemsize()
+            )));
         }
         let mut shape = [0usize; 4];
         shape.copy_from_slice(arr.shape());
         let mut strides = [0isize; 4];
         for (s, &b) in strides.iter_mut().zip(arr.strides()) {
             if b % size as isize != 0 {
-                return Err(Error::Shape(format!("{name}: byte strides {:?} are not multiples of {size}", arr.strides())));
+                return Err(Error::Shape(format!(
+                    "{name}: byte strides {:?} are not multiples of {size}",
+                    arr.strides()
+                )));
             }
             *s = b / size as isize;
         }
@@ -62,7 +75,9 @@ impl Raw {
             ((*p).fields.data as *mut u8, (*p).fields.flags)
         };
         if (base as usize) % size != 0 {
-            return Err(Error::Shape(format!("{name}: data is not aligned to its item size")));
+            return Err(Error::Shape(format!(
+                "{name}: data is not aligned to its item size"
+            )));
         }
         let (mut lo, mut hi) = (0isize, 0isize);
         if !shape.contains(&0) {
@@ -75,7 +90,16 @@ impl Raw {
                 }
             }
         }
-        Ok(Raw { name, dtype, base, shape, strides, lo, hi, writeable: flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0 })
+        Ok(Raw {
+            name,
+            dtype,
+            base,
+            shape,
+            strides,
+            lo,
+            hi,
+            writeable: flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0,
+        })
     }
 
     fn byte_range(&self) -> (usize, usize) {
@@ -100,7 +124,10 @@ impl Raw {
         let (a0, a1) = self.byte_range();
         let (b0, b1) = other.byte_range();
         if a0 < b1 && b0 < a1 {
-            return Err(Error::Value(format!("{} must not share memory with {}", self.name, other.name)));
+            return Err(Error::Value(format!(
+                "{} must not share memory with {}",
+                self.name, other.name
+            )));
         }
         Ok(())
     }
@@ -120,14 +147,22 @@ impl Raw {
         let offset = (-self.lo) as usize;
         // SAFETY: `lo..=hi` is exactly the span NumPy says the array covers, aligned above.
         let data = unsafe {
-            let start = self.base.offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
+            let start = self
+                .base
+                .offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
             match self.dtype {
                 DType::F32 => Elems::F32(slice_or_empty(start as *const f32, n)),
                 DType::F16 => Elems::F16(slice_or_empty(start as *const f16, n)),
                 DType::BF16 => Elems::BF16(slice_or_empty(start as *const bf16, n)),
             }
         };
-        Strided::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+        Strided::new(
+            self.name,
+            data,
+            if n == 0 { 0 } else { offset },
+            self.shape,
+            self.strides,
+        )
     }
 
     /// # Safety
@@ -140,14 +175,22 @@ impl Raw {
         let offset = (-self.lo) as usize;
         // SAFETY: as in `view`; exclusivity is the caller's promise (checked with check_disjoint).
         let data = unsafe {
-            let start = self.base.offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
+            let start = self
+                .base
+                .offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
             match self.dtype {
                 DType::F32 => ElemsMut::F32(slice_mut_or_empty(start as *mut f32, n)),
                 DType::F16 => ElemsMut::F16(slice_mut_or_empty(start as *mut f16, n)),
                 DType::BF16 => ElemsMut::BF16(slice_mut_or_empty(start as *mut bf16, n)),
             }
         };
-        StridedMut::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+        StridedMut::new(
+            self.name,
+            data,
+            if n == 0 { 0 } else { offset },
+            self.shape,
+            self.strides,
+        )
     }
 }
 

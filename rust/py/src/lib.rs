@@ -28,7 +28,11 @@ fn options(
     let mut params = core::Params::new(scale as f32);
     params.softcap = softcap.map(|c| c as f32);
     params.causal = causal;
-    params.align = if top_left { core::Align::TopLeft } else { core::Align::BottomRight };
+    params.align = if top_left {
+        core::Align::TopLeft
+    } else {
+        core::Align::BottomRight
+    };
     params.window = (window_left, window_right);
     Options { params }
 }
@@ -85,9 +89,18 @@ fn attention<'py>(
         errors::catch(|| {
             // SAFETY: the four arrays are borrowed by this call and outlive it; `out` was checked
             // writable and disjoint from the inputs.
-            let (qv, kv, vv, mut ov) = unsafe { (rq.view()?, rk.view()?, rv.view()?, ro.view_mut()?) };
+            let (qv, kv, vv, mut ov) =
+                unsafe { (rq.view()?, rk.view()?, rv.view()?, ro.view_mut()?) };
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens)?;
-            core::attention(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params)
+            core::attention(
+                &qv,
+                &kv,
+                &vv,
+                &mut ov,
+                lse.as_deref_mut(),
+                &seqs,
+                &opts.params,
+            )
         })
     })?;
     Ok(lse.map(|l| PyArray1::from_vec(py, l)))
@@ -114,7 +127,10 @@ fn attention_weights<'py>(
     let rq = Raw::new("q", q, dtype).map_err(errors::to_py)?;
     let rk = Raw::new("k", k, dtype).map_err(errors::to_py)?;
     let opts = options(scale, softcap, causal, top_left, window_left, window_right);
-    let ([b, hq, sq, _], sk) = (q.shape().try_into().unwrap_or([0; 4]), k.shape().get(2).copied().unwrap_or(0));
+    let ([b, hq, sq, _], sk) = (
+        q.shape().try_into().unwrap_or([0; 4]),
+        k.shape().get(2).copied().unwrap_or(0),
+    );
     let weights = py.detach(|| {
         errors::catch(|| {
             let mut w = vec![0f32; b * hq * sq * sk];
@@ -146,7 +162,13 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("version", env!("CARGO_PKG_VERSION"))?;
     d.set_item("isa", core::Isa::active().name())?;
-    d.set_item("isa_available", core::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
+    d.set_item(
+        "isa_available",
+        core::Isa::available()
+            .iter()
+            .map(|i| i.name())
+            .collect::<Vec<_>>(),
+    )?;
     d.set_item("cpu_features", core::cpu_features())?;
     d.set_item("num_threads", core::num_threads())?;
     d.set_item("arch", std::env::consts::ARCH)?;
@@ -162,7 +184,10 @@ fn _after_fork_in_child() {
 #[pymodule]
 mod _ferroattn {
     #[pymodule_export]
-    use super::{_after_fork_in_child, attention, attention_weights, build_info, get_num_threads, set_num_threads};
+    use super::{
+        _after_fork_in_child, attention, attention_weights, build_info, get_num_threads,
+        set_num_threads,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -1,8 +1,12 @@
 //! The prefill kernel: one task = a tile of query rows against every key tile they can see,
 //! with an online softmax (running max `m`, running sum `l`) so the score matrix never exists
-//! beyond one `rows × keys` tile.
+//! beyond one `keys × rows` tile.
+//!
+//! Scores are kept transposed (`Sᵀ = K·Qᵀ`, one key per row, one query per column): K is then
+//! read row by row, in place for f32 input, Qᵀ is packed once per task instead of K once per
+//! tile, and the softmax reductions over keys become plain vector max/add down the rows.
 
-use super::gemm::{gemm, MR};
+use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
 use crate::mask::visible;
 use crate::simd::{scalar::Scalar, Isa, Simd};
@@ -16,18 +20,22 @@ fn round_up(x: usize, m: usize) -> usize {
 
 /// Per-worker buffers, reused across tasks.
 pub(crate) struct Scratch {
-    /// Query rows, scaled: `rows_p × d`.
-    pub q: Vec<f32>,
-    /// Key tile, transposed: `d × bcp`.
-    pub kt: Vec<f32>,
-    /// Value tile: `bc × dvp`.
+    /// Scaled queries, transposed: `d × rows_p`.
+    pub qt: Vec<f32>,
+    /// Key tile converted to f32 (when it cannot be read in place): `bc × d`.
+    pub k: Vec<f32>,
+    /// Value tile converted and padded: `bc × dvp`.
     pub v: Vec<f32>,
-    /// Scores, then probabilities: `rows_p × bcp`.
-    pub s: Vec<f32>,
+    /// Scores, then probabilities, transposed: `bc × rows_p`.
+    pub st: Vec<f32>,
     /// Unnormalized output: `rows_p × dvp`.
     pub acc: Vec<f32>,
     pub m: Vec<f32>,
     pub l: Vec<f32>,
+    /// Per tile: the row max (then the max to subtract), the row sum, the rescale factor.
+    pub tmax: Vec<f32>,
+    pub tsum: Vec<f32>,
+    pub alpha: Vec<f32>,
     /// Visible key range of each row, relative to the sequence.
     pub lo: Vec<usize>,
     pub hi: Vec<usize>,
@@ -37,17 +45,19 @@ pub(crate) struct Scratch {
 
 impl Scratch {
     pub(crate) fn new(plan: &Plan) -> Scratch {
-        let rows_p = round_up(plan.group * plan.tq, MR);
-        let bcp = round_up(plan.bc, MAX_NR);
+        let rows_p = round_up(plan.group * plan.tq, MAX_NR);
         let dvp = round_up(plan.dv, MAX_NR);
         Scratch {
-            q: vec![0.0; rows_p * plan.d],
-            kt: vec![0.0; plan.d * bcp],
+            qt: vec![0.0; plan.d * rows_p],
+            k: vec![0.0; plan.bc * plan.d],
             v: vec![0.0; plan.bc * dvp],
-            s: vec![0.0; rows_p * bcp],
+            st: vec![0.0; plan.bc * rows_p],
             acc: vec![0.0; rows_p * dvp],
             m: vec![0.0; rows_p],
             l: vec![0.0; rows_p],
+            tmax: vec![0.0; rows_p],
+            tsum: vec![0.0; rows_p],
+            alpha: vec![0.0; rows_p],
             lo: vec![0; rows_p],
             hi: vec![0; rows_p],
             row: vec![0.0; plan.d.max(plan.dv)],
@@ -60,17 +70,7 @@ impl Scratch {
 pub(crate) struct Dims {
     pub rows: usize,
     pub rows_p: usize,
-    pub bcp: usize,
     pub dvp: usize,
-}
-
-impl Dims {
-    #[inline(always)]
-    pub(crate) fn new<S: Simd>(plan: &Plan, task: &Task) -> Dims {
-        let rows = plan.group * (task.i1 - task.i0);
-        let nr = 2 * S::LANES;
-        Dims { rows, rows_p: round_up(rows, MR), bcp: round_up(plan.bc, nr), dvp: round_up(plan.dv, nr) }
-    }
 }
 
 /// Runs one task on the kernel of `isa`.
@@ -104,108 +104,250 @@ unsafe fn run_avx512(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch) {
     unsafe { task_body::<crate::simd::x86::Avx512>(ctx, sinks, task, sc) }
 }
 
-/// Loads the task's query rows (scaled) and their visible ranges; returns the padded sizes.
+/// Row `r` of a task is query `i0 + r % tq` of head `kvh·group + r / tq`.
+#[inline(always)]
+pub(crate) fn row_of(plan: &Plan, task: &Task, r: usize) -> (usize, usize) {
+    let tq = task.i1 - task.i0;
+    (task.kvh * plan.group + r / tq, task.i0 + r % tq)
+}
+
+/// Packs the task's scaled queries transposed and their visible ranges; resets the softmax
+/// state. Returns the padded sizes.
 #[inline(always)]
 pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) -> Dims {
     let plan = &ctx.plan;
-    let dims = Dims::new::<S>(plan, task);
+    let nr = 2 * S::LANES;
+    let rows = plan.group * (task.i1 - task.i0);
+    let dims = Dims {
+        rows,
+        rows_p: round_up(rows, nr),
+        dvp: round_up(plan.dv, nr),
+    };
     let seq = &ctx.seqs[task.seq];
-    let tq = task.i1 - task.i0;
-    let d = plan.d;
-    for g in 0..plan.group {
-        let h = task.kvh * plan.group + g;
-        for t in 0..tq {
-            let r = g * tq + t;
-            let i = task.i0 + t;
-            ctx.q.read_row(seq.batch, h, seq.q_start + i, &mut sc.q[r * d..(r + 1) * d], ctx.params.scale);
-            let (lo, hi) = visible(ctx.params, seq, i);
-            sc.lo[r] = lo;
-            sc.hi[r] = hi;
+    let (d, rows_p) = (plan.d, dims.rows_p);
+    for r in 0..rows_p {
+        if r < rows {
+            let (h, i) = row_of(plan, task, r);
+            ctx.q
+                .read_row(seq.batch, h, seq.q_start + i, &mut sc.row, ctx.params.scale);
+            for (dd, &x) in sc.row[..d].iter().enumerate() {
+                sc.qt[dd * rows_p + r] = x;
+            }
+            (sc.lo[r], sc.hi[r]) = visible(ctx.params, seq, i);
+        } else {
+            for dd in 0..d {
+                sc.qt[dd * rows_p + r] = 0.0;
+            }
+            (sc.lo[r], sc.hi[r]) = (0, 0);
         }
     }
-    for r in dims.rows..dims.rows_p {
-        sc.q[r * d..(r + 1) * d].fill(0.0);
-        sc.lo[r] = 0;
-        sc.hi[r] = 0;
-    }
+    sc.m[..rows_p].fill(f32::NEG_INFINITY);
+    sc.l[..rows_p].fill(0.0);
     dims
 }
 
-/// Scores of the task's rows against keys `k0..k0 + kn` into `sc.s`: softcapped, and −∞ where
-/// a row may not look (padding rows: all −∞).
+/// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.st`: softcapped, and −∞ where a
+/// row may not look (padding rows: everywhere).
 #[inline(always)]
-pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+pub(crate) unsafe fn score_tile<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    k0: usize,
+    kn: usize,
+) {
     let plan = &ctx.plan;
     let seq = &ctx.seqs[task.seq];
-    let (d, bcp) = (plan.d, dims.bcp);
-    for j in 0..kn {
-        ctx.k.read_row(seq.batch, task.kvh, seq.k_start + k0 + j, &mut sc.row, 1.0);
-        for (dd, &x) in sc.row[..d].iter().enumerate() {
-            sc.kt[dd * bcp + j] = x;
+    let (d, rows_p) = (plan.d, dims.rows_p);
+    let first = seq.k_start + k0;
+    let (a, lda) = match ctx.k.f32_rows(seq.batch, task.kvh, first) {
+        Some(direct) => direct,
+        None => {
+            for j in 0..kn {
+                ctx.k.read_row(
+                    seq.batch,
+                    task.kvh,
+                    first + j,
+                    &mut sc.k[j * d..(j + 1) * d],
+                    1.0,
+                );
+            }
+            (sc.k.as_ptr(), d as isize)
         }
+    };
+    // SAFETY: A is kn rows of d floats (in place: rows of the validated view), Qᵀ is d × rows_p,
+    // Sᵀ is bc × rows_p; rows_p is a multiple of 2·LANES.
+    unsafe {
+        gemm::<S>(
+            a,
+            lda,
+            1,
+            sc.qt.as_ptr(),
+            rows_p as isize,
+            sc.st.as_mut_ptr(),
+            rows_p,
+            kn,
+            rows_p,
+            d,
+            false,
+        )
+    };
+    let st = &mut sc.st[..kn * rows_p];
+    if let Some(c) = ctx.params.softcap {
+        let inv = 1.0 / c;
+        st.iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
     }
-    // SAFETY: q holds rows_p × d, kt d × bcp, s rows_p × bcp; rows_p is a multiple of MR and
-    // bcp of 2·LANES by construction.
-    unsafe { gemm::<S>(sc.q.as_ptr(), d, sc.kt.as_ptr(), bcp, sc.s.as_mut_ptr(), bcp, dims.rows_p, bcp, d, false) };
-    for r in 0..dims.rows_p {
-        let row = &mut sc.s[r * bcp..(r + 1) * bcp];
-        let a = sc.lo[r].clamp(k0, k0 + kn) - k0;
-        let b = sc.hi[r].clamp(k0, k0 + kn) - k0;
-        if a >= b {
-            row.fill(f32::NEG_INFINITY);
+    for r in 0..rows_p {
+        let (lo, hi) = (sc.lo[r], sc.hi[r]);
+        if lo <= k0 && hi >= k0 + kn {
             continue;
         }
-        if let Some(c) = ctx.params.softcap {
-            let inv = 1.0 / c;
-            row[a..b].iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
+        let a = lo.clamp(k0, k0 + kn) - k0;
+        let b = hi.clamp(k0, k0 + kn).max(lo.clamp(k0, k0 + kn)) - k0;
+        for j in (0..a).chain(b..kn) {
+            st[j * rows_p + r] = f32::NEG_INFINITY;
         }
-        row[..a].fill(f32::NEG_INFINITY);
-        row[b..].fill(f32::NEG_INFINITY);
     }
+}
+
+/// Folds the score tile into the running max and sum of every row: turns `Sᵀ` into
+/// probabilities relative to the new max and leaves each row's rescale factor in `sc.alpha`.
+#[inline(always)]
+pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: usize) {
+    let (l, rows_p) = (S::LANES, dims.rows_p);
+    let st = sc.st.as_mut_ptr();
+    // SAFETY (whole function): st holds kn × rows_p floats and the per-row arrays rows_p, with
+    // rows_p a multiple of LANES.
+    unsafe {
+        for c in (0..rows_p).step_by(l) {
+            let mut mx = S::splat(f32::NEG_INFINITY);
+            for j in 0..kn {
+                mx = S::max(mx, S::load(st.add(j * rows_p + c)));
+            }
+            S::store(sc.tmax.as_mut_ptr().add(c), mx);
+        }
+        for r in 0..rows_p {
+            let (m_old, t) = (sc.m[r], sc.tmax[r]);
+            let m_new = if m_old > t { m_old } else { t };
+            sc.alpha[r] = if m_old == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (m_old - m_new).exp()
+            };
+            sc.m[r] = m_new;
+            // A row that has seen nothing yet subtracts 0, so exp(−∞ − 0) = 0, not NaN.
+            sc.tmax[r] = if m_new == f32::NEG_INFINITY {
+                0.0
+            } else {
+                m_new
+            };
+        }
+        for c in (0..rows_p).step_by(l) {
+            let mv = S::load(sc.tmax.as_ptr().add(c));
+            let mut sum = S::zero();
+            for j in 0..kn {
+                let p = S::exp(S::sub(S::load(st.add(j * rows_p + c)), mv));
+                S::store(st.add(j * rows_p + c), p);
+                sum = S::add(sum, p);
+            }
+            S::store(sc.tsum.as_mut_ptr().add(c), sum);
+        }
+        for r in 0..rows_p {
+            sc.l[r] = sc.l[r] * sc.alpha[r] + sc.tsum[r];
+        }
+    }
+}
+
+/// Whether no element is NaN or ±∞; an integer max over the exponent bits, which vectorizes
+/// (a float test with early exit does not).
+#[inline(always)]
+fn all_finite(xs: &[f32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    xs.iter().fold(0u32, |m, x| m.max(x.to_bits() & EXP)) != EXP
 }
 
 #[inline(always)]
 unsafe fn task_body<S: Simd>(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch) {
     let plan = ctx.plan;
     let dims = load_queries::<S>(ctx, task, sc);
-    let (bcp, dvp, dv) = (dims.bcp, dims.dvp, plan.dv);
+    let (rows_p, dvp, dv) = (dims.rows_p, dims.dvp, plan.dv);
     let seq = &ctx.seqs[task.seq];
     let v_view = ctx.v.expect("attention has values");
-    sc.m[..dims.rows_p].fill(f32::NEG_INFINITY);
-    sc.l[..dims.rows_p].fill(0.0);
-    sc.acc[..dims.rows_p * dvp].fill(0.0);
+    sc.acc[..rows_p * dvp].fill(0.0);
 
     if let Some((kmin, kmax)) = ctx.key_range(task) {
         let mut k0 = kmin;
         while k0 < kmax {
             let kn = plan.bc.min(kmax - k0);
+            let first = seq.k_start + k0;
             // SAFETY: buffers sized by Scratch::new for this plan.
-            unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
-            let mut v_finite = true;
-            for j in 0..kn {
-                let dst = &mut sc.v[j * dvp..j * dvp + dv];
-                v_view.read_row(seq.batch, task.kvh, seq.k_start + k0 + j, dst, 1.0);
-                v_finite &= dst.iter().all(|x| x.is_finite());
+            unsafe {
+                score_tile::<S>(ctx, task, sc, &dims, k0, kn);
+                softmax_update::<S>(sc, &dims, kn);
             }
-            for r in 0..dims.rows_p {
-                // SAFETY: row r of s has bcp entries; acc row r has dvp.
-                unsafe { softmax_update::<S>(sc, r, bcp, dvp) };
+            for r in 0..rows_p {
+                let a = sc.alpha[r];
+                if a != 1.0 {
+                    sc.acc[r * dvp..(r + 1) * dvp]
+                        .iter_mut()
+                        .for_each(|x| *x *= a);
+                }
             }
+            let in_place = if dv == dvp {
+                v_view.f32_rows(seq.batch, task.kvh, first)
+            } else {
+                None
+            };
+            let (b, ldb) = match in_place {
+                Some(direct) => direct,
+                None => {
+                    for j in 0..kn {
+                        v_view.read_row(
+                            seq.batch,
+                            task.kvh,
+                            first + j,
+                            &mut sc.v[j * dvp..j * dvp + dv],
+                            1.0,
+                        );
+                    }
+                    (sc.v.as_ptr(), dvp as isize)
+                }
+            };
+            // SAFETY: B holds kn rows of at least dvp floats `ldb` apart.
+            let v_finite = (0..kn).all(|j| {
+                all_finite(unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) })
+            });
             if v_finite {
-                // SAFETY: s rows_p × bcp, v kn × dvp, acc rows_p × dvp; dvp is a multiple of
-                // 2·LANES and rows_p of MR.
+                // SAFETY: Pᵀ is kn × rows_p (read as P: row stride 1, column stride rows_p),
+                // B kn × dvp, acc rows_p × dvp with dvp a multiple of 2·LANES.
                 unsafe {
-                    gemm::<S>(sc.s.as_ptr(), bcp, sc.v.as_ptr(), dvp, sc.acc.as_mut_ptr(), dvp, dims.rows_p, dvp, kn, true)
+                    gemm::<S>(
+                        sc.st.as_ptr(),
+                        1,
+                        rows_p as isize,
+                        b,
+                        ldb,
+                        sc.acc.as_mut_ptr(),
+                        dvp,
+                        rows_p,
+                        dvp,
+                        kn,
+                        true,
+                    )
                 };
             } else {
                 // A NaN or ∞ in a value row must reach only the queries that see it:
                 // 0·NaN would leak into every row, so skip the zero probabilities.
-                for r in 0..dims.rows_p {
-                    for j in 0..kn {
-                        let p = sc.s[r * bcp + j];
+                for j in 0..kn {
+                    // SAFETY: as above.
+                    let vrow =
+                        unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) };
+                    for r in 0..dims.rows {
+                        let p = sc.st[j * rows_p + r];
                         if p != 0.0 {
-                            for c in 0..dv {
-                                sc.acc[r * dvp + c] += p * sc.v[j * dvp + c];
+                            for (o, &x) in sc.acc[r * dvp..r * dvp + dv].iter_mut().zip(vrow) {
+                                *o += p * x;
                             }
                         }
                     }
@@ -215,73 +357,27 @@ unsafe fn task_body<S: Simd>(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scr
         }
     }
 
-    let tq = task.i1 - task.i0;
-    for g in 0..plan.group {
-        let h = task.kvh * plan.group + g;
-        for t in 0..tq {
-            let r = g * tq + t;
-            let i = seq.q_start + task.i0 + t;
-            let l = sc.l[r];
-            let out = &mut sc.row[..dv];
-            let lse = if l > 0.0 || l.is_nan() {
-                let inv = 1.0 / l;
-                for (o, &a) in out.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]) {
-                    *o = a * inv;
-                }
-                sc.m[r] + l.ln()
-            } else {
-                out.fill(0.0);
-                f32::NEG_INFINITY
-            };
-            // SAFETY: this task is the only writer of its rows.
-            unsafe { sinks.out.write_row(seq.batch, h, i, out) };
-            if let Some(ptr) = sinks.lse {
-                let at = seq.batch * sinks.lse_dims[0] + h * sinks.lse_dims[1] + i * sinks.lse_dims[2];
-                // SAFETY: `attention` checked the buffer holds B·Hq·Sq entries; the row is ours.
-                unsafe { *ptr.0.add(at) = lse };
+    for r in 0..dims.rows {
+        let (h, i) = row_of(&plan, task, r);
+        let i = seq.q_start + i;
+        let l = sc.l[r];
+        let out = &mut sc.row[..dv];
+        let lse = if l > 0.0 || l.is_nan() {
+            let inv = 1.0 / l;
+            for (o, &a) in out.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]) {
+                *o = a * inv;
             }
-        }
-    }
-}
-
-/// Folds row `r` of the score tile into the running max/sum, turning it into probabilities
-/// (relative to the new max) and rescaling the row's accumulator when the max moved.
-#[inline(always)]
-unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, r: usize, bcp: usize, dvp: usize) {
-    let l = S::LANES;
-    let srow = sc.s[r * bcp..(r + 1) * bcp].as_mut_ptr();
-    // SAFETY: bcp is a multiple of LANES and srow holds bcp floats.
-    unsafe {
-        let mut mx = S::splat(f32::NEG_INFINITY);
-        for j in (0..bcp).step_by(l) {
-            mx = S::max(mx, S::load(srow.add(j)));
-        }
-        let tile_max = S::reduce_max(mx);
-        if tile_max == f32::NEG_INFINITY {
-            // Nothing visible in this tile: probabilities 0, state unchanged.
-            for j in (0..bcp).step_by(l) {
-                S::store(srow.add(j), S::zero());
-            }
-            return;
-        }
-        let m_old = sc.m[r];
-        let m_new = if m_old > tile_max { m_old } else { tile_max };
-        let mv = S::splat(m_new);
-        let mut sum = S::zero();
-        for j in (0..bcp).step_by(l) {
-            let p = S::exp(S::sub(S::load(srow.add(j)), mv));
-            S::store(srow.add(j), p);
-            sum = S::add(sum, p);
-        }
-        let alpha = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp() };
-        sc.l[r] = sc.l[r] * alpha + S::reduce_sum(sum);
-        sc.m[r] = m_new;
-        if alpha != 1.0 {
-            let av = S::splat(alpha);
-            let arow = sc.acc[r * dvp..(r + 1) * dvp].as_mut_ptr();
-            for c in (0..dvp).step_by(l) {
-                S::store(arow.add(c), S::mul(S::load(arow.add(c)), av));
-            }
+            sc.m[r] + l.ln()
+        } else {
+            out.fill(0.0);
+            f32::NEG_INFINITY
+        };
+        // SAFETY: this task is the only writer of its rows.
+        unsafe { sinks.out.write_row(seq.batch, h, i, out) };
+        if let Some(ptr) = sinks.lse {
+            let at = seq.batch * sinks.lse_dims[0] + h * sinks.lse_dims[1] + i * sinks.lse_dims[2];
+            // SAFETY: `attention` checked the buffer holds B·Hq·Sq entries; the row is ours.
+            unsafe { *ptr.0.add(at) = lse };
         }
     }
 }

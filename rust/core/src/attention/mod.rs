@@ -36,7 +36,13 @@ pub(crate) struct Plan {
 
 impl Plan {
     fn new(group: usize, d: usize, dv: usize) -> Plan {
-        Plan { group, tq: (ROWS / group).max(1), d, dv, bc: KEYS }
+        Plan {
+            group,
+            tq: (ROWS / group).max(1),
+            d,
+            dv,
+            bc: KEYS,
+        }
     }
 }
 
@@ -90,13 +96,33 @@ pub(crate) struct Sinks<'a> {
     pub lse_dims: [usize; 3],
 }
 
-fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence], params: &Params) -> Result<()> {
+fn check_inputs(
+    q: &Strided,
+    k: &Strided,
+    v_shape: [usize; 4],
+    seqs: &[Sequence],
+    params: &Params,
+) -> Result<()> {
     params.validate()?;
     let [b, hq, sq, d] = q.shape();
     let [bk, hk, sk, dk] = k.shape();
-    ensure_shape!(d >= 1, "q: head dimension must be at least 1, got shape {:?}", q.shape());
-    ensure_shape!(bk == b, "q and k have different batch sizes: {:?} vs {:?}", q.shape(), k.shape());
-    ensure_shape!(dk == d, "q and k have different head dimensions: {:?} vs {:?}", q.shape(), k.shape());
+    ensure_shape!(
+        d >= 1,
+        "q: head dimension must be at least 1, got shape {:?}",
+        q.shape()
+    );
+    ensure_shape!(
+        bk == b,
+        "q and k have different batch sizes: {:?} vs {:?}",
+        q.shape(),
+        k.shape()
+    );
+    ensure_shape!(
+        dk == d,
+        "q and k have different head dimensions: {:?} vs {:?}",
+        q.shape(),
+        k.shape()
+    );
     ensure_shape!(
         hk >= 1 && hq % hk == 0,
         "query heads ({hq}) must be a multiple of key/value heads ({hk}); q {:?}, k {:?}",
@@ -108,7 +134,10 @@ fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence]
         "k and v must agree in batch, heads and length: k {:?}, v {v_shape:?}",
         k.shape()
     );
-    ensure_shape!(v_shape[3] >= 1, "v: value dimension must be at least 1, got shape {v_shape:?}");
+    ensure_shape!(
+        v_shape[3] >= 1,
+        "v: value dimension must be at least 1, got shape {v_shape:?}"
+    );
     for s in seqs {
         ensure_shape!(
             s.batch < b && s.q_start + s.q_len <= sq && s.k_start + s.k_len <= sk,
@@ -125,7 +154,12 @@ fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan) -> Vec<Task> {
     for (si, s) in seqs.iter().enumerate() {
         for kvh in 0..hkv {
             for i0 in (0..s.q_len).step_by(plan.tq) {
-                t.push(Task { seq: si, kvh, i0, i1: (i0 + plan.tq).min(s.q_len) });
+                t.push(Task {
+                    seq: si,
+                    kvh,
+                    i0,
+                    i1: (i0 + plan.tq).min(s.q_len),
+                });
             }
         }
     }
@@ -167,14 +201,30 @@ pub fn attention(
     }
     let lse = match lse {
         Some(buf) => {
-            ensure_shape!(buf.len() == b * hq * sq, "lse buffer has {} entries, expected {}", buf.len(), b * hq * sq);
+            ensure_shape!(
+                buf.len() == b * hq * sq,
+                "lse buffer has {} entries, expected {}",
+                buf.len(),
+                b * hq * sq
+            );
             Some(LsePtr(buf.as_mut_ptr()))
         }
         None => None,
     };
     let plan = Plan::new(hq / hkv, q.shape()[3], dv);
-    let ctx = Ctx { q, k, v: Some(v), seqs, params, plan };
-    let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
+    let ctx = Ctx {
+        q,
+        k,
+        v: Some(v),
+        seqs,
+        params,
+        plan,
+    };
+    let sinks = Sinks {
+        out: out.rows(),
+        lse,
+        lse_dims: [hq * sq, sq, 1],
+    };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
     parallel::install(|| {
@@ -207,8 +257,18 @@ pub fn attention_weights(
         b * hq * sq * sk
     );
     let plan = Plan::new(hq / hkv, d, d);
-    let ctx = Ctx { q, k, v: None, seqs, params, plan };
-    let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
+    let ctx = Ctx {
+        q,
+        k,
+        v: None,
+        seqs,
+        params,
+        plan,
+    };
+    let dest = weights::Dest {
+        ptr: weights.as_mut_ptr(),
+        dims: [hq * sq * sk, sq * sk, sk],
+    };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
     parallel::install(|| {

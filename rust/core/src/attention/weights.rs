@@ -1,7 +1,7 @@
 //! The probability matrix itself, for inspection: two passes over the same score tiles, the
 //! first for each row's max and sum, the second to write `exp(s − m) / l`.
 
-use super::blocked::{load_queries, score_tile, Scratch};
+use super::blocked::{load_queries, row_of, score_tile, softmax_update, Scratch};
 use super::{Ctx, Task};
 use crate::simd::{scalar::Scalar, Isa, Simd};
 
@@ -37,40 +37,39 @@ unsafe fn run_avx2(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
 
 #[inline(always)]
 unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
-    let Some((kmin, kmax)) = ctx.key_range(task) else { return };
+    let Some((kmin, kmax)) = ctx.key_range(task) else {
+        return;
+    };
     let plan = ctx.plan;
     let dims = load_queries::<S>(ctx, task, sc);
-    let bcp = dims.bcp;
+    let rows_p = dims.rows_p;
     let seq = &ctx.seqs[task.seq];
-    sc.m[..dims.rows].fill(f32::NEG_INFINITY);
-    sc.l[..dims.rows].fill(0.0);
     for pass in 0..2 {
         let mut k0 = kmin;
         while k0 < kmax {
             let kn = plan.bc.min(kmax - k0);
             // SAFETY: buffers sized by Scratch::new for this plan.
             unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
-            for r in 0..dims.rows {
-                let s = &sc.s[r * bcp..r * bcp + kn];
-                if pass == 0 {
-                    let mx = s.iter().fold(f32::NEG_INFINITY, |a, &b| if a > b { a } else { b });
-                    if mx == f32::NEG_INFINITY {
+            if pass == 0 {
+                // SAFETY: as above.
+                unsafe { softmax_update::<S>(sc, &dims, kn) };
+            } else {
+                for r in 0..dims.rows {
+                    let l = sc.l[r];
+                    if !(l > 0.0 || l.is_nan()) {
                         continue;
                     }
-                    let m_new = sc.m[r].max(mx);
-                    let sum: f32 = s.iter().map(|&x| (x - m_new).exp()).sum();
-                    sc.l[r] = sc.l[r] * (sc.m[r] - m_new).exp() + sum;
-                    sc.m[r] = m_new;
-                } else if sc.l[r] > 0.0 || sc.l[r].is_nan() {
-                    let tq = task.i1 - task.i0;
-                    let (g, t) = (r / tq, r % tq);
-                    let h = task.kvh * plan.group + g;
-                    let i = seq.q_start + task.i0 + t;
-                    let at = seq.batch * dest.dims[0] + h * dest.dims[1] + i * dest.dims[2] + seq.k_start + k0;
-                    let (m, inv) = (sc.m[r], 1.0 / sc.l[r]);
-                    for (j, &x) in s.iter().enumerate() {
+                    let (h, i) = row_of(&plan, task, r);
+                    let at = seq.batch * dest.dims[0]
+                        + h * dest.dims[1]
+                        + (seq.q_start + i) * dest.dims[2]
+                        + seq.k_start
+                        + k0;
+                    let (m, inv) = (sc.m[r], 1.0 / l);
+                    for j in 0..kn {
+                        let p = (sc.st[j * rows_p + r] - m).exp() * inv;
                         // SAFETY: `attention_weights` checked the buffer's size; this row is ours.
-                        unsafe { *dest.ptr.add(at + j) = (x - m).exp() * inv };
+                        unsafe { *dest.ptr.add(at + j) = p };
                     }
                 }
             }

@@ -31,13 +31,10 @@ pub(crate) unsafe trait Simd: Copy {
     /// `a * b + c`, fused where the ISA has FMA.
     fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     fn add(a: Self::V, b: Self::V) -> Self::V;
-    fn mul(a: Self::V, b: Self::V) -> Self::V;
     fn sub(a: Self::V, b: Self::V) -> Self::V;
     fn max(a: Self::V, b: Self::V) -> Self::V;
     /// `e^x`, ~1 ulp on the range softmax uses; exactly 0 below −87.3, NaN kept.
     fn exp(x: Self::V) -> Self::V;
-    fn reduce_max(v: Self::V) -> f32;
-    fn reduce_sum(v: Self::V) -> f32;
 }
 
 /// An instruction-set path for the kernels.
@@ -107,7 +104,18 @@ pub fn cpu_features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($f:tt),*) => {$( if std::is_x86_feature_detected!($f) { found.push($f); } )*};
         }
-        probe!("sse4.1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16");
+        probe!(
+            "sse4.1",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512bf16",
+            "avx512fp16"
+        );
     }
     #[cfg(target_arch = "aarch64")]
     {

@@ -38,10 +38,6 @@ unsafe impl Simd for Scalar {
         a + b
     }
     #[inline(always)]
-    fn mul(a: f32, b: f32) -> f32 {
-        a * b
-    }
-    #[inline(always)]
     fn sub(a: f32, b: f32) -> f32 {
         a - b
     }
@@ -61,13 +57,5 @@ unsafe impl Simd for Scalar {
         } else {
             x.exp()
         }
-    }
-    #[inline(always)]
-    fn reduce_max(v: f32) -> f32 {
-        v
-    }
-    #[inline(always)]
-    fn reduce_sum(v: f32) -> f32 {
-        v
     }
 }

@@ -61,11 +61,6 @@ unsafe impl Simd for Avx2 {
         unsafe { _mm256_add_ps(a, b) }
     }
     #[inline(always)]
-    fn mul(a: __m256, b: __m256) -> __m256 {
-        // SAFETY: see the impl's safety note.
-        unsafe { _mm256_mul_ps(a, b) }
-    }
-    #[inline(always)]
     fn sub(a: __m256, b: __m256) -> __m256 {
         // SAFETY: see the impl's safety note.
         unsafe { _mm256_sub_ps(a, b) }
@@ -81,11 +76,13 @@ unsafe impl Simd for Avx2 {
         // SAFETY: see the impl's safety note.
         unsafe {
             // min/max with the constant first keep a NaN `x` (second operand wins on NaN).
-            let xc = _mm256_max_ps(_mm256_set1_ps(EXP_LO), _mm256_min_ps(_mm256_set1_ps(EXP_HI), x));
-            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
-                xc,
-                _mm256_set1_ps(LOG2E),
-            ));
+            let xc = _mm256_max_ps(
+                _mm256_set1_ps(EXP_LO),
+                _mm256_min_ps(_mm256_set1_ps(EXP_HI), x),
+            );
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
+            );
             let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
             let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
             let mut p = _mm256_set1_ps(C6);
@@ -95,30 +92,13 @@ unsafe impl Simd for Avx2 {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C2));
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
-            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            ));
             let y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
             let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP_ZERO_BELOW));
             _mm256_andnot_ps(tiny, y)
-        }
-    }
-    #[inline(always)]
-    fn reduce_max(v: __m256) -> f32 {
-        // SAFETY: see the impl's safety note.
-        unsafe {
-            let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-            let m = _mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m));
-            _mm_cvtss_f32(m)
-        }
-    }
-    #[inline(always)]
-    fn reduce_sum(v: __m256) -> f32 {
-        // SAFETY: see the impl's safety note.
-        unsafe {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
-            _mm_cvtss_f32(s)
         }
     }
 }
@@ -163,11 +143,6 @@ unsafe impl Simd for Avx512 {
         unsafe { _mm512_add_ps(a, b) }
     }
     #[inline(always)]
-    fn mul(a: __m512, b: __m512) -> __m512 {
-        // SAFETY: see the impl's safety note.
-        unsafe { _mm512_mul_ps(a, b) }
-    }
-    #[inline(always)]
     fn sub(a: __m512, b: __m512) -> __m512 {
         // SAFETY: see the impl's safety note.
         unsafe { _mm512_sub_ps(a, b) }
@@ -181,11 +156,13 @@ unsafe impl Simd for Avx512 {
     fn exp(x: __m512) -> __m512 {
         // SAFETY: see the impl's safety note.
         unsafe {
-            let xc = _mm512_max_ps(_mm512_set1_ps(EXP_LO), _mm512_min_ps(_mm512_set1_ps(EXP_HI), x));
-            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(
-                xc,
-                _mm512_set1_ps(LOG2E),
-            ));
+            let xc = _mm512_max_ps(
+                _mm512_set1_ps(EXP_LO),
+                _mm512_min_ps(_mm512_set1_ps(EXP_HI), x),
+            );
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(xc, _mm512_set1_ps(LOG2E)),
+            );
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
             let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
             let mut p = _mm512_set1_ps(C6);
@@ -195,20 +172,13 @@ unsafe impl Simd for Avx512 {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(C2));
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
-            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
+            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(n),
+                _mm512_set1_epi32(127),
+            ));
             let y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
             let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP_ZERO_BELOW));
             _mm512_maskz_mov_ps(keep, y)
         }
-    }
-    #[inline(always)]
-    fn reduce_max(v: __m512) -> f32 {
-        // SAFETY: see the impl's safety note.
-        unsafe { _mm512_reduce_max_ps(v) }
-    }
-    #[inline(always)]
-    fn reduce_sum(v: __m512) -> f32 {
-        // SAFETY: see the impl's safety note.
-        unsafe { _mm512_reduce_add_ps(v) }
     }
 }
