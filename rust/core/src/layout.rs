@@ -233,7 +233,7 @@ impl<'a> StridedMut<'a> {
                     "{name}: strides {strides:?} make different elements of shape {shape:?} overlap"
                 )));
             }
-            span = stride * (n - 1) + span;
+            span += stride * (n - 1);
         }
         Ok(StridedMut {
             data,

@@ -74,7 +74,7 @@ impl Raw {
             let p = arr.as_array_ptr();
             ((*p).fields.data as *mut u8, (*p).fields.flags)
         };
-        if (base as usize) % size != 0 {
+        if !(base as usize).is_multiple_of(size) {
             return Err(Error::Shape(format!(
                 "{name}: data is not aligned to its item size"
             )));

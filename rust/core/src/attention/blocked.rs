@@ -217,8 +217,8 @@ pub(crate) unsafe fn score_tile<S: Simd>(
 pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: usize) {
     let (l, rows_p) = (S::LANES, dims.rows_p);
     let st = sc.st.as_mut_ptr();
-    // SAFETY (whole function): st holds kn × rows_p floats and the per-row arrays rows_p, with
-    // rows_p a multiple of LANES.
+    // SAFETY: st holds kn × rows_p floats and the per-row arrays rows_p, with rows_p a
+    // multiple of LANES.
     unsafe {
         for c in (0..rows_p).step_by(l) {
             let mut mx = S::splat(f32::NEG_INFINITY);
@@ -314,8 +314,8 @@ unsafe fn task_body<S: Simd>(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scr
                     (sc.v.as_ptr(), dvp as isize)
                 }
             };
-            // SAFETY: B holds kn rows of at least dvp floats `ldb` apart.
             let v_finite = (0..kn).all(|j| {
+                // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
                 all_finite(unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) })
             });
             if v_finite {

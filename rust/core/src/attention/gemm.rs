@@ -33,7 +33,7 @@ unsafe fn block<S: Simd, const R: usize>(
     let l = S::LANES;
     for j in (0..n).step_by(2 * l) {
         let mut acc = [[S::zero(); 2]; R];
-        // SAFETY (whole block): indices stay inside the extents the caller vouched for.
+        // SAFETY: indices stay inside the extents the caller vouched for.
         unsafe {
             if accumulate {
                 for (r, row) in acc.iter_mut().enumerate() {
@@ -85,7 +85,7 @@ pub(crate) unsafe fn gemm<S: Simd>(
     k: usize,
     accumulate: bool,
 ) {
-    debug_assert!(n % (2 * S::LANES) == 0);
+    debug_assert!(n.is_multiple_of(2 * S::LANES));
     let mut i = 0;
     // SAFETY: each call covers rows i..i + R of A and C, inside m.
     unsafe {
