@@ -182,3 +182,52 @@ unsafe impl Simd for Avx512 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp8(x: &[f32; 8]) -> [f32; 8] {
+        let mut out = [0f32; 8];
+        // SAFETY: the arrays hold 8 floats; the caller checked the features.
+        unsafe { Avx2::store(out.as_mut_ptr(), Avx2::exp(Avx2::load(x.as_ptr()))) };
+        out
+    }
+
+    #[test]
+    fn avx2_exp_is_accurate_and_safe_at_the_edges() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let mut worst = 0f64;
+        for i in 0..20_000 {
+            let x0 = -87.0 + i as f32 * 0.00437;
+            let xs: [f32; 8] = std::array::from_fn(|t| x0 + t as f32 * 0.0005);
+            // SAFETY: features checked above.
+            let ys = unsafe { exp8(&xs) };
+            for (&x, &y) in xs.iter().zip(&ys) {
+                let want = (x as f64).exp();
+                worst = worst.max(((y as f64 - want) / want).abs());
+            }
+        }
+        assert!(worst < 5e-7, "worst relative error {worst}");
+        let edge = [
+            f32::NEG_INFINITY,
+            -1e30,
+            -88.0,
+            -87.5,
+            0.0,
+            f32::NAN,
+            -0.0,
+            1e-30,
+        ];
+        // SAFETY: features checked above.
+        let ys = unsafe { exp8(&edge) };
+        assert_eq!(&ys[..4], &[0.0; 4]);
+        assert_eq!(ys[4], 1.0);
+        assert!(ys[5].is_nan());
+        assert_eq!(ys[6], 1.0);
+        assert_eq!(ys[7], 1.0);
+    }
+}

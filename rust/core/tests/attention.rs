@@ -1,0 +1,401 @@
+//! The kernels against a naive f64 reference, over odd shapes, every mask, GQA, strided and
+//! half-precision inputs. Run once per ISA with `FERROATTN_ISA=scalar|avx2|avx512`.
+
+use ferroattn_core::{
+    attention, attention_weights, padded_sequences, varlen_sequences, Align, Elems, ElemsMut,
+    Params, Sequence, Strided, StridedMut,
+};
+use half::{bf16, f16};
+
+/// A small deterministic generator (xorshift), so the tests need no extra crate.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.next()).collect()
+    }
+}
+
+/// Plain attention in f64 over contiguous `(B, H, N, D)` buffers; returns (out, lse).
+fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    [b, hq, nq, d]: [usize; 4],
+    [hk, nk, dv]: [usize; 3],
+    seqs: &[Sequence],
+    p: &Params,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut out = vec![0.0; b * hq * nq * dv];
+    let mut lse = vec![f64::NEG_INFINITY; b * hq * nq];
+    let g = hq / hk;
+    for s in seqs {
+        for h in 0..hq {
+            for i in 0..s.q_len {
+                let pos = match p.align {
+                    Align::BottomRight => i as i64 + s.k_len as i64 - s.q_len as i64,
+                    Align::TopLeft => i as i64,
+                };
+                let qi = ((s.batch * hq + h) * nq + s.q_start + i) * d;
+                let mut scores = vec![];
+                for j in 0..s.k_len {
+                    let jj = j as i64;
+                    let ok = (!p.causal || jj <= pos)
+                        && p.window.0.is_none_or(|l| jj >= pos - l as i64)
+                        && p.window.1.is_none_or(|r| jj <= pos + r as i64);
+                    if !ok {
+                        continue;
+                    }
+                    let kj = ((s.batch * hk + h / g) * nk + s.k_start + j) * d;
+                    let mut x: f64 = (0..d)
+                        .map(|t| q[qi + t] as f64 * k[kj + t] as f64)
+                        .sum::<f64>()
+                        * p.scale as f64;
+                    if let Some(c) = p.softcap {
+                        x = c as f64 * (x / c as f64).tanh();
+                    }
+                    scores.push((j, x));
+                }
+                if scores.is_empty() {
+                    continue;
+                }
+                let m = scores.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|s| (s.1 - m).exp()).sum();
+                let oi = ((s.batch * hq + h) * nq + s.q_start + i) * dv;
+                for &(j, x) in &scores {
+                    let w = (x - m).exp() / sum;
+                    let vj = ((s.batch * hk + h / g) * nk + s.k_start + j) * dv;
+                    for t in 0..dv {
+                        out[oi + t] += w * v[vj + t] as f64;
+                    }
+                }
+                lse[(s.batch * hq + h) * nq + s.q_start + i] = m + sum.ln();
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn rel_err(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&a, &b)| (a as f64 - b).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+struct Case {
+    b: usize,
+    hq: usize,
+    hk: usize,
+    nq: usize,
+    nk: usize,
+    d: usize,
+    dv: usize,
+}
+
+fn check(case: &Case, p: &Params, kv_lengths: Option<&[usize]>, seed: u64) {
+    let Case {
+        b,
+        hq,
+        hk,
+        nq,
+        nk,
+        d,
+        dv,
+    } = *case;
+    let mut rng = Rng(seed * 2654435761 + 1);
+    let q = rng.vec(b * hq * nq * d);
+    let k = rng.vec(b * hk * nk * d);
+    let v = rng.vec(b * hk * nk * dv);
+    let seqs = padded_sequences(b, nq, nk, kv_lengths).unwrap();
+    let (want, want_lse) = reference(&q, &k, &v, [b, hq, nq, d], [hk, nk, dv], &seqs, p);
+    let mut got = vec![f32::NAN; b * hq * nq * dv];
+    let mut lse = vec![0f32; b * hq * nq];
+    let qv = Strided::contiguous("q", Elems::F32(&q), [b, hq, nq, d]).unwrap();
+    let kv = Strided::contiguous("k", Elems::F32(&k), [b, hk, nk, d]).unwrap();
+    let vv = Strided::contiguous("v", Elems::F32(&v), [b, hk, nk, dv]).unwrap();
+    let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut got), [b, hq, nq, dv]).unwrap();
+    attention(&qv, &kv, &vv, &mut ov, Some(&mut lse), &seqs, p).unwrap();
+    let err = rel_err(&got, &want);
+    assert!(
+        err <= 1e-5 || want.iter().all(|&x| x == 0.0) && err == 0.0,
+        "rel err {err} for {p:?}"
+    );
+    for (&a, &w) in lse.iter().zip(&want_lse) {
+        if w == f64::NEG_INFINITY {
+            assert_eq!(a, f32::NEG_INFINITY);
+        } else {
+            assert!(
+                (a as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "lse {a} vs {w}"
+            );
+        }
+    }
+    if !want.iter().all(|&x| x == 0.0) {
+        assert!(got.iter().all(|x| x.is_finite()));
+    }
+}
+
+fn masks() -> Vec<Params> {
+    let mut out = vec![];
+    for causal in [false, true] {
+        for align in [Align::BottomRight, Align::TopLeft] {
+            for window in [
+                (None, None),
+                (Some(3), Some(0)),
+                (Some(20), None),
+                (Some(5), Some(7)),
+                (None, Some(2)),
+            ] {
+                for softcap in [None, Some(2.5)] {
+                    let mut p = Params::new(0.37);
+                    (p.causal, p.align, p.window, p.softcap) = (causal, align, window, softcap);
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn matches_reference_over_shapes_and_masks() {
+    let cases = [
+        Case {
+            b: 1,
+            hq: 1,
+            hk: 1,
+            nq: 1,
+            nk: 1,
+            d: 1,
+            dv: 1,
+        },
+        Case {
+            b: 2,
+            hq: 4,
+            hk: 2,
+            nq: 7,
+            nk: 13,
+            d: 7,
+            dv: 5,
+        },
+        Case {
+            b: 1,
+            hq: 6,
+            hk: 1,
+            nq: 70,
+            nk: 70,
+            d: 32,
+            dv: 32,
+        },
+        Case {
+            b: 1,
+            hq: 3,
+            hk: 3,
+            nq: 130,
+            nk: 67,
+            d: 80,
+            dv: 16,
+        },
+        Case {
+            b: 2,
+            hq: 2,
+            hk: 2,
+            nq: 5,
+            nk: 200,
+            d: 64,
+            dv: 64,
+        },
+    ];
+    for (ci, case) in cases.iter().enumerate() {
+        for (mi, p) in masks().iter().enumerate() {
+            check(case, p, None, (ci * 100 + mi) as u64);
+        }
+    }
+}
+
+#[test]
+fn kv_lengths_limit_and_align() {
+    let case = Case {
+        b: 3,
+        hq: 2,
+        hk: 1,
+        nq: 9,
+        nk: 90,
+        d: 16,
+        dv: 16,
+    };
+    for p in masks() {
+        check(&case, &p, Some(&[0, 90, 41]), 7);
+    }
+}
+
+#[test]
+fn varlen_matches_separate_sequences() {
+    let (hq, hk, d) = (4, 2, 24);
+    let cu_q = [0, 3, 3, 70];
+    let cu_k = [0, 5, 9, 100];
+    let mut rng = Rng(99);
+    let q = rng.vec(hq * 70 * d);
+    let k = rng.vec(hk * 100 * d);
+    let v = rng.vec(hk * 100 * d);
+    let seqs = varlen_sequences(&cu_q, &cu_k, 70, 100).unwrap();
+    let mut p = Params::new(0.2);
+    p.causal = true;
+    let (want, _) = reference(&q, &k, &v, [1, hq, 70, d], [hk, 100, d], &seqs, &p);
+    let mut got = vec![0f32; hq * 70 * d];
+    let qv = Strided::contiguous("q", Elems::F32(&q), [1, hq, 70, d]).unwrap();
+    let kv = Strided::contiguous("k", Elems::F32(&k), [1, hk, 100, d]).unwrap();
+    let vv = Strided::contiguous("v", Elems::F32(&v), [1, hk, 100, d]).unwrap();
+    let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut got), [1, hq, 70, d]).unwrap();
+    attention(&qv, &kv, &vv, &mut ov, None, &seqs, &p).unwrap();
+    assert!(rel_err(&got, &want) < 1e-5);
+}
+
+#[test]
+fn strided_and_half_inputs() {
+    // Token-major (B, N, H, D) memory read through strides, in f16 and bf16.
+    let (b, h, n, d) = (2, 3, 45, 40);
+    let mut rng = Rng(5);
+    let raw: Vec<f32> = rng.vec(b * n * h * d * 3);
+    let strides = [(n * h * d) as isize, d as isize, (h * d) as isize, 1];
+    let part = |i: usize| &raw[i * b * n * h * d..(i + 1) * b * n * h * d];
+    // f64 reference needs head-major copies.
+    let to_bhsd = |x: &[f32]| {
+        let mut y = vec![0f32; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for ni in 0..n {
+                    for di in 0..d {
+                        y[((bi * h + hi) * n + ni) * d + di] = x[((bi * n + ni) * h + hi) * d + di];
+                    }
+                }
+            }
+        }
+        y
+    };
+    let mut p = Params::new(0.15);
+    p.causal = true;
+    let seqs = padded_sequences(b, n, n, None).unwrap();
+    for dtype in ["f16", "bf16"] {
+        let round = |x: &[f32]| -> Vec<f32> {
+            x.iter()
+                .map(|&v| {
+                    if dtype == "f16" {
+                        f16::from_f32(v).to_f32()
+                    } else {
+                        bf16::from_f32(v).to_f32()
+                    }
+                })
+                .collect()
+        };
+        let (qr, kr, vr) = (round(part(0)), round(part(1)), round(part(2)));
+        let (want, _) = reference(
+            &to_bhsd(&qr),
+            &to_bhsd(&kr),
+            &to_bhsd(&vr),
+            [b, h, n, d],
+            [h, n, d],
+            &seqs,
+            &p,
+        );
+        let mut got = vec![0f32; b * h * n * d];
+        if dtype == "f16" {
+            let (q, k, v): (Vec<f16>, Vec<f16>, Vec<f16>) = (
+                qr.iter().map(|&x| f16::from_f32(x)).collect(),
+                kr.iter().map(|&x| f16::from_f32(x)).collect(),
+                vr.iter().map(|&x| f16::from_f32(x)).collect(),
+            );
+            let mut o = vec![f16::ZERO; b * h * n * d];
+            let view = |x| Strided::new("x", Elems::F16(x), 0, [b, h, n, d], strides).unwrap();
+            let mut ov =
+                StridedMut::new("out", ElemsMut::F16(&mut o), 0, [b, h, n, d], strides).unwrap();
+            attention(&view(&q), &view(&k), &view(&v), &mut ov, None, &seqs, &p).unwrap();
+            let o = to_bhsd(&o.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+            got.copy_from_slice(&o);
+        } else {
+            let (q, k, v): (Vec<bf16>, Vec<bf16>, Vec<bf16>) = (
+                qr.iter().map(|&x| bf16::from_f32(x)).collect(),
+                kr.iter().map(|&x| bf16::from_f32(x)).collect(),
+                vr.iter().map(|&x| bf16::from_f32(x)).collect(),
+            );
+            let mut o = vec![bf16::ZERO; b * h * n * d];
+            let view = |x| Strided::new("x", Elems::BF16(x), 0, [b, h, n, d], strides).unwrap();
+            let mut ov =
+                StridedMut::new("out", ElemsMut::BF16(&mut o), 0, [b, h, n, d], strides).unwrap();
+            attention(&view(&q), &view(&k), &view(&v), &mut ov, None, &seqs, &p).unwrap();
+            let o = to_bhsd(&o.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
+            got.copy_from_slice(&o);
+        }
+        let tol = if dtype == "f16" { 2e-3 } else { 1e-2 };
+        let err = rel_err(&got, &want);
+        assert!(err < tol, "{dtype}: {err}");
+    }
+}
+
+#[test]
+fn weights_are_the_softmax() {
+    let (hq, hk, nq, nk, d) = (4, 2, 33, 70, 16);
+    let mut rng = Rng(11);
+    let q = rng.vec(hq * nq * d);
+    let k = rng.vec(hk * nk * d);
+    let mut p = Params::new(0.3);
+    (p.causal, p.window) = (true, (Some(10), None));
+    let seqs = padded_sequences(1, nq, nk, None).unwrap();
+    // With V = identity rows, attention's output is the weights themselves.
+    let v: Vec<f32> = (0..hk * nk * nk)
+        .map(|i| if i % nk == (i / nk) % nk { 1.0 } else { 0.0 })
+        .collect();
+    let (want, _) = reference(&q, &k, &v, [1, hq, nq, d], [hk, nk, nk], &seqs, &p);
+    let mut w = vec![0f32; hq * nq * nk];
+    let qv = Strided::contiguous("q", Elems::F32(&q), [1, hq, nq, d]).unwrap();
+    let kv = Strided::contiguous("k", Elems::F32(&k), [1, hk, nk, d]).unwrap();
+    attention_weights(&qv, &kv, &mut w, &seqs, &p).unwrap();
+    assert!(rel_err(&w, &want) < 1e-5);
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() {
+    let x = vec![0f32; 2 * 3 * 4 * 5];
+    assert!(Strided::contiguous("q", Elems::F32(&x), [2, 3, 4, 6]).is_err());
+    assert!(Strided::new("q", Elems::F32(&x), 0, [2, 3, 4, 5], [60, 20, 5, 2]).is_err());
+    assert!(Strided::new("q", Elems::F32(&x), 0, [2, 3, 4, 5], [60, 20, -5, 1]).is_err());
+    let mut y = vec![0f32; 20];
+    assert!(StridedMut::new("out", ElemsMut::F32(&mut y), 0, [1, 1, 4, 5], [0, 0, 2, 1]).is_err());
+    assert!(padded_sequences(2, 4, 4, Some(&[1])).is_err());
+    assert!(padded_sequences(1, 4, 4, Some(&[5])).is_err());
+    assert!(varlen_sequences(&[0, 3, 2], &[0, 1, 2], 2, 2).is_err());
+    let q = Strided::contiguous("q", Elems::F32(&x), [2, 3, 4, 5]).unwrap();
+    let k = Strided::contiguous("k", Elems::F32(&x[..40]), [2, 1, 4, 5]).unwrap();
+    let mut o = vec![0f32; 120];
+    let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut o), [2, 3, 4, 5]).unwrap();
+    let seqs = padded_sequences(2, 4, 4, None).unwrap();
+    // 3 query heads over 1 KV head is fine; a bad scale is not.
+    assert!(attention(&q, &k, &k, &mut ov, None, &seqs, &Params::new(1.0)).is_ok());
+    assert!(attention(&q, &k, &k, &mut ov, None, &seqs, &Params::new(f32::NAN)).is_err());
+    let mut p = Params::new(1.0);
+    p.softcap = Some(0.0);
+    assert!(attention(&q, &k, &k, &mut ov, None, &seqs, &p).is_err());
+    let k2 = Strided::contiguous("k", Elems::F32(&x[..80]), [2, 2, 4, 5]).unwrap();
+    assert!(attention(&q, &k2, &k2, &mut ov, None, &seqs, &Params::new(1.0)).is_err());
+}
+
+#[test]
+fn isa_override_is_honoured() {
+    use ferroattn_core::Isa;
+    if let Ok(name) = std::env::var("FERROATTN_ISA") {
+        if let Some(isa) = Isa::from_name(&name) {
+            if Isa::available().contains(&isa) {
+                assert_eq!(Isa::active(), isa);
+            }
+        }
+    }
+}
