@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The whole ferroattn test suite, from a fresh clone:
+#   builds and installs the package (with its test extras) into a virtualenv (.venv, unless one is
+#   already active), runs the lints (cargo fmt/clippy, ruff), then the Rust tests and the Python
+#   suite once per SIMD path this CPU can run (FERROATTN_ISA), and the benchmark's smoke mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+    [[ -x .venv/bin/python ]] || python3 -m venv .venv
+    # shellcheck disable=SC1091
+    source .venv/bin/activate
+fi
+PY=python
+
+echo "== install"
+$PY -m pip install -q --upgrade pip
+$PY -m pip install -q '.[dev]' ${FERROATTN_EXTRA_PIP:-}
+
+echo "== lint"
+cargo fmt --all --check
+cargo clippy --locked --all-targets --release -- -D warnings
+$PY -m ruff check python tests benches
+$PY -m ruff format --check python tests benches
+
+# Run from outside the source tree so the installed package (with its compiled module) is used.
+isas=$(cd /tmp && $PY -c "import ferroattn; print(' '.join(ferroattn.info()['isa_available']))")
+echo "== SIMD paths on this CPU: $isas"
+for isa in $isas; do
+    echo "== Rust tests, FERROATTN_ISA=$isa"
+    FERROATTN_ISA=$isa cargo test --locked --release -p ferroattn-core
+    echo "== Python tests, FERROATTN_ISA=$isa"
+    FERROATTN_ISA=$isa $PY -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir=. tests
+done
+
+echo "== benchmark smoke run"
+$PY benches/bench_prefill.py --quick
