@@ -111,6 +111,16 @@ pub(crate) fn row_of(plan: &Plan, task: &Task, r: usize) -> (usize, usize) {
     (task.kvh * plan.group + r / tq, task.i0 + r % tq)
 }
 
+/// Scores are kept in base 2 (`log2 e` folded into the scale) so the softmax needs `2^x` only;
+/// a softcap needs natural units for its tanh and converts after it.
+#[inline(always)]
+fn query_mul(ctx: &Ctx) -> f32 {
+    match ctx.params.softcap {
+        Some(_) => ctx.params.scale,
+        None => ctx.params.scale * std::f32::consts::LOG2_E,
+    }
+}
+
 /// Packs the task's scaled queries transposed and their visible ranges; resets the softmax
 /// state. Returns the padded sizes.
 #[inline(always)]
@@ -129,7 +139,7 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
         if r < rows {
             let (h, i) = row_of(plan, task, r);
             ctx.q
-                .read_row(seq.batch, h, seq.q_start + i, &mut sc.row, ctx.params.scale);
+                .read_row(seq.batch, h, seq.q_start + i, &mut sc.row, query_mul(ctx));
             for (dd, &x) in sc.row[..d].iter().enumerate() {
                 sc.qt[dd * rows_p + r] = x;
             }
@@ -195,8 +205,8 @@ pub(crate) unsafe fn score_tile<S: Simd>(
     };
     let st = &mut sc.st[..kn * rows_p];
     if let Some(c) = ctx.params.softcap {
-        let inv = 1.0 / c;
-        st.iter_mut().for_each(|x| *x = c * (*x * inv).tanh());
+        let (inv, mul) = (1.0 / c, c * std::f32::consts::LOG2_E);
+        st.iter_mut().for_each(|x| *x = mul * (*x * inv).tanh());
     }
     for r in 0..rows_p {
         let (lo, hi) = (sc.lo[r], sc.hi[r]);
@@ -211,7 +221,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(
     }
 }
 
-/// Folds the score tile into the running max and sum of every row: turns `Sᵀ` into
+/// Folds the (base-2) score tile into the running max and sum of every row: turns `Sᵀ` into
 /// probabilities relative to the new max and leaves each row's rescale factor in `sc.alpha`.
 #[inline(always)]
 pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: usize) {
@@ -233,10 +243,10 @@ pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: 
             sc.alpha[r] = if m_old == f32::NEG_INFINITY {
                 0.0
             } else {
-                (m_old - m_new).exp()
+                (m_old - m_new).exp2()
             };
             sc.m[r] = m_new;
-            // A row that has seen nothing yet subtracts 0, so exp(−∞ − 0) = 0, not NaN.
+            // A row that has seen nothing yet subtracts 0, so 2^(−∞ − 0) = 0, not NaN.
             sc.tmax[r] = if m_new == f32::NEG_INFINITY {
                 0.0
             } else {
@@ -247,7 +257,7 @@ pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: 
             let mv = S::load(sc.tmax.as_ptr().add(c));
             let mut sum = S::zero();
             for j in 0..kn {
-                let p = S::exp(S::sub(S::load(st.add(j * rows_p + c)), mv));
+                let p = S::exp2(S::sub(S::load(st.add(j * rows_p + c)), mv));
                 S::store(st.add(j * rows_p + c), p);
                 sum = S::add(sum, p);
             }
@@ -367,7 +377,7 @@ unsafe fn task_body<S: Simd>(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scr
             for (o, &a) in out.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]) {
                 *o = a * inv;
             }
-            sc.m[r] + l.ln()
+            (sc.m[r] + l.log2()) * std::f32::consts::LN_2
         } else {
             out.fill(0.0);
             f32::NEG_INFINITY

@@ -1,5 +1,5 @@
 //! The probability matrix itself, for inspection: two passes over the same score tiles, the
-//! first for each row's max and sum, the second to write `exp(s − m) / l`.
+//! first for each row's max and sum, the second to write `2^(s − m) / l` (scores in base 2).
 
 use super::blocked::{load_queries, row_of, score_tile, softmax_update, Scratch};
 use super::{Ctx, Task};
@@ -67,7 +67,7 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
                         + k0;
                     let (m, inv) = (sc.m[r], 1.0 / l);
                     for j in 0..kn {
-                        let p = (sc.st[j * rows_p + r] - m).exp() * inv;
+                        let p = (sc.st[j * rows_p + r] - m).exp2() * inv;
                         // SAFETY: `attention_weights` checked the buffer's size; this row is ours.
                         unsafe { *dest.ptr.add(at + j) = p };
                     }

@@ -33,8 +33,8 @@ pub(crate) unsafe trait Simd: Copy {
     fn add(a: Self::V, b: Self::V) -> Self::V;
     fn sub(a: Self::V, b: Self::V) -> Self::V;
     fn max(a: Self::V, b: Self::V) -> Self::V;
-    /// `e^x`, ~1 ulp on the range softmax uses; exactly 0 below −87.3, NaN kept.
-    fn exp(x: Self::V) -> Self::V;
+    /// `2^x`, ~1 ulp on the range softmax uses; exactly 0 below −126, NaN kept.
+    fn exp2(x: Self::V) -> Self::V;
 }
 
 /// An instruction-set path for the kernels.

@@ -51,11 +51,11 @@ unsafe impl Simd for Scalar {
         }
     }
     #[inline(always)]
-    fn exp(x: f32) -> f32 {
-        if x < -87.3 {
+    fn exp2(x: f32) -> f32 {
+        if x < -126.0 {
             0.0
         } else {
-            x.exp()
+            x.exp2()
         }
     }
 }
