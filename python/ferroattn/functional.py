@@ -46,13 +46,19 @@ def _check_shapes(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray | None, shapes:
             raise ValueError(f"v: value dimension must be at least 1; {shapes}")
 
 
+_NO_VALUES = object()
+
+
 def _prepare(
-    q: Any, k: Any, v: Any | None, layout: str
+    q: Any, k: Any, v: Any, layout: str
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.dtype, int]:
-    """Validate ranks and dtypes; return user arrays, kernel-ready 4-D views, dtype, rank."""
+    """Validate ranks and dtypes; return user arrays, kernel-ready 4-D views, dtype, rank.
+
+    ``v`` is ``_NO_VALUES`` for :func:`attention_weights`.
+    """
     layout = check_layout(layout)
     named = {"q": as_array("q", q), "k": as_array("k", k)}
-    if v is not None:
+    if v is not _NO_VALUES:
         named["v"] = as_array("v", v)
     dtype = check_dtypes(named)
     arrays = list(named.values())
@@ -62,7 +68,7 @@ def _prepare(
         raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
     ndim = arrays[0].ndim
     views = [to_bhsd(n, kernel_ready(a), layout) for n, a in named.items()]
-    _check_shapes(views[0], views[1], views[2] if v is not None else None, f"got {shapes}")
+    _check_shapes(views[0], views[1], views[2] if len(views) == 3 else None, f"got {shapes}")
     return arrays, views, dtype, ndim
 
 
@@ -276,7 +282,7 @@ def attention_weights(
         >>> ferroattn.attention_weights(x, x, causal=True)[0].tolist()
         [1.0, 0.0, 0.0]
     """
-    _, (q4, k4), dtype, ndim = _prepare(q, k, None, layout)
+    _, (q4, k4), dtype, ndim = _prepare(q, k, _NO_VALUES, layout)
     opts = mask_options(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
     )

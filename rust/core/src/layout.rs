@@ -122,7 +122,7 @@ impl<'a> Strided<'a> {
         strides: [isize; 4],
     ) -> Result<Self> {
         ensure_shape!(
-            shape[3] <= 1 || strides[3] == 1,
+            shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
             "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
         );
         check_extent(name, data.len(), offset, shape, strides)?;
@@ -215,14 +215,15 @@ impl<'a> StridedMut<'a> {
         strides: [isize; 4],
     ) -> Result<Self> {
         ensure_shape!(
-            shape[3] <= 1 || strides[3] == 1,
+            shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
             "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
         );
         check_extent(name, data.len(), offset, shape, strides)?;
         // Rows are written from several threads: no two indices may alias. Sorted by |stride|,
-        // each stride must step over everything the smaller axes span.
+        // each stride must step over everything the smaller axes span. (Empty views write
+        // nothing.)
         let mut axes: Vec<(usize, usize)> = (0..4)
-            .filter(|&i| shape[i] > 1)
+            .filter(|&i| shape[i] > 1 && !shape.contains(&0))
             .map(|i| (strides[i].unsigned_abs(), shape[i]))
             .collect();
         axes.sort_unstable();
