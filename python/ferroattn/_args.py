@@ -141,9 +141,7 @@ def mask_options(
     top_left = False
     if isinstance(causal, str):
         if causal not in ("bottom_right", "top_left"):
-            raise ValueError(
-                f"causal must be a bool, 'bottom_right' or 'top_left', got {causal!r}"
-            )
+            raise ValueError(f"causal must be a bool, 'bottom_right' or 'top_left', got {causal!r}")
         top_left = causal == "top_left"
         is_causal = True
     elif isinstance(causal, (bool, np.bool_)) or (_is_int(causal) and causal in (0, 1)):

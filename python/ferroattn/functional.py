@@ -81,7 +81,7 @@ def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[n
         raise ValueError(f"out has shape {out.shape}, expected {shape}")
     if not out.flags.writeable:
         raise ValueError("out is read-only")
-    for name, a in zip(("q", "k", "v"), inputs):
+    for name, a in zip(("q", "k", "v"), inputs, strict=False):
         if np.may_share_memory(out, a):
             raise ValueError(f"out must not share memory with {name}")
 
@@ -246,9 +246,7 @@ def attention_varlen(
     else:
         _check_out(out, user_shape, dtype, arrays)
         result = out
-    lse = _run(
-        q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck)
-    )
+    lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck))
     if not return_lse:
         return result
     assert lse is not None
@@ -291,9 +289,7 @@ def attention_weights(
     lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
     if lens is not None and any(n > nk for n in lens):
         raise ValueError(f"kv_lengths must lie in [0, {nk}] (the key length), got {lens}")
-    flat = _ferroattn.attention_weights(
-        q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs()
-    )
+    flat = _ferroattn.attention_weights(q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs())
     w = flat.reshape(b, hq, nq, nk)
     w = w.reshape(w.shape[4 - ndim :])
     return w if w.dtype == dtype else w.astype(dtype)
