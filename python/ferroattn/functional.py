@@ -230,7 +230,12 @@ def attention_varlen(
     cq = int_vector("cu_seqlens_q", cu_seqlens_q)
     ck = int_vector("cu_seqlens_k", cu_seqlens_k)
     for name, cu, total in (("cu_seqlens_q", cq, q4.shape[2]), ("cu_seqlens_k", ck, k4.shape[2])):
-        if not cu or cu[0] != 0 or cu[-1] != total or any(a > b for a, b in zip(cu, cu[1:])):
+        if (
+            not cu
+            or cu[0] != 0
+            or cu[-1] != total
+            or any(a > b for a, b in zip(cu, cu[1:], strict=False))
+        ):
             raise ValueError(
                 f"{name} must start at 0, never decrease and end at {total} "
                 f"(the packed length); got {cu}"
