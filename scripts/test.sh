@@ -24,6 +24,9 @@ $PY -m ruff check python tests benches
 $PY -m ruff format --check python tests benches
 
 # Run from outside the source tree so the installed package (with its compiled module) is used.
+echo "== benchmark smoke run (checks the harness runs and writes well-formed JSON)"
+$PY benches/bench_prefill.py --quick
+
 isas=$(cd /tmp && $PY -c "import ferroattn; print(' '.join(ferroattn.info()['isa_available']))")
 echo "== SIMD paths on this CPU: $isas"
 for isa in $isas; do
@@ -32,6 +35,3 @@ for isa in $isas; do
     echo "== Python tests, FERROATTN_ISA=$isa"
     FERROATTN_ISA=$isa $PY -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir=. tests
 done
-
-echo "== benchmark smoke run"
-$PY benches/bench_prefill.py --quick

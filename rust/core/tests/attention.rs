@@ -399,3 +399,53 @@ fn isa_override_is_honoured() {
         }
     }
 }
+
+#[test]
+fn decode_shapes_split_keys_and_few_rows() {
+    // Few query rows against long caches: the dot-product score path and split-K with merge.
+    let cases = [
+        Case {
+            b: 1,
+            hq: 8,
+            hk: 2,
+            nq: 1,
+            nk: 3000,
+            d: 64,
+            dv: 64,
+        },
+        Case {
+            b: 1,
+            hq: 4,
+            hk: 4,
+            nq: 2,
+            nk: 2500,
+            d: 37,
+            dv: 19,
+        },
+        Case {
+            b: 2,
+            hq: 6,
+            hk: 1,
+            nq: 1,
+            nk: 1800,
+            d: 128,
+            dv: 128,
+        },
+        Case {
+            b: 1,
+            hq: 2,
+            hk: 1,
+            nq: 3,
+            nk: 2100,
+            d: 8,
+            dv: 8,
+        },
+    ];
+    for (ci, case) in cases.iter().enumerate() {
+        for (mi, p) in masks().iter().enumerate().step_by(3) {
+            check(case, p, None, (ci * 1000 + mi) as u64);
+        }
+        let lens: Vec<usize> = (0..case.b).map(|i| [case.nk, 700, 0][i % 3]).collect();
+        check(case, &masks()[4], Some(&lens), ci as u64);
+    }
+}

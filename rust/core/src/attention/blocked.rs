@@ -22,6 +22,8 @@ fn round_up(x: usize, m: usize) -> usize {
 pub(crate) struct Scratch {
     /// Scaled queries, transposed: `d × rows_p`.
     pub qt: Vec<f32>,
+    /// The same, row-major (`rows × d`), for the few-rows (decode) score path.
+    pub q: Vec<f32>,
     /// Key tile converted to f32 (when it cannot be read in place): `bc × d`.
     pub k: Vec<f32>,
     /// Value tile converted and padded: `bc × dvp`.
@@ -49,6 +51,7 @@ impl Scratch {
         let dvp = round_up(plan.dv, MAX_NR);
         Scratch {
             qt: vec![0.0; plan.d * rows_p],
+            q: vec![0.0; plan.d * rows_p],
             k: vec![0.0; plan.bc * plan.d],
             v: vec![0.0; plan.bc * dvp],
             st: vec![0.0; plan.bc * rows_p],
@@ -73,35 +76,46 @@ pub(crate) struct Dims {
     pub dvp: usize,
 }
 
+/// What a task produces: its output rows, or the partial state of one slice of its keys.
+pub(crate) enum Job<'a> {
+    Rows(&'a Sinks<'a>),
+    /// Keys `k0..k1` only; `buf` receives the state laid out as [`super::softmax`] expects.
+    Partial {
+        buf: &'a mut [f32],
+        k0: usize,
+        k1: usize,
+    },
+}
+
 /// Runs one task on the kernel of `isa`.
 ///
 /// # Safety
 /// `isa` must be available on this CPU, and no other task may write the rows of `task`.
-pub(crate) unsafe fn run(isa: Isa, ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch) {
+pub(crate) unsafe fn run(isa: Isa, ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
     // SAFETY: forwarded from the caller; each entry point needs only its ISA.
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => run_avx512(ctx, sinks, task, sc),
+            Isa::Avx512 => run_avx512(ctx, job, task, sc),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => run_avx2(ctx, sinks, task, sc),
-            _ => task_body::<Scalar>(ctx, sinks, task, sc),
+            Isa::Avx2 => run_avx2(ctx, job, task, sc),
+            _ => task_body::<Scalar>(ctx, job, task, sc),
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_avx2(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch) {
+unsafe fn run_avx2(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
     // SAFETY: the caller checked the ISA and owns the task's rows.
-    unsafe { task_body::<crate::simd::x86::Avx2>(ctx, sinks, task, sc) }
+    unsafe { task_body::<crate::simd::x86::Avx2>(ctx, job, task, sc) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn run_avx512(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch) {
+unsafe fn run_avx512(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
     // SAFETY: the caller checked the ISA and owns the task's rows.
-    unsafe { task_body::<crate::simd::x86::Avx512>(ctx, sinks, task, sc) }
+    unsafe { task_body::<crate::simd::x86::Avx512>(ctx, job, task, sc) }
 }
 
 /// Row `r` of a task is query `i0 + r % tq` of head `kvh·group + r / tq`.
@@ -143,6 +157,7 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
             for (dd, &x) in sc.row[..d].iter().enumerate() {
                 sc.qt[dd * rows_p + r] = x;
             }
+            sc.q[r * d..(r + 1) * d].copy_from_slice(&sc.row[..d]);
             (sc.lo[r], sc.hi[r]) = visible(ctx.params, seq, i);
         } else {
             for dd in 0..d {
@@ -154,6 +169,68 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
     sc.m[..rows_p].fill(f32::NEG_INFINITY);
     sc.l[..rows_p].fill(0.0);
     dims
+}
+
+/// `Sᵀ[j, r] = K[j]·Q[r]` for the first `R` rows, vectorized along D.
+///
+/// # Safety
+/// `k` holds `kn` rows of `d` floats `ldk` apart, `q` holds `R` rows of `d`, `st` holds
+/// `kn × ld_st` floats.
+#[inline(always)]
+unsafe fn dots<S: Simd, const R: usize>(
+    k: *const f32,
+    ldk: isize,
+    q: *const f32,
+    d: usize,
+    st: *mut f32,
+    ld_st: usize,
+    kn: usize,
+) {
+    let l = S::LANES;
+    let body = d - d % l;
+    // SAFETY: indices stay inside the extents the caller vouched for.
+    unsafe {
+        for j in 0..kn {
+            let kr = k.offset(j as isize * ldk);
+            let mut acc = [S::zero(); R];
+            for c in (0..body).step_by(l) {
+                let kv = S::load(kr.add(c));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(S::load(q.add(r * d + c)), kv, *a);
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let mut x = S::reduce_sum(*a);
+                for c in body..d {
+                    x += *q.add(r * d + c) * *kr.add(c);
+                }
+                *st.add(j * ld_st + r) = x;
+            }
+        }
+    }
+}
+
+/// [`dots`] for rows `from..to`, one at a time.
+///
+/// # Safety
+/// As for [`dots`], with `to` rows in `q`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_from<S: Simd>(
+    k: *const f32,
+    ldk: isize,
+    q: *const f32,
+    d: usize,
+    st: *mut f32,
+    ld_st: usize,
+    kn: usize,
+    from: usize,
+    to: usize,
+) {
+    for r in from..to {
+        // SAFETY: row r of q and column r of st are in range.
+        unsafe { dots::<S, 1>(k, ldk, q.add(r * d), d, st.add(r), ld_st, kn) };
+    }
 }
 
 /// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.st`: softcapped, and −∞ where a
@@ -187,22 +264,35 @@ pub(crate) unsafe fn score_tile<S: Simd>(
         }
     };
     // SAFETY: A is kn rows of d floats (in place: rows of the validated view), Qᵀ is d × rows_p,
-    // Sᵀ is bc × rows_p; rows_p is a multiple of 2·LANES.
+    // Q rows × d, Sᵀ is bc × rows_p; rows_p is a multiple of 2·LANES.
     unsafe {
-        gemm::<S>(
-            a,
-            lda,
-            1,
-            sc.qt.as_ptr(),
-            rows_p as isize,
-            sc.st.as_mut_ptr(),
-            rows_p,
-            kn,
-            rows_p,
-            d,
-            false,
-        )
-    };
+        let (q, st) = (sc.q.as_ptr(), sc.st.as_mut_ptr());
+        match dims.rows {
+            // Few rows (decode): padding them to 2·LANES columns would waste most of the
+            // products, so take dot products along D instead.
+            1 => dots::<S, 1>(a, lda, q, d, st, rows_p, kn),
+            2 => dots::<S, 2>(a, lda, q, d, st, rows_p, kn),
+            3 => dots::<S, 3>(a, lda, q, d, st, rows_p, kn),
+            4 => dots::<S, 4>(a, lda, q, d, st, rows_p, kn),
+            5..=8 if dims.rows * 2 <= rows_p => {
+                dots::<S, 4>(a, lda, q, d, st, rows_p, kn);
+                dots_from::<S>(a, lda, q, d, st, rows_p, kn, 4, dims.rows);
+            }
+            _ => gemm::<S>(
+                a,
+                lda,
+                1,
+                sc.qt.as_ptr(),
+                rows_p as isize,
+                st,
+                rows_p,
+                kn,
+                rows_p,
+                d,
+                false,
+            ),
+        }
+    }
     let st = &mut sc.st[..kn * rows_p];
     if let Some(c) = ctx.params.softcap {
         let (inv, mul) = (1.0 / c, c * std::f32::consts::LOG2_E);
@@ -278,116 +368,135 @@ fn all_finite(xs: &[f32]) -> bool {
 }
 
 #[inline(always)]
-unsafe fn task_body<S: Simd>(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch) {
-    let plan = ctx.plan;
+unsafe fn task_body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
     let dims = load_queries::<S>(ctx, task, sc);
+    sc.acc[..dims.rows_p * dims.dvp].fill(0.0);
+    let range = ctx.key_range(task).and_then(|(lo, hi)| match job {
+        Job::Rows(_) => Some((lo, hi)),
+        Job::Partial { k0, k1, .. } => {
+            let (lo, hi) = (lo.max(k0), hi.min(k1));
+            (lo < hi).then_some((lo, hi))
+        }
+    });
+    if let Some((kmin, kmax)) = range {
+        // SAFETY: buffers sized by Scratch::new for this plan.
+        unsafe { accumulate::<S>(ctx, task, sc, &dims, kmin, kmax) };
+    }
+    match job {
+        Job::Rows(sinks) => write_rows(ctx, sinks, task, sc, &dims),
+        Job::Partial { buf, .. } => {
+            super::softmax::save_partial(buf, dims.rows, ctx.plan.dv, dims.dvp, sc)
+        }
+    }
+}
+
+/// Runs the online softmax of the task's rows over keys `kmin..kmax`.
+#[inline(always)]
+unsafe fn accumulate<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    kmin: usize,
+    kmax: usize,
+) {
+    let plan = ctx.plan;
     let (rows_p, dvp, dv) = (dims.rows_p, dims.dvp, plan.dv);
     let seq = &ctx.seqs[task.seq];
     let v_view = ctx.v.expect("attention has values");
-    sc.acc[..rows_p * dvp].fill(0.0);
-
-    if let Some((kmin, kmax)) = ctx.key_range(task) {
-        let mut k0 = kmin;
-        while k0 < kmax {
-            let kn = plan.bc.min(kmax - k0);
-            let first = seq.k_start + k0;
-            // SAFETY: buffers sized by Scratch::new for this plan.
-            unsafe {
-                score_tile::<S>(ctx, task, sc, &dims, k0, kn);
-                softmax_update::<S>(sc, &dims, kn);
+    let mut k0 = kmin;
+    while k0 < kmax {
+        let kn = plan.bc.min(kmax - k0);
+        let first = seq.k_start + k0;
+        // SAFETY: buffers sized by Scratch::new for this plan.
+        unsafe {
+            score_tile::<S>(ctx, task, sc, dims, k0, kn);
+            softmax_update::<S>(sc, dims, kn);
+        }
+        for r in 0..rows_p {
+            let a = sc.alpha[r];
+            if a != 1.0 {
+                sc.acc[r * dvp..(r + 1) * dvp]
+                    .iter_mut()
+                    .for_each(|x| *x *= a);
             }
-            for r in 0..rows_p {
-                let a = sc.alpha[r];
-                if a != 1.0 {
-                    sc.acc[r * dvp..(r + 1) * dvp]
-                        .iter_mut()
-                        .for_each(|x| *x *= a);
-                }
-            }
-            let in_place = if dv == dvp {
-                v_view.f32_rows(seq.batch, task.kvh, first)
-            } else {
-                None
-            };
-            let (b, ldb) = match in_place {
-                Some(direct) => direct,
-                None => {
-                    for j in 0..kn {
-                        v_view.read_row(
-                            seq.batch,
-                            task.kvh,
-                            first + j,
-                            &mut sc.v[j * dvp..j * dvp + dv],
-                            1.0,
-                        );
-                    }
-                    (sc.v.as_ptr(), dvp as isize)
-                }
-            };
-            let v_finite = (0..kn).all(|j| {
-                // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
-                all_finite(unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) })
-            });
-            if v_finite {
-                // SAFETY: Pᵀ is kn × rows_p (read as P: row stride 1, column stride rows_p),
-                // B kn × dvp, acc rows_p × dvp with dvp a multiple of 2·LANES.
-                unsafe {
-                    gemm::<S>(
-                        sc.st.as_ptr(),
-                        1,
-                        rows_p as isize,
-                        b,
-                        ldb,
-                        sc.acc.as_mut_ptr(),
-                        dvp,
-                        rows_p,
-                        dvp,
-                        kn,
-                        true,
-                    )
-                };
-            } else {
-                // A NaN or ∞ in a value row must reach only the queries that see it:
-                // 0·NaN would leak into every row, so skip the zero probabilities.
+        }
+        let in_place = if dv == dvp {
+            v_view.f32_rows(seq.batch, task.kvh, first)
+        } else {
+            None
+        };
+        let (b, ldb) = match in_place {
+            Some(direct) => direct,
+            None => {
                 for j in 0..kn {
-                    // SAFETY: as above.
-                    let vrow =
-                        unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) };
-                    for r in 0..dims.rows {
-                        let p = sc.st[j * rows_p + r];
-                        if p != 0.0 {
-                            for (o, &x) in sc.acc[r * dvp..r * dvp + dv].iter_mut().zip(vrow) {
-                                *o += p * x;
-                            }
+                    v_view.read_row(
+                        seq.batch,
+                        task.kvh,
+                        first + j,
+                        &mut sc.v[j * dvp..j * dvp + dv],
+                        1.0,
+                    );
+                }
+                (sc.v.as_ptr(), dvp as isize)
+            }
+        };
+        let v_finite = (0..kn).all(|j| {
+            // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
+            all_finite(unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) })
+        });
+        if v_finite {
+            // SAFETY: Pᵀ is kn × rows_p (read as P: row stride 1, column stride rows_p), B is
+            // kn × dvp, acc rows × dvp with dvp a multiple of 2·LANES; only real rows are
+            // multiplied.
+            unsafe {
+                gemm::<S>(
+                    sc.st.as_ptr(),
+                    1,
+                    rows_p as isize,
+                    b,
+                    ldb,
+                    sc.acc.as_mut_ptr(),
+                    dvp,
+                    dims.rows,
+                    dvp,
+                    kn,
+                    true,
+                )
+            };
+        } else {
+            // A NaN or ∞ in a value row must reach only the queries that see it:
+            // 0·NaN would leak into every row, so skip the zero probabilities.
+            for j in 0..kn {
+                // SAFETY: as above.
+                let vrow = unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) };
+                for r in 0..dims.rows {
+                    let p = sc.st[j * rows_p + r];
+                    if p != 0.0 {
+                        for (o, &x) in sc.acc[r * dvp..r * dvp + dv].iter_mut().zip(vrow) {
+                            *o += p * x;
                         }
                     }
                 }
             }
-            k0 += kn;
         }
+        k0 += kn;
     }
+}
 
+/// Normalizes the task's rows and writes them (and their LSE) to the sinks.
+fn write_rows(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch, dims: &Dims) {
+    let (dv, dvp) = (ctx.plan.dv, dims.dvp);
+    let seq = &ctx.seqs[task.seq];
     for r in 0..dims.rows {
-        let (h, i) = row_of(&plan, task, r);
-        let i = seq.q_start + i;
-        let l = sc.l[r];
-        let out = &mut sc.row[..dv];
-        let lse = if l > 0.0 || l.is_nan() {
-            let inv = 1.0 / l;
-            for (o, &a) in out.iter_mut().zip(&sc.acc[r * dvp..r * dvp + dv]) {
-                *o = a * inv;
-            }
-            (sc.m[r] + l.log2()) * std::f32::consts::LN_2
-        } else {
-            out.fill(0.0);
-            f32::NEG_INFINITY
-        };
+        let (h, i) = row_of(&ctx.plan, task, r);
+        let lse = super::softmax::finish_row(
+            &sc.acc[r * dvp..r * dvp + dv],
+            sc.m[r],
+            sc.l[r],
+            &mut sc.row[..dv],
+        );
         // SAFETY: this task is the only writer of its rows.
-        unsafe { sinks.out.write_row(seq.batch, h, i, out) };
-        if let Some(ptr) = sinks.lse {
-            let at = seq.batch * sinks.lse_dims[0] + h * sinks.lse_dims[1] + i * sinks.lse_dims[2];
-            // SAFETY: `attention` checked the buffer holds B·Hq·Sq entries; the row is ours.
-            unsafe { *ptr.0.add(at) = lse };
-        }
+        unsafe { sinks.write(seq, h, seq.q_start + i, &sc.row[..dv], lse) };
     }
 }

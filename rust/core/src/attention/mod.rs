@@ -8,6 +8,7 @@
 
 mod blocked;
 mod gemm;
+mod softmax;
 mod weights;
 
 use crate::error::{ensure_shape, Error, Result};
@@ -96,6 +97,69 @@ pub(crate) struct Sinks<'a> {
     pub lse: Option<LsePtr>,
     /// Strides of the LSE buffer for (batch, head, token).
     pub lse_dims: [usize; 3],
+}
+
+impl Sinks<'_> {
+    /// Writes one output row and its LSE.
+    ///
+    /// # Safety
+    /// No other thread may write the same row concurrently.
+    pub(crate) unsafe fn write(&self, seq: &Sequence, h: usize, i: usize, row: &[f32], lse: f32) {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.out.write_row(seq.batch, h, i, row) };
+        if let Some(ptr) = self.lse {
+            let at = seq.batch * self.lse_dims[0] + h * self.lse_dims[1] + i * self.lse_dims[2];
+            // SAFETY: `attention` checked the buffer holds B·Hq·Sq entries; the row is ours.
+            unsafe { *ptr.0.add(at) = lse };
+        }
+    }
+}
+
+/// Keys per slice below which splitting a task's keys is not worth the merge.
+const MIN_SPLIT: usize = 512;
+
+/// One slice of a task's keys, for split-K.
+#[derive(Clone, Copy, Debug)]
+struct Part {
+    task: usize,
+    k0: usize,
+    k1: usize,
+}
+
+/// When there are too few tasks to keep every thread busy (decoding: one query per sequence),
+/// splits each task's keys into slices computed in parallel and merged after (flash-decoding).
+/// Returns `None` when no task is split.
+fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec<Part>> {
+    let want = 4 * threads;
+    if threads < 2 || work.is_empty() || work.len() >= want {
+        return None;
+    }
+    let per_task = want.div_ceil(work.len());
+    let mut parts = Vec::new();
+    let mut split_any = false;
+    for (t, task) in work.iter().enumerate() {
+        let Some((lo, hi)) = ctx.key_range(task) else {
+            parts.push(Part {
+                task: t,
+                k0: 0,
+                k1: 0,
+            });
+            continue;
+        };
+        let n = per_task.min((hi - lo) / MIN_SPLIT).max(1);
+        let chunk = (hi - lo).div_ceil(n).div_ceil(ctx.plan.bc) * ctx.plan.bc;
+        split_any |= n > 1;
+        let mut k0 = lo;
+        while k0 < hi {
+            parts.push(Part {
+                task: t,
+                k0,
+                k1: (k0 + chunk).min(hi),
+            });
+            k0 += chunk;
+        }
+    }
+    split_any.then_some(parts)
 }
 
 fn check_inputs(
@@ -229,13 +293,57 @@ pub fn attention(
     };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
-    parallel::install(|| {
-        work.par_iter().for_each_init(
-            || blocked::Scratch::new(&plan),
-            // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-            |scratch, task| unsafe { blocked::run(isa, &ctx, &sinks, task, scratch) },
-        )
-    });
+    parallel::install(
+        || match split_keys(&ctx, &work, rayon::current_num_threads()) {
+            None => work.par_iter().for_each_init(
+                || blocked::Scratch::new(&plan),
+                // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
+                |scratch, task| unsafe {
+                    blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), task, scratch)
+                },
+            ),
+            Some(parts) => {
+                let rows = plan.group * plan.tq;
+                let slot = softmax::partial_len(rows, dv);
+                let mut partial = vec![0f32; parts.len() * slot];
+                partial.par_chunks_mut(slot).zip(&parts).for_each_init(
+                    || blocked::Scratch::new(&plan),
+                    |scratch, (buf, part)| {
+                        let job = blocked::Job::Partial {
+                            buf,
+                            k0: part.k0,
+                            k1: part.k1,
+                        };
+                        // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
+                        unsafe { blocked::run(isa, &ctx, job, &work[part.task], scratch) }
+                    },
+                );
+                // Parts of one task are consecutive: merge each task's slices into its rows.
+                let mut firsts: Vec<usize> = (0..parts.len())
+                    .filter(|&i| i == 0 || parts[i - 1].task != parts[i].task)
+                    .collect();
+                firsts.push(parts.len());
+                firsts.par_windows(2).for_each_init(
+                    || (vec![0f32; dv], vec![0f32; dv]),
+                    |(acc, row), w| {
+                        let task = &work[parts[w[0]].task];
+                        let slices: Vec<&[f32]> = (w[0]..w[1])
+                            .map(|i| &partial[i * slot..(i + 1) * slot])
+                            .collect();
+                        let seq = &seqs[task.seq];
+                        let rows = plan.group * (task.i1 - task.i0);
+                        for r in 0..rows {
+                            let (m, l) = softmax::merge_row(&slices, rows, dv, r, acc);
+                            let lse = softmax::finish_row(acc, m, l, row);
+                            let (h, i) = blocked::row_of(&plan, task, r);
+                            // SAFETY: each task's rows are written by this closure only.
+                            unsafe { sinks.write(seq, h, seq.q_start + i, row, lse) };
+                        }
+                    },
+                );
+            }
+        },
+    );
     Ok(())
 }
 

@@ -35,6 +35,8 @@ pub(crate) unsafe trait Simd: Copy {
     fn max(a: Self::V, b: Self::V) -> Self::V;
     /// `2^x`, ~1 ulp on the range softmax uses; exactly 0 below −126, NaN kept.
     fn exp2(x: Self::V) -> Self::V;
+    /// Sum of the lanes.
+    fn reduce_sum(v: Self::V) -> f32;
 }
 
 /// An instruction-set path for the kernels.

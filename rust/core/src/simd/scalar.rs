@@ -58,4 +58,8 @@ unsafe impl Simd for Scalar {
             x.exp2()
         }
     }
+    #[inline(always)]
+    fn reduce_sum(v: f32) -> f32 {
+        v
+    }
 }

@@ -98,6 +98,16 @@ unsafe impl Simd for Avx2 {
             _mm256_andnot_ps(tiny, y)
         }
     }
+    #[inline(always)]
+    fn reduce_sum(v: __m256) -> f32 {
+        // SAFETY: see the impl's safety note.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -175,6 +185,11 @@ unsafe impl Simd for Avx512 {
             let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP2_ZERO_BELOW));
             _mm512_maskz_mov_ps(keep, y)
         }
+    }
+    #[inline(always)]
+    fn reduce_sum(v: __m512) -> f32 {
+        // SAFETY: see the impl's safety note.
+        unsafe { _mm512_reduce_add_ps(v) }
     }
 }
 
