@@ -9,7 +9,7 @@
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
 use crate::mask::visible;
-use crate::simd::{scalar::Scalar, Isa, Simd};
+use crate::simd::{prefetch_rows, scalar::Scalar, Isa, Simd};
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
 const MAX_NR: usize = 32;
@@ -72,6 +72,8 @@ impl Scratch {
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {
     pub rows: usize,
+    /// Score columns the softmax handles: `rows` rounded up to LANES (≤ `rows_p`).
+    pub cols: usize,
     pub rows_p: usize,
     pub dvp: usize,
 }
@@ -144,6 +146,7 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
     let rows = plan.group * (task.i1 - task.i0);
     let dims = Dims {
         rows,
+        cols: round_up(rows, S::LANES),
         rows_p: round_up(rows, nr),
         dvp: round_up(plan.dv, nr),
     };
@@ -171,11 +174,53 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
     dims
 }
 
-/// `Sᵀ[j, r] = K[j]·Q[r]` for the first `R` rows, vectorized along D.
+/// `Sᵀ[j, r] = K[j]·Q[r]` for the first `R` rows, vectorized along D, `KB` keys at a time so
+/// `R·KB` independent accumulators hide the FMA latency.
 ///
 /// # Safety
 /// `k` holds `kn` rows of `d` floats `ldk` apart, `q` holds `R` rows of `d`, `st` holds
 /// `kn × ld_st` floats.
+#[inline(always)]
+unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
+    k: *const f32,
+    ldk: isize,
+    q: *const f32,
+    d: usize,
+    st: *mut f32,
+    ld_st: usize,
+    j0: usize,
+) {
+    let l = S::LANES;
+    let body = d - d % l;
+    // SAFETY: indices stay inside the extents the caller vouched for.
+    unsafe {
+        let kr: [*const f32; KB] = std::array::from_fn(|t| k.offset((j0 + t) as isize * ldk));
+        let mut acc = [[S::zero(); R]; KB];
+        for c in (0..body).step_by(l) {
+            let kv: [S::V; KB] = std::array::from_fn(|t| S::load(kr[t].add(c)));
+            for r in 0..R {
+                let qv = S::load(q.add(r * d + c));
+                for t in 0..KB {
+                    acc[t][r] = S::fma(qv, kv[t], acc[t][r]);
+                }
+            }
+        }
+        for t in 0..KB {
+            for r in 0..R {
+                let mut x = S::reduce_sum(acc[t][r]);
+                for c in body..d {
+                    x += *q.add(r * d + c) * *kr[t].add(c);
+                }
+                *st.add((j0 + t) * ld_st + r) = x;
+            }
+        }
+    }
+}
+
+/// [`dots_kb`] over keys `0..kn`.
+///
+/// # Safety
+/// As for [`dots_kb`].
 #[inline(always)]
 unsafe fn dots<S: Simd, const R: usize>(
     k: *const f32,
@@ -186,26 +231,25 @@ unsafe fn dots<S: Simd, const R: usize>(
     ld_st: usize,
     kn: usize,
 ) {
-    let l = S::LANES;
-    let body = d - d % l;
-    // SAFETY: indices stay inside the extents the caller vouched for.
+    // Keep R·KB accumulators within the 16 registers of AVX2 alongside the loads.
+    const { assert!(R <= 4) };
+    let mut j = 0;
+    // SAFETY: forwarded; every call covers keys inside 0..kn.
     unsafe {
-        for j in 0..kn {
-            let kr = k.offset(j as isize * ldk);
-            let mut acc = [S::zero(); R];
-            for c in (0..body).step_by(l) {
-                let kv = S::load(kr.add(c));
-                for (r, a) in acc.iter_mut().enumerate() {
-                    *a = S::fma(S::load(q.add(r * d + c)), kv, *a);
-                }
+        if R <= 2 {
+            while j + 4 <= kn {
+                dots_kb::<S, R, 4>(k, ldk, q, d, st, ld_st, j);
+                j += 4;
             }
-            for (r, a) in acc.iter().enumerate() {
-                let mut x = S::reduce_sum(*a);
-                for c in body..d {
-                    x += *q.add(r * d + c) * *kr.add(c);
-                }
-                *st.add(j * ld_st + r) = x;
+        } else {
+            while j + 2 <= kn {
+                dots_kb::<S, R, 2>(k, ldk, q, d, st, ld_st, j);
+                j += 2;
             }
+        }
+        while j < kn {
+            dots_kb::<S, R, 1>(k, ldk, q, d, st, ld_st, j);
+            j += 1;
         }
     }
 }
@@ -234,7 +278,7 @@ unsafe fn dots_from<S: Simd>(
 }
 
 /// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.st`: softcapped, and −∞ where a
-/// row may not look (padding rows: everywhere).
+/// row may not look.
 #[inline(always)]
 pub(crate) unsafe fn score_tile<S: Simd>(
     ctx: &Ctx,
@@ -298,7 +342,9 @@ pub(crate) unsafe fn score_tile<S: Simd>(
         let (inv, mul) = (1.0 / c, c * std::f32::consts::LOG2_E);
         st.iter_mut().for_each(|x| *x = mul * (*x * inv).tanh());
     }
-    for r in 0..rows_p {
+    // Padding columns are left as they are: softmax lanes are columns, so whatever they hold
+    // stays in their own lanes, and P·V reads real rows only.
+    for r in 0..dims.rows {
         let (lo, hi) = (sc.lo[r], sc.hi[r]);
         if lo <= k0 && hi >= k0 + kn {
             continue;
@@ -320,14 +366,14 @@ pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: 
     // SAFETY: st holds kn × rows_p floats and the per-row arrays rows_p, with rows_p a
     // multiple of LANES.
     unsafe {
-        for c in (0..rows_p).step_by(l) {
+        for c in (0..dims.cols).step_by(l) {
             let mut mx = S::splat(f32::NEG_INFINITY);
             for j in 0..kn {
                 mx = S::max(mx, S::load(st.add(j * rows_p + c)));
             }
             S::store(sc.tmax.as_mut_ptr().add(c), mx);
         }
-        for r in 0..rows_p {
+        for r in 0..dims.cols {
             let (m_old, t) = (sc.m[r], sc.tmax[r]);
             let m_new = if m_old > t { m_old } else { t };
             sc.alpha[r] = if m_old == f32::NEG_INFINITY {
@@ -343,7 +389,7 @@ pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: 
                 m_new
             };
         }
-        for c in (0..rows_p).step_by(l) {
+        for c in (0..dims.cols).step_by(l) {
             let mv = S::load(sc.tmax.as_ptr().add(c));
             let mut sum = S::zero();
             for j in 0..kn {
@@ -353,7 +399,7 @@ pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: 
             }
             S::store(sc.tsum.as_mut_ptr().add(c), sum);
         }
-        for r in 0..rows_p {
+        for r in 0..dims.cols {
             sc.l[r] = sc.l[r] * sc.alpha[r] + sc.tsum[r];
         }
     }
@@ -408,12 +454,19 @@ unsafe fn accumulate<S: Simd>(
     while k0 < kmax {
         let kn = plan.bc.min(kmax - k0);
         let first = seq.k_start + k0;
+        if dims.rows <= 8 {
+            // Few rows: each K/V element is used a handful of times, so the tile's V rows are
+            // fetched while the scores are computed, and the next tile's K rows while P·V runs.
+            if let Some((vp, ldv)) = v_view.f32_rows(seq.batch, task.kvh, first) {
+                prefetch_rows(vp, ldv, kn, dv * 4);
+            }
+        }
         // SAFETY: buffers sized by Scratch::new for this plan.
         unsafe {
             score_tile::<S>(ctx, task, sc, dims, k0, kn);
             softmax_update::<S>(sc, dims, kn);
         }
-        for r in 0..rows_p {
+        for r in 0..dims.rows {
             let a = sc.alpha[r];
             if a != 1.0 {
                 sc.acc[r * dvp..(r + 1) * dvp]
@@ -441,10 +494,20 @@ unsafe fn accumulate<S: Simd>(
                 (sc.v.as_ptr(), dvp as isize)
             }
         };
-        let v_finite = (0..kn).all(|j| {
-            // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
-            all_finite(unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) })
-        });
+        if dims.rows <= 8 && k0 + kn < kmax {
+            let next = plan.bc.min(kmax - k0 - kn);
+            if let Some((kp, ldk)) = ctx.k.f32_rows(seq.batch, task.kvh, first + kn) {
+                prefetch_rows(kp, ldk, next, plan.d * 4);
+            }
+        }
+        // When every row sees every key of the tile, a NaN value is read by all of them anyway;
+        // only a partly masked tile needs the (costly) check below.
+        let all_visible = (0..dims.rows).all(|r| sc.lo[r] <= k0 && sc.hi[r] >= k0 + kn);
+        let v_finite = all_visible
+            || (0..kn).all(|j| {
+                // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
+                all_finite(unsafe { std::slice::from_raw_parts(b.offset(j as isize * ldb), dv) })
+            });
         if v_finite {
             // SAFETY: Pᵀ is kn × rows_p (read as P: row stride 1, column stride rows_p), B is
             // kn × dvp, acc rows × dvp with dvp a multiple of 2·LANES; only real rows are

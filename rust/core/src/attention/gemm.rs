@@ -11,14 +11,15 @@ use crate::simd::Simd;
 /// Rows per micro-tile.
 pub(crate) const MR: usize = 6;
 
-/// `C[MR×n] (+)= A[MR×k] · B[k×n]` for exactly `MR` rows.
+/// `C[R×n] (+)= A[R×k] · B[k×n]` for exactly `R` rows, `NV` vectors of columns at a time,
+/// then the remaining columns one vector at a time.
 ///
 /// # Safety
-/// `n` must be a multiple of `2·S::LANES`; every addressed element must be valid and C must
-/// not overlap A or B.
+/// `n` must be a multiple of `S::LANES`; every addressed element must be valid and C must not
+/// overlap A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<S: Simd, const R: usize>(
+unsafe fn block<S: Simd, const R: usize, const NV: usize>(
     a: *const f32,
     a_rs: isize,
     a_ks: isize,
@@ -30,35 +31,62 @@ unsafe fn block<S: Simd, const R: usize>(
     k: usize,
     accumulate: bool,
 ) {
+    let main = n - n % (NV * S::LANES);
+    // SAFETY: both calls stay inside the columns 0..n the caller vouched for.
+    unsafe {
+        strips::<S, R, NV>(a, a_rs, a_ks, b, ldb, c, ldc, 0, main, k, accumulate);
+        strips::<S, R, 1>(a, a_rs, a_ks, b, ldb, c, ldc, main, n, k, accumulate);
+    }
+}
+
+/// Columns `j0..j1` of [`block`] in strips of `NV` vectors (`j1 − j0` a multiple of them).
+///
+/// # Safety
+/// As for [`block`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn strips<S: Simd, const R: usize, const NV: usize>(
+    a: *const f32,
+    a_rs: isize,
+    a_ks: isize,
+    b: *const f32,
+    ldb: isize,
+    c: *mut f32,
+    ldc: usize,
+    j0: usize,
+    j1: usize,
+    k: usize,
+    accumulate: bool,
+) {
     let l = S::LANES;
-    for j in (0..n).step_by(2 * l) {
-        let mut acc = [[S::zero(); 2]; R];
+    for j in (j0..j1).step_by(NV * l) {
+        let mut acc = [[S::zero(); NV]; R];
         // SAFETY: indices stay inside the extents the caller vouched for.
         unsafe {
             if accumulate {
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let p = c.add(r * ldc + j);
-                    row[0] = S::load(p);
-                    row[1] = S::load(p.add(l));
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = S::load(c.add(r * ldc + j + v * l));
+                    }
                 }
             }
             let mut ap = a;
             let mut bp = b.add(j);
             for _ in 0..k {
-                let b0 = S::load(bp);
-                let b1 = S::load(bp.add(l));
+                let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
                 for (r, row) in acc.iter_mut().enumerate() {
                     let av = S::splat(*ap.offset(r as isize * a_rs));
-                    row[0] = S::fma(av, b0, row[0]);
-                    row[1] = S::fma(av, b1, row[1]);
+                    for (x, &bx) in row.iter_mut().zip(&bv) {
+                        *x = S::fma(av, bx, *x);
+                    }
                 }
                 ap = ap.offset(a_ks);
                 bp = bp.offset(ldb);
             }
             for (r, row) in acc.iter().enumerate() {
-                let p = c.add(r * ldc + j);
-                S::store(p, row[0]);
-                S::store(p.add(l), row[1]);
+                for (v, x) in row.iter().enumerate() {
+                    S::store(c.add(r * ldc + j + v * l), *x);
+                }
             }
         }
     }
@@ -68,7 +96,7 @@ unsafe fn block<S: Simd, const R: usize>(
 /// are row-major with leading dimensions `ldb` and `ldc`.
 ///
 /// # Safety
-/// `n` must be a multiple of `2·S::LANES`; A, B and C must be valid for those extents, and C
+/// `n` must be a multiple of `S::LANES`; A, B and C must be valid for those extents, and C
 /// must not overlap A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -85,22 +113,24 @@ pub(crate) unsafe fn gemm<S: Simd>(
     k: usize,
     accumulate: bool,
 ) {
-    debug_assert!(n.is_multiple_of(2 * S::LANES));
+    debug_assert!(n.is_multiple_of(S::LANES));
     let mut i = 0;
     // SAFETY: each call covers rows i..i + R of A and C, inside m.
     unsafe {
         while i + MR <= m {
             let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
-            block::<S, MR>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate);
+            block::<S, MR, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate);
             i += MR;
         }
         let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
+        // Fewer rows leave registers for wider strips: fewer passes over B, which matters when
+        // B (a V tile while decoding) is streamed rather than reused.
         match m - i {
-            1 => block::<S, 1>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            2 => block::<S, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            3 => block::<S, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            4 => block::<S, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            5 => block::<S, 5>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            1 => block::<S, 1, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            2 => block::<S, 2, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            3 => block::<S, 3, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            4 => block::<S, 4, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            5 => block::<S, 5, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
             _ => {}
         }
     }
