@@ -200,16 +200,16 @@ unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
             let kv: [S::V; KB] = std::array::from_fn(|t| S::load(kr[t].add(c)));
             for r in 0..R {
                 let qv = S::load(q.add(r * d + c));
-                for t in 0..KB {
-                    acc[t][r] = S::fma(qv, kv[t], acc[t][r]);
+                for (a, &k) in acc.iter_mut().zip(&kv) {
+                    a[r] = S::fma(qv, k, a[r]);
                 }
             }
         }
-        for t in 0..KB {
-            for r in 0..R {
-                let mut x = S::reduce_sum(acc[t][r]);
+        for (t, (a, &kt)) in acc.iter().zip(&kr).enumerate() {
+            for (r, &ar) in a.iter().enumerate() {
+                let mut x = S::reduce_sum(ar);
                 for c in body..d {
-                    x += *q.add(r * d + c) * *kr[t].add(c);
+                    x += *q.add(r * d + c) * *kt.add(c);
                 }
                 *st.add((j0 + t) * ld_st + r) = x;
             }
