@@ -18,10 +18,12 @@ from typing import Any
 
 from . import _ferroattn
 from .functional import attention, attention_varlen, attention_weights
+from .kv_cache import KVCache
 
 __version__: str = _ferroattn.__version__
 
 __all__ = [
+    "KVCache",
     "__version__",
     "attention",
     "attention_varlen",

@@ -15,13 +15,18 @@ def attention(
     dtype: str,
     *,
     scale: float,
+    kv_dtype: str | None = None,
+    k_scales: np.ndarray | None = None,
+    v_scales: np.ndarray | None = None,
     softcap: float | None = None,
     causal: bool = False,
     top_left: bool = False,
     window_left: int | None = None,
     window_right: int | None = None,
+    sink_keys: int = 0,
     kv_lengths: list[int] | None = None,
     cu_seqlens: tuple[list[int], list[int]] | None = None,
+    seqs: list[tuple[int, int, int, int, int]] | None = None,
     return_lse: bool = False,
 ) -> npt.NDArray[np.float32] | None: ...
 def attention_weights(

@@ -15,6 +15,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Quantized keys/values: `i8` times a per-row f32 scale (see [`Strided::with_scales`]).
+    I8,
 }
 
 impl DType {
@@ -23,6 +25,7 @@ impl DType {
             DType::F32 => "float32",
             DType::F16 => "float16",
             DType::BF16 => "bfloat16",
+            DType::I8 => "int8",
         }
     }
 }
@@ -33,6 +36,7 @@ pub enum Elems<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
+    I8(&'a [i8]),
 }
 
 impl Elems<'_> {
@@ -41,6 +45,7 @@ impl Elems<'_> {
             Elems::F32(s) => s.len(),
             Elems::F16(s) => s.len(),
             Elems::BF16(s) => s.len(),
+            Elems::I8(s) => s.len(),
         }
     }
     pub fn dtype(&self) -> DType {
@@ -48,6 +53,7 @@ impl Elems<'_> {
             Elems::F32(_) => DType::F32,
             Elems::F16(_) => DType::F16,
             Elems::BF16(_) => DType::BF16,
+            Elems::I8(_) => DType::I8,
         }
     }
 }
@@ -77,13 +83,7 @@ impl ElemsMut<'_> {
 }
 
 /// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`.
-fn check_extent(
-    name: &str,
-    len: usize,
-    offset: usize,
-    shape: [usize; 4],
-    strides: [isize; 4],
-) -> Result<()> {
+fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
     if shape.contains(&0) {
         return Ok(());
     }
@@ -110,28 +110,35 @@ pub struct Strided<'a> {
     offset: usize,
     shape: [usize; 4],
     strides: [isize; 4],
+    /// Per-row scales of int8 data: buffer, index of row `[0, 0, 0]`, strides of (B, H, N).
+    scales: Option<(&'a [f32], usize, [isize; 3])>,
 }
 
 impl<'a> Strided<'a> {
     /// `offset` is the index of element `[0, 0, 0, 0]` in `data`; strides count elements.
-    pub fn new(
-        name: &str,
-        data: Elems<'a>,
-        offset: usize,
-        shape: [usize; 4],
-        strides: [isize; 4],
-    ) -> Result<Self> {
+    pub fn new(name: &str, data: Elems<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
         ensure_shape!(
             shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
             "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
         );
         check_extent(name, data.len(), offset, shape, strides)?;
-        Ok(Strided {
-            data,
-            offset,
-            shape,
-            strides,
-        })
+        Ok(Strided { data, offset, shape, strides, scales: None })
+    }
+
+    /// Attaches the per-row scales of int8 data: row `[b, h, n, :]` is worth
+    /// `data[b, h, n, :] · scales[b, h, n]`.
+    pub fn with_scales(mut self, name: &str, scales: &'a [f32], offset: usize, strides: [isize; 3]) -> Result<Self> {
+        ensure_shape!(self.dtype() == DType::I8, "{name}: scales only go with int8 data");
+        let [b, h, n, _] = self.shape;
+        check_extent(name, scales.len(), offset, [b, h, n, 1], [strides[0], strides[1], strides[2], 1])?;
+        self.scales = Some((scales, offset, strides));
+        Ok(self)
+    }
+
+    /// Whether the view can be read (int8 data needs its scales).
+    pub(crate) fn check_readable(&self, name: &str) -> Result<()> {
+        ensure_shape!(self.dtype() != DType::I8 || self.scales.is_some(), "{name}: int8 data needs per-row scales");
+        Ok(())
     }
 
     /// A C-contiguous view over a whole buffer.
@@ -166,10 +173,7 @@ impl<'a> Strided<'a> {
         match self.data {
             // `add` on the whole slice's pointer keeps provenance over every row, negative strides too.
             // SAFETY: `index` is in bounds for in-range (b, h, n) (checked at construction).
-            Elems::F32(s) => Some((
-                unsafe { s.as_ptr().add(self.index(b, h, n)) },
-                self.strides[2],
-            )),
+            Elems::F32(s) => Some((unsafe { s.as_ptr().add(self.index(b, h, n)) }, self.strides[2])),
             _ => None,
         }
     }
@@ -183,6 +187,18 @@ impl<'a> Strided<'a> {
             Elems::F32(s) => dst[..d].copy_from_slice(&s[at..at + d]),
             Elems::F16(s) => s[at..at + d].convert_to_f32_slice(&mut dst[..d]),
             Elems::BF16(s) => s[at..at + d].convert_to_f32_slice(&mut dst[..d]),
+            Elems::I8(s) => {
+                let scale = match self.scales {
+                    Some((sc, off, st)) => {
+                        sc[(off as isize + b as isize * st[0] + h as isize * st[1] + n as isize * st[2]) as usize]
+                    }
+                    None => f32::NAN,
+                } * mul;
+                for (o, &x) in dst[..d].iter_mut().zip(&s[at..at + d]) {
+                    *o = x as f32 * scale;
+                }
+                return;
+            }
         }
         if mul != 1.0 {
             dst[..d].iter_mut().for_each(|x| *x *= mul);
@@ -207,13 +223,7 @@ pub struct StridedMut<'a> {
 }
 
 impl<'a> StridedMut<'a> {
-    pub fn new(
-        name: &str,
-        data: ElemsMut<'a>,
-        offset: usize,
-        shape: [usize; 4],
-        strides: [isize; 4],
-    ) -> Result<Self> {
+    pub fn new(name: &str, data: ElemsMut<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
         ensure_shape!(
             shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
             "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
@@ -236,12 +246,7 @@ impl<'a> StridedMut<'a> {
             }
             span += stride * (n - 1);
         }
-        Ok(StridedMut {
-            data,
-            offset,
-            shape,
-            strides,
-        })
+        Ok(StridedMut { data, offset, shape, strides })
     }
 
     pub fn contiguous(name: &str, data: ElemsMut<'a>, shape: [usize; 4]) -> Result<Self> {
@@ -302,9 +307,7 @@ impl RowWriter<'_> {
     #[inline]
     pub(crate) unsafe fn write_row(&self, b: usize, h: usize, n: usize, src: &[f32]) {
         let d = self.shape[3];
-        debug_assert!(
-            b < self.shape[0] && h < self.shape[1] && n < self.shape[2] && src.len() >= d
-        );
+        debug_assert!(b < self.shape[0] && h < self.shape[1] && n < self.shape[2] && src.len() >= d);
         let at = (self.offset as isize
             + b as isize * self.strides[0]
             + h as isize * self.strides[1]
@@ -313,12 +316,17 @@ impl RowWriter<'_> {
         // disjoint (see the Sync impl), and the caller writes each row from one thread.
         unsafe {
             match self.dtype {
-                DType::F32 => std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(at), d)
-                    .copy_from_slice(&src[..d]),
-                DType::F16 => std::slice::from_raw_parts_mut((self.ptr as *mut f16).add(at), d)
-                    .convert_from_f32_slice(&src[..d]),
-                DType::BF16 => std::slice::from_raw_parts_mut((self.ptr as *mut bf16).add(at), d)
-                    .convert_from_f32_slice(&src[..d]),
+                DType::F32 => {
+                    std::slice::from_raw_parts_mut((self.ptr as *mut f32).add(at), d).copy_from_slice(&src[..d])
+                }
+                DType::F16 => {
+                    std::slice::from_raw_parts_mut((self.ptr as *mut f16).add(at), d).convert_from_f32_slice(&src[..d])
+                }
+                DType::BF16 => {
+                    std::slice::from_raw_parts_mut((self.ptr as *mut bf16).add(at), d).convert_from_f32_slice(&src[..d])
+                }
+                // `ElemsMut` has no int8 variant, so no writer is ever int8.
+                DType::I8 => unreachable!("outputs are never int8"),
             }
         }
     }

@@ -28,31 +28,23 @@ pub struct Params {
     pub align: Align,
     /// Keys visible to the left / right of a query's position; `None` = unbounded.
     pub window: (Option<usize>, Option<usize>),
+    /// The first `sink_keys` keys of every sequence stay visible whatever the window
+    /// (StreamingLLM's attention sinks), still subject to causality.
+    pub sink_keys: usize,
 }
 
 impl Params {
     pub fn new(scale: f32) -> Self {
-        Params {
-            scale,
-            softcap: None,
-            causal: false,
-            align: Align::BottomRight,
-            window: (None, None),
-        }
+        Params { scale, softcap: None, causal: false, align: Align::BottomRight, window: (None, None), sink_keys: 0 }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
         if !self.scale.is_finite() {
-            return Err(Error::Value(format!(
-                "scale must be finite, got {}",
-                self.scale
-            )));
+            return Err(Error::Value(format!("scale must be finite, got {}", self.scale)));
         }
         if let Some(c) = self.softcap {
             if !(c.is_finite() && c > 0.0) {
-                return Err(Error::Value(format!(
-                    "softcap must be a positive finite number, got {c}"
-                )));
+                return Err(Error::Value(format!("softcap must be a positive finite number, got {c}")));
             }
         }
         Ok(())
@@ -70,51 +62,23 @@ pub struct Sequence {
 }
 
 /// Sequences of a padded batch: all queries, the first `kv_lengths[b]` keys (all when `None`).
-pub fn padded_sequences(
-    batch: usize,
-    nq: usize,
-    nk: usize,
-    kv_lengths: Option<&[usize]>,
-) -> Result<Vec<Sequence>> {
+pub fn padded_sequences(batch: usize, nq: usize, nk: usize, kv_lengths: Option<&[usize]>) -> Result<Vec<Sequence>> {
     if let Some(lens) = kv_lengths {
-        ensure_shape!(
-            lens.len() == batch,
-            "kv_lengths has {} entries for a batch of {batch}",
-            lens.len()
-        );
+        ensure_shape!(lens.len() == batch, "kv_lengths has {} entries for a batch of {batch}", lens.len());
         if let Some(&bad) = lens.iter().find(|&&l| l > nk) {
-            return Err(Error::Value(format!(
-                "kv_lengths must lie in [0, {nk}] (the key length), got {bad}"
-            )));
+            return Err(Error::Value(format!("kv_lengths must lie in [0, {nk}] (the key length), got {bad}")));
         }
     }
     Ok((0..batch)
-        .map(|b| Sequence {
-            batch: b,
-            q_start: 0,
-            q_len: nq,
-            k_start: 0,
-            k_len: kv_lengths.map_or(nk, |l| l[b]),
-        })
+        .map(|b| Sequence { batch: b, q_start: 0, q_len: nq, k_start: 0, k_len: kv_lengths.map_or(nk, |l| l[b]) })
         .collect())
 }
 
 /// Sequences of a packed batch from cumulative lengths (`cu[0] = 0`, non-decreasing).
-pub fn varlen_sequences(
-    cu_q: &[usize],
-    cu_k: &[usize],
-    total_q: usize,
-    total_k: usize,
-) -> Result<Vec<Sequence>> {
-    for (name, cu, total) in [
-        ("cu_seqlens_q", cu_q, total_q),
-        ("cu_seqlens_k", cu_k, total_k),
-    ] {
+pub fn varlen_sequences(cu_q: &[usize], cu_k: &[usize], total_q: usize, total_k: usize) -> Result<Vec<Sequence>> {
+    for (name, cu, total) in [("cu_seqlens_q", cu_q, total_q), ("cu_seqlens_k", cu_k, total_k)] {
         ensure_shape!(!cu.is_empty() && cu[0] == 0, "{name} must start with 0");
-        ensure_shape!(
-            cu.windows(2).all(|w| w[0] <= w[1]),
-            "{name} must be non-decreasing, got {cu:?}"
-        );
+        ensure_shape!(cu.windows(2).all(|w| w[0] <= w[1]), "{name} must be non-decreasing, got {cu:?}");
         ensure_shape!(
             cu[cu.len() - 1] == total,
             "{name} must end with the number of packed tokens ({total}), got {}",
@@ -138,10 +102,39 @@ pub fn varlen_sequences(
         .collect())
 }
 
-/// The keys `[lo, hi)` (relative to the sequence's first key) that query `i` sees; `lo >= hi`
-/// means none.
+/// The keys one query sees, relative to the sequence's first key: `[0, sink) ∪ [lo, hi)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Vis {
+    pub sink: usize,
+    pub lo: usize,
+    pub hi: usize,
+}
+
+impl Vis {
+    pub(crate) fn sees(&self, j: usize) -> bool {
+        j < self.sink || (self.lo <= j && j < self.hi)
+    }
+    /// Whether every key of `k0..k1` is visible.
+    pub(crate) fn sees_all(&self, k0: usize, k1: usize) -> bool {
+        if self.sink >= self.lo {
+            k1 <= self.hi.max(self.sink)
+        } else {
+            k1 <= self.sink || (self.lo <= k0 && k1 <= self.hi)
+        }
+    }
+    /// The visible keys as at most two disjoint ranges, in order (empty ones included).
+    pub(crate) fn ranges(&self) -> [(usize, usize); 2] {
+        if self.sink >= self.lo {
+            [(0, self.hi.max(self.sink)), (0, 0)]
+        } else {
+            [(0, self.sink), (self.lo, self.hi)]
+        }
+    }
+}
+
+/// What query `i` of `seq` sees under `p`.
 #[inline]
-pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> (usize, usize) {
+pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> Vis {
     let k_len = seq.k_len as i64;
     let pos = match p.align {
         Align::BottomRight => i as i64 + k_len - seq.q_len as i64,
@@ -152,6 +145,8 @@ pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> (usize, usize) {
     if p.causal {
         hi = hi.min(pos + 1);
     }
+    // Sinks obey causality and the key length, not the window.
+    let sink = (p.sink_keys as i64).min(hi).max(0) as usize;
     if let Some(left) = p.window.0 {
         lo = lo.max(pos - left as i64);
     }
@@ -159,6 +154,6 @@ pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> (usize, usize) {
         hi = hi.min(pos + right as i64 + 1);
     }
     let lo = lo.clamp(0, k_len) as usize;
-    let hi = hi.clamp(0, k_len) as usize;
-    (lo, hi.max(lo))
+    let hi = (hi.clamp(0, k_len) as usize).max(lo);
+    Vis { sink, lo, hi }
 }

@@ -2,8 +2,8 @@
 //! half-precision inputs. Run once per ISA with `FERROATTN_ISA=scalar|avx2|avx512`.
 
 use ferroattn_core::{
-    attention, attention_weights, padded_sequences, varlen_sequences, Align, Elems, ElemsMut,
-    Params, Sequence, Strided, StridedMut,
+    attention, attention_weights, padded_sequences, varlen_sequences, Align, Elems, ElemsMut, Params, Sequence,
+    Strided, StridedMut,
 };
 use half::{bf16, f16};
 
@@ -45,17 +45,15 @@ fn reference(
                 let mut scores = vec![];
                 for j in 0..s.k_len {
                     let jj = j as i64;
-                    let ok = (!p.causal || jj <= pos)
-                        && p.window.0.is_none_or(|l| jj >= pos - l as i64)
+                    let causal_ok = !p.causal || jj <= pos;
+                    let in_window = p.window.0.is_none_or(|l| jj >= pos - l as i64)
                         && p.window.1.is_none_or(|r| jj <= pos + r as i64);
+                    let ok = causal_ok && (in_window || j < p.sink_keys);
                     if !ok {
                         continue;
                     }
                     let kj = ((s.batch * hk + h / g) * nk + s.k_start + j) * d;
-                    let mut x: f64 = (0..d)
-                        .map(|t| q[qi + t] as f64 * k[kj + t] as f64)
-                        .sum::<f64>()
-                        * p.scale as f64;
+                    let mut x: f64 = (0..d).map(|t| q[qi + t] as f64 * k[kj + t] as f64).sum::<f64>() * p.scale as f64;
                     if let Some(c) = p.softcap {
                         x = c as f64 * (x / c as f64).tanh();
                     }
@@ -82,11 +80,7 @@ fn reference(
 }
 
 fn rel_err(got: &[f32], want: &[f64]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(want)
-        .map(|(&a, &b)| (a as f64 - b).powi(2))
-        .sum();
+    let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
     let den: f64 = want.iter().map(|b| b * b).sum();
     (num / den.max(1e-300)).sqrt()
 }
@@ -102,15 +96,7 @@ struct Case {
 }
 
 fn check(case: &Case, p: &Params, kv_lengths: Option<&[usize]>, seed: u64) {
-    let Case {
-        b,
-        hq,
-        hk,
-        nq,
-        nk,
-        d,
-        dv,
-    } = *case;
+    let Case { b, hq, hk, nq, nk, d, dv } = *case;
     let mut rng = Rng(seed * 2654435761 + 1);
     let q = rng.vec(b * hq * nq * d);
     let k = rng.vec(b * hk * nk * d);
@@ -125,18 +111,12 @@ fn check(case: &Case, p: &Params, kv_lengths: Option<&[usize]>, seed: u64) {
     let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut got), [b, hq, nq, dv]).unwrap();
     attention(&qv, &kv, &vv, &mut ov, Some(&mut lse), &seqs, p).unwrap();
     let err = rel_err(&got, &want);
-    assert!(
-        err <= 1e-5 || want.iter().all(|&x| x == 0.0) && err == 0.0,
-        "rel err {err} for {p:?}"
-    );
+    assert!(err <= 1e-5 || want.iter().all(|&x| x == 0.0) && err == 0.0, "rel err {err} for {p:?}");
     for (&a, &w) in lse.iter().zip(&want_lse) {
         if w == f64::NEG_INFINITY {
             assert_eq!(a, f32::NEG_INFINITY);
         } else {
-            assert!(
-                (a as f64 - w).abs() <= 1e-5 * w.abs().max(1.0),
-                "lse {a} vs {w}"
-            );
+            assert!((a as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "lse {a} vs {w}");
         }
     }
     if !want.iter().all(|&x| x == 0.0) {
@@ -148,16 +128,10 @@ fn masks() -> Vec<Params> {
     let mut out = vec![];
     for causal in [false, true] {
         for align in [Align::BottomRight, Align::TopLeft] {
-            for window in [
-                (None, None),
-                (Some(3), Some(0)),
-                (Some(20), None),
-                (Some(5), Some(7)),
-                (None, Some(2)),
-            ] {
-                for softcap in [None, Some(2.5)] {
+            for window in [(None, None), (Some(3), Some(0)), (Some(20), None), (Some(5), Some(7)), (None, Some(2))] {
+                for (softcap, sink_keys) in [(None, 0), (Some(2.5), 0), (None, 2), (None, 70)] {
                     let mut p = Params::new(0.37);
-                    (p.causal, p.align, p.window, p.softcap) = (causal, align, window, softcap);
+                    (p.causal, p.align, p.window, p.softcap, p.sink_keys) = (causal, align, window, softcap, sink_keys);
                     out.push(p);
                 }
             }
@@ -169,51 +143,11 @@ fn masks() -> Vec<Params> {
 #[test]
 fn matches_reference_over_shapes_and_masks() {
     let cases = [
-        Case {
-            b: 1,
-            hq: 1,
-            hk: 1,
-            nq: 1,
-            nk: 1,
-            d: 1,
-            dv: 1,
-        },
-        Case {
-            b: 2,
-            hq: 4,
-            hk: 2,
-            nq: 7,
-            nk: 13,
-            d: 7,
-            dv: 5,
-        },
-        Case {
-            b: 1,
-            hq: 6,
-            hk: 1,
-            nq: 70,
-            nk: 70,
-            d: 32,
-            dv: 32,
-        },
-        Case {
-            b: 1,
-            hq: 3,
-            hk: 3,
-            nq: 130,
-            nk: 67,
-            d: 80,
-            dv: 16,
-        },
-        Case {
-            b: 2,
-            hq: 2,
-            hk: 2,
-            nq: 5,
-            nk: 200,
-            d: 64,
-            dv: 64,
-        },
+        Case { b: 1, hq: 1, hk: 1, nq: 1, nk: 1, d: 1, dv: 1 },
+        Case { b: 2, hq: 4, hk: 2, nq: 7, nk: 13, d: 7, dv: 5 },
+        Case { b: 1, hq: 6, hk: 1, nq: 70, nk: 70, d: 32, dv: 32 },
+        Case { b: 1, hq: 3, hk: 3, nq: 130, nk: 67, d: 80, dv: 16 },
+        Case { b: 2, hq: 2, hk: 2, nq: 5, nk: 200, d: 64, dv: 64 },
     ];
     for (ci, case) in cases.iter().enumerate() {
         for (mi, p) in masks().iter().enumerate() {
@@ -224,15 +158,7 @@ fn matches_reference_over_shapes_and_masks() {
 
 #[test]
 fn kv_lengths_limit_and_align() {
-    let case = Case {
-        b: 3,
-        hq: 2,
-        hk: 1,
-        nq: 9,
-        nk: 90,
-        d: 16,
-        dv: 16,
-    };
+    let case = Case { b: 3, hq: 2, hk: 1, nq: 9, nk: 90, d: 16, dv: 16 };
     for p in masks() {
         check(&case, &p, Some(&[0, 90, 41]), 7);
     }
@@ -288,25 +214,11 @@ fn strided_and_half_inputs() {
     for dtype in ["f16", "bf16"] {
         let round = |x: &[f32]| -> Vec<f32> {
             x.iter()
-                .map(|&v| {
-                    if dtype == "f16" {
-                        f16::from_f32(v).to_f32()
-                    } else {
-                        bf16::from_f32(v).to_f32()
-                    }
-                })
+                .map(|&v| if dtype == "f16" { f16::from_f32(v).to_f32() } else { bf16::from_f32(v).to_f32() })
                 .collect()
         };
         let (qr, kr, vr) = (round(part(0)), round(part(1)), round(part(2)));
-        let (want, _) = reference(
-            &to_bhsd(&qr),
-            &to_bhsd(&kr),
-            &to_bhsd(&vr),
-            [b, h, n, d],
-            [h, n, d],
-            &seqs,
-            &p,
-        );
+        let (want, _) = reference(&to_bhsd(&qr), &to_bhsd(&kr), &to_bhsd(&vr), [b, h, n, d], [h, n, d], &seqs, &p);
         let mut got = vec![0f32; b * h * n * d];
         if dtype == "f16" {
             let (q, k, v): (Vec<f16>, Vec<f16>, Vec<f16>) = (
@@ -316,8 +228,7 @@ fn strided_and_half_inputs() {
             );
             let mut o = vec![f16::ZERO; b * h * n * d];
             let view = |x| Strided::new("x", Elems::F16(x), 0, [b, h, n, d], strides).unwrap();
-            let mut ov =
-                StridedMut::new("out", ElemsMut::F16(&mut o), 0, [b, h, n, d], strides).unwrap();
+            let mut ov = StridedMut::new("out", ElemsMut::F16(&mut o), 0, [b, h, n, d], strides).unwrap();
             attention(&view(&q), &view(&k), &view(&v), &mut ov, None, &seqs, &p).unwrap();
             let o = to_bhsd(&o.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
             got.copy_from_slice(&o);
@@ -329,8 +240,7 @@ fn strided_and_half_inputs() {
             );
             let mut o = vec![bf16::ZERO; b * h * n * d];
             let view = |x| Strided::new("x", Elems::BF16(x), 0, [b, h, n, d], strides).unwrap();
-            let mut ov =
-                StridedMut::new("out", ElemsMut::BF16(&mut o), 0, [b, h, n, d], strides).unwrap();
+            let mut ov = StridedMut::new("out", ElemsMut::BF16(&mut o), 0, [b, h, n, d], strides).unwrap();
             attention(&view(&q), &view(&k), &view(&v), &mut ov, None, &seqs, &p).unwrap();
             let o = to_bhsd(&o.iter().map(|x| x.to_f32()).collect::<Vec<_>>());
             got.copy_from_slice(&o);
@@ -351,9 +261,7 @@ fn weights_are_the_softmax() {
     (p.causal, p.window) = (true, (Some(10), None));
     let seqs = padded_sequences(1, nq, nk, None).unwrap();
     // With V = identity rows, attention's output is the weights themselves.
-    let v: Vec<f32> = (0..hk * nk * nk)
-        .map(|i| if i % nk == (i / nk) % nk { 1.0 } else { 0.0 })
-        .collect();
+    let v: Vec<f32> = (0..hk * nk * nk).map(|i| if i % nk == (i / nk) % nk { 1.0 } else { 0.0 }).collect();
     let (want, _) = reference(&q, &k, &v, [1, hq, nq, d], [hk, nk, nk], &seqs, &p);
     let mut w = vec![0f32; hq * nq * nk];
     let qv = Strided::contiguous("q", Elems::F32(&q), [1, hq, nq, d]).unwrap();
@@ -404,42 +312,10 @@ fn isa_override_is_honoured() {
 fn decode_shapes_split_keys_and_few_rows() {
     // Few query rows against long caches: the dot-product score path and split-K with merge.
     let cases = [
-        Case {
-            b: 1,
-            hq: 8,
-            hk: 2,
-            nq: 1,
-            nk: 3000,
-            d: 64,
-            dv: 64,
-        },
-        Case {
-            b: 1,
-            hq: 4,
-            hk: 4,
-            nq: 2,
-            nk: 2500,
-            d: 37,
-            dv: 19,
-        },
-        Case {
-            b: 2,
-            hq: 6,
-            hk: 1,
-            nq: 1,
-            nk: 1800,
-            d: 128,
-            dv: 128,
-        },
-        Case {
-            b: 1,
-            hq: 2,
-            hk: 1,
-            nq: 3,
-            nk: 2100,
-            d: 8,
-            dv: 8,
-        },
+        Case { b: 1, hq: 8, hk: 2, nq: 1, nk: 3000, d: 64, dv: 64 },
+        Case { b: 1, hq: 4, hk: 4, nq: 2, nk: 2500, d: 37, dv: 19 },
+        Case { b: 2, hq: 6, hk: 1, nq: 1, nk: 1800, d: 128, dv: 128 },
+        Case { b: 1, hq: 2, hk: 1, nq: 3, nk: 2100, d: 8, dv: 8 },
     ];
     for (ci, case) in cases.iter().enumerate() {
         for (mi, p) in masks().iter().enumerate().step_by(3) {

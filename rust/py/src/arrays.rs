@@ -34,28 +34,19 @@ fn dtype_of(name: &str, code: &str) -> Result<(DType, usize), Error> {
         "float32" => Ok((DType::F32, 4)),
         "float16" => Ok((DType::F16, 2)),
         "bfloat16" => Ok((DType::BF16, 2)),
+        "int8" => Ok((DType::I8, 1)),
         other => Err(Error::DType(format!("{name}: unsupported dtype {other}"))),
     }
 }
 
 impl Raw {
-    pub(crate) fn new(
-        name: &'static str,
-        arr: &Bound<'_, PyUntypedArray>,
-        code: &str,
-    ) -> Result<Raw, Error> {
+    pub(crate) fn new(name: &'static str, arr: &Bound<'_, PyUntypedArray>, code: &str) -> Result<Raw, Error> {
         let (dtype, size) = dtype_of(name, code)?;
         if arr.ndim() != 4 {
-            return Err(Error::Shape(format!(
-                "{name}: expected a 4-D array, got {} dimensions",
-                arr.ndim()
-            )));
+            return Err(Error::Shape(format!("{name}: expected a 4-D array, got {} dimensions", arr.ndim())));
         }
         if arr.dtype().itemsize() != size {
-            return Err(Error::DType(format!(
-                "{name}: item size {} does not match {code}",
-                arr.dtype().itemsize()
-            )));
+            return Err(Error::DType(format!("{name}: item size {} does not match {code}", arr.dtype().itemsize())));
         }
         let mut shape = [0usize; 4];
         shape.copy_from_slice(arr.shape());
@@ -75,9 +66,7 @@ impl Raw {
             ((*p).fields.data as *mut u8, (*p).fields.flags)
         };
         if !(base as usize).is_multiple_of(size) {
-            return Err(Error::Shape(format!(
-                "{name}: data is not aligned to its item size"
-            )));
+            return Err(Error::Shape(format!("{name}: data is not aligned to its item size")));
         }
         let (mut lo, mut hi) = (0isize, 0isize);
         if !shape.contains(&0) {
@@ -102,11 +91,16 @@ impl Raw {
         })
     }
 
-    fn byte_range(&self) -> (usize, usize) {
-        let size = match self.dtype {
+    fn item_size(&self) -> isize {
+        match self.dtype {
             DType::F32 => 4,
-            _ => 2,
-        };
+            DType::F16 | DType::BF16 => 2,
+            DType::I8 => 1,
+        }
+    }
+
+    fn byte_range(&self) -> (usize, usize) {
+        let size = self.item_size();
         let start = self.base as isize + self.lo * size;
         let end = self.base as isize + (self.hi + 1) * size;
         (start as usize, end as usize)
@@ -124,10 +118,7 @@ impl Raw {
         let (a0, a1) = self.byte_range();
         let (b0, b1) = other.byte_range();
         if a0 < b1 && b0 < a1 {
-            return Err(Error::Value(format!(
-                "{} must not share memory with {}",
-                self.name, other.name
-            )));
+            return Err(Error::Value(format!("{} must not share memory with {}", self.name, other.name)));
         }
         Ok(())
     }
@@ -147,22 +138,15 @@ impl Raw {
         let offset = (-self.lo) as usize;
         // SAFETY: `lo..=hi` is exactly the span NumPy says the array covers, aligned above.
         let data = unsafe {
-            let start = self
-                .base
-                .offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
+            let start = self.base.offset(self.lo * self.item_size());
             match self.dtype {
                 DType::F32 => Elems::F32(slice_or_empty(start as *const f32, n)),
                 DType::F16 => Elems::F16(slice_or_empty(start as *const f16, n)),
                 DType::BF16 => Elems::BF16(slice_or_empty(start as *const bf16, n)),
+                DType::I8 => Elems::I8(slice_or_empty(start as *const i8, n)),
             }
         };
-        Strided::new(
-            self.name,
-            data,
-            if n == 0 { 0 } else { offset },
-            self.shape,
-            self.strides,
-        )
+        Strided::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
     }
 
     /// # Safety
@@ -175,22 +159,33 @@ impl Raw {
         let offset = (-self.lo) as usize;
         // SAFETY: as in `view`; exclusivity is the caller's promise (checked with check_disjoint).
         let data = unsafe {
-            let start = self
-                .base
-                .offset(self.lo * if self.dtype == DType::F32 { 4 } else { 2 });
+            let start = self.base.offset(self.lo * self.item_size());
             match self.dtype {
                 DType::F32 => ElemsMut::F32(slice_mut_or_empty(start as *mut f32, n)),
                 DType::F16 => ElemsMut::F16(slice_mut_or_empty(start as *mut f16, n)),
                 DType::BF16 => ElemsMut::BF16(slice_mut_or_empty(start as *mut bf16, n)),
+                DType::I8 => return Err(Error::DType(format!("{}: outputs cannot be int8", self.name))),
             }
         };
-        StridedMut::new(
-            self.name,
-            data,
-            if n == 0 { 0 } else { offset },
-            self.shape,
-            self.strides,
-        )
+        StridedMut::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+    }
+}
+
+impl Raw {
+    /// The per-row scales of int8 data, given as a float32 `(B, H, N, 1)` array: buffer, index of
+    /// row `[0, 0, 0]`, strides.
+    ///
+    /// # Safety
+    /// As for [`Raw::view`].
+    pub(crate) unsafe fn scale_parts<'a>(&self) -> Result<(&'a [f32], usize, [isize; 3]), Error> {
+        if self.dtype != DType::F32 {
+            return Err(Error::DType(format!("{}: scales must be float32", self.name)));
+        }
+        let n = self.len();
+        // SAFETY: as in `view`.
+        let data = unsafe { slice_or_empty(self.base.offset(self.lo * 4) as *const f32, n) };
+        let offset = if n == 0 { 0 } else { (-self.lo) as usize };
+        Ok((data, offset, [self.strides[0], self.strides[1], self.strides[2]]))
     }
 }
 

@@ -21,9 +21,7 @@ pub(crate) fn catch<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, PyErr>
                 .map(|s| s.to_string())
                 .or_else(|| payload.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(PyRuntimeError::new_err(format!(
-                "ferroattn internal error (please report): {msg}"
-            )))
+            Err(PyRuntimeError::new_err(format!("ferroattn internal error (please report): {msg}")))
         }
     }
 }

@@ -24,35 +24,46 @@ fn options(
     top_left: bool,
     window_left: Option<usize>,
     window_right: Option<usize>,
+    sink_keys: usize,
 ) -> Options {
     let mut params = core::Params::new(scale as f32);
     params.softcap = softcap.map(|c| c as f32);
     params.causal = causal;
-    params.align = if top_left {
-        core::Align::TopLeft
-    } else {
-        core::Align::BottomRight
-    };
+    params.align = if top_left { core::Align::TopLeft } else { core::Align::BottomRight };
     params.window = (window_left, window_right);
+    params.sink_keys = sink_keys;
     Options { params }
 }
+
+/// An explicit sequence: (batch, q_start, q_len, k_start, k_len).
+type SeqTuple = (usize, usize, usize, usize, usize);
 
 fn sequences(
     shape_q: [usize; 4],
     shape_k: [usize; 4],
     kv_lengths: Option<Vec<usize>>,
     cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
+    seqs: Option<Vec<SeqTuple>>,
 ) -> Result<Vec<core::Sequence>, core::Error> {
-    match cu_seqlens {
-        Some((cq, ck)) => core::varlen_sequences(&cq, &ck, shape_q[2], shape_k[2]),
-        None => core::padded_sequences(shape_q[0], shape_q[2], shape_k[2], kv_lengths.as_deref()),
+    match (cu_seqlens, seqs) {
+        (Some((cq, ck)), _) => core::varlen_sequences(&cq, &ck, shape_q[2], shape_k[2]),
+        (None, Some(list)) => Ok(list
+            .into_iter()
+            .map(|(batch, q_start, q_len, k_start, k_len)| core::Sequence { batch, q_start, q_len, k_start, k_len })
+            .collect()),
+        (None, None) => core::padded_sequences(shape_q[0], shape_q[2], shape_k[2], kv_lengths.as_deref()),
     }
 }
 
 /// Attention over 4-D `(B, H, N, D)` arrays into `out`; returns the flat LSE when asked.
+///
+/// `q`/`out` are of `dtype`, `k`/`v` of `kv_dtype` (default: `dtype`); int8 `k`/`v` need
+/// `k_scales`/`v_scales` as float32 `(B, H, N, 1)` arrays. `seqs` lists explicit sequences
+/// (batch, q_start, q_len, k_start, k_len) in place of `kv_lengths`/`cu_seqlens`.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, dtype, *, scale, softcap=None, causal=false, top_left=false,
-                    window_left=None, window_right=None, kv_lengths=None, cu_seqlens=None, return_lse=false))]
+#[pyo3(signature = (q, k, v, out, dtype, *, scale, kv_dtype=None, k_scales=None, v_scales=None, softcap=None,
+                    causal=false, top_left=false, window_left=None, window_right=None, sink_keys=0,
+                    kv_lengths=None, cu_seqlens=None, seqs=None, return_lse=false))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -62,45 +73,51 @@ fn attention<'py>(
     out: &Bound<'py, PyUntypedArray>,
     dtype: &str,
     scale: f64,
+    kv_dtype: Option<&str>,
+    k_scales: Option<&Bound<'py, PyUntypedArray>>,
+    v_scales: Option<&Bound<'py, PyUntypedArray>>,
     softcap: Option<f64>,
     causal: bool,
     top_left: bool,
     window_left: Option<usize>,
     window_right: Option<usize>,
+    sink_keys: usize,
     kv_lengths: Option<Vec<usize>>,
     cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
+    seqs: Option<Vec<SeqTuple>>,
     return_lse: bool,
 ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
+    let kv_dtype = kv_dtype.unwrap_or(dtype);
     let convert = || -> Result<_, core::Error> {
         let rq = Raw::new("q", q, dtype)?;
-        let rk = Raw::new("k", k, dtype)?;
-        let rv = Raw::new("v", v, dtype)?;
+        let rk = Raw::new("k", k, kv_dtype)?;
+        let rv = Raw::new("v", v, kv_dtype)?;
         let ro = Raw::new("out", out, dtype)?;
-        for input in [&rq, &rk, &rv] {
+        let rks = k_scales.map(|a| Raw::new("k_scales", a, "float32")).transpose()?;
+        let rvs = v_scales.map(|a| Raw::new("v_scales", a, "float32")).transpose()?;
+        for input in [Some(&rq), Some(&rk), Some(&rv), rks.as_ref(), rvs.as_ref()].into_iter().flatten() {
             ro.check_disjoint(input)?;
         }
-        Ok((rq, rk, rv, ro))
+        Ok((rq, rk, rv, ro, rks, rvs))
     };
-    let (rq, rk, rv, ro) = convert().map_err(errors::to_py)?;
-    let opts = options(scale, softcap, causal, top_left, window_left, window_right);
+    let (rq, rk, rv, ro, rks, rvs) = convert().map_err(errors::to_py)?;
+    let opts = options(scale, softcap, causal, top_left, window_left, window_right, sink_keys);
     let [b, hq, sq, _] = q.shape().try_into().unwrap_or([0; 4]);
     let mut lse = return_lse.then(|| vec![0f32; b * hq * sq]);
     py.detach(|| {
         errors::catch(|| {
-            // SAFETY: the four arrays are borrowed by this call and outlive it; `out` was checked
+            // SAFETY: the arrays are borrowed by this call and outlive it; `out` was checked
             // writable and disjoint from the inputs.
-            let (qv, kv, vv, mut ov) =
-                unsafe { (rq.view()?, rk.view()?, rv.view()?, ro.view_mut()?) };
-            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens)?;
-            core::attention(
-                &qv,
-                &kv,
-                &vv,
-                &mut ov,
-                lse.as_deref_mut(),
-                &seqs,
-                &opts.params,
-            )
+            let (qv, mut kv, mut vv, mut ov) = unsafe { (rq.view()?, rk.view()?, rv.view()?, ro.view_mut()?) };
+            for (view, raw, name) in [(&mut kv, &rks, "k_scales"), (&mut vv, &rvs, "v_scales")] {
+                if let Some(r) = raw {
+                    // SAFETY: as above.
+                    let (data, offset, strides) = unsafe { r.scale_parts()? };
+                    *view = view.with_scales(name, data, offset, strides)?;
+                }
+            }
+            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens, seqs)?;
+            core::attention(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params)
         })
     })?;
     Ok(lse.map(|l| PyArray1::from_vec(py, l)))
@@ -126,17 +143,14 @@ fn attention_weights<'py>(
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let rq = Raw::new("q", q, dtype).map_err(errors::to_py)?;
     let rk = Raw::new("k", k, dtype).map_err(errors::to_py)?;
-    let opts = options(scale, softcap, causal, top_left, window_left, window_right);
-    let ([b, hq, sq, _], sk) = (
-        q.shape().try_into().unwrap_or([0; 4]),
-        k.shape().get(2).copied().unwrap_or(0),
-    );
+    let opts = options(scale, softcap, causal, top_left, window_left, window_right, 0);
+    let ([b, hq, sq, _], sk) = (q.shape().try_into().unwrap_or([0; 4]), k.shape().get(2).copied().unwrap_or(0));
     let weights = py.detach(|| {
         errors::catch(|| {
             let mut w = vec![0f32; b * hq * sq * sk];
             // SAFETY: both arrays are borrowed by this call and outlive it.
             let (qv, kv) = unsafe { (rq.view()?, rk.view()?) };
-            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None)?;
+            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None, None)?;
             core::attention_weights(&qv, &kv, &mut w, &seqs, &opts.params)?;
             Ok(w)
         })
@@ -162,13 +176,7 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("version", env!("CARGO_PKG_VERSION"))?;
     d.set_item("isa", core::Isa::active().name())?;
-    d.set_item(
-        "isa_available",
-        core::Isa::available()
-            .iter()
-            .map(|i| i.name())
-            .collect::<Vec<_>>(),
-    )?;
+    d.set_item("isa_available", core::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
     d.set_item("cpu_features", core::cpu_features())?;
     d.set_item("num_threads", core::num_threads())?;
     d.set_item("arch", std::env::consts::ARCH)?;
@@ -184,10 +192,7 @@ fn _after_fork_in_child() {
 #[pymodule]
 mod _ferroattn {
     #[pymodule_export]
-    use super::{
-        _after_fork_in_child, attention, attention_weights, build_info, get_num_threads,
-        set_num_threads,
-    };
+    use super::{_after_fork_in_child, attention, attention_weights, build_info, get_num_threads, set_num_threads};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -8,7 +8,7 @@
 
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
-use crate::mask::visible;
+use crate::mask::{visible, Vis};
 use crate::simd::{prefetch_rows, scalar::Scalar, Isa, Simd};
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
@@ -38,9 +38,8 @@ pub(crate) struct Scratch {
     pub tmax: Vec<f32>,
     pub tsum: Vec<f32>,
     pub alpha: Vec<f32>,
-    /// Visible key range of each row, relative to the sequence.
-    pub lo: Vec<usize>,
-    pub hi: Vec<usize>,
+    /// Visible keys of each row, relative to the sequence.
+    pub vis: Vec<Vis>,
     /// One converted input row.
     pub row: Vec<f32>,
 }
@@ -61,8 +60,7 @@ impl Scratch {
             tmax: vec![0.0; rows_p],
             tsum: vec![0.0; rows_p],
             alpha: vec![0.0; rows_p],
-            lo: vec![0; rows_p],
-            hi: vec![0; rows_p],
+            vis: vec![Vis::default(); rows_p],
             row: vec![0.0; plan.d.max(plan.dv)],
         }
     }
@@ -144,29 +142,23 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
     let plan = &ctx.plan;
     let nr = 2 * S::LANES;
     let rows = plan.group * (task.i1 - task.i0);
-    let dims = Dims {
-        rows,
-        cols: round_up(rows, S::LANES),
-        rows_p: round_up(rows, nr),
-        dvp: round_up(plan.dv, nr),
-    };
+    let dims = Dims { rows, cols: round_up(rows, S::LANES), rows_p: round_up(rows, nr), dvp: round_up(plan.dv, nr) };
     let seq = &ctx.seqs[task.seq];
     let (d, rows_p) = (plan.d, dims.rows_p);
     for r in 0..rows_p {
         if r < rows {
             let (h, i) = row_of(plan, task, r);
-            ctx.q
-                .read_row(seq.batch, h, seq.q_start + i, &mut sc.row, query_mul(ctx));
+            ctx.q.read_row(seq.batch, h, seq.q_start + i, &mut sc.row, query_mul(ctx));
             for (dd, &x) in sc.row[..d].iter().enumerate() {
                 sc.qt[dd * rows_p + r] = x;
             }
             sc.q[r * d..(r + 1) * d].copy_from_slice(&sc.row[..d]);
-            (sc.lo[r], sc.hi[r]) = visible(ctx.params, seq, i);
+            sc.vis[r] = visible(ctx.params, seq, i);
         } else {
             for dd in 0..d {
                 sc.qt[dd * rows_p + r] = 0.0;
             }
-            (sc.lo[r], sc.hi[r]) = (0, 0);
+            sc.vis[r] = Vis::default();
         }
     }
     sc.m[..rows_p].fill(f32::NEG_INFINITY);
@@ -280,14 +272,7 @@ unsafe fn dots_from<S: Simd>(
 /// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.st`: softcapped, and −∞ where a
 /// row may not look.
 #[inline(always)]
-pub(crate) unsafe fn score_tile<S: Simd>(
-    ctx: &Ctx,
-    task: &Task,
-    sc: &mut Scratch,
-    dims: &Dims,
-    k0: usize,
-    kn: usize,
-) {
+pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
     let plan = &ctx.plan;
     let seq = &ctx.seqs[task.seq];
     let (d, rows_p) = (plan.d, dims.rows_p);
@@ -296,13 +281,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(
         Some(direct) => direct,
         None => {
             for j in 0..kn {
-                ctx.k.read_row(
-                    seq.batch,
-                    task.kvh,
-                    first + j,
-                    &mut sc.k[j * d..(j + 1) * d],
-                    1.0,
-                );
+                ctx.k.read_row(seq.batch, task.kvh, first + j, &mut sc.k[j * d..(j + 1) * d], 1.0);
             }
             (sc.k.as_ptr(), d as isize)
         }
@@ -322,19 +301,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(
                 dots::<S, 4>(a, lda, q, d, st, rows_p, kn);
                 dots_from::<S>(a, lda, q, d, st, rows_p, kn, 4, dims.rows);
             }
-            _ => gemm::<S>(
-                a,
-                lda,
-                1,
-                sc.qt.as_ptr(),
-                rows_p as isize,
-                st,
-                rows_p,
-                kn,
-                rows_p,
-                d,
-                false,
-            ),
+            _ => gemm::<S>(a, lda, 1, sc.qt.as_ptr(), rows_p as isize, st, rows_p, kn, rows_p, d, false),
         }
     }
     let st = &mut sc.st[..kn * rows_p];
@@ -345,14 +312,14 @@ pub(crate) unsafe fn score_tile<S: Simd>(
     // Padding columns are left as they are: softmax lanes are columns, so whatever they hold
     // stays in their own lanes, and P·V reads real rows only.
     for r in 0..dims.rows {
-        let (lo, hi) = (sc.lo[r], sc.hi[r]);
-        if lo <= k0 && hi >= k0 + kn {
+        let vis = sc.vis[r];
+        if vis.sees_all(k0, k0 + kn) {
             continue;
         }
-        let a = lo.clamp(k0, k0 + kn) - k0;
-        let b = hi.clamp(k0, k0 + kn).max(lo.clamp(k0, k0 + kn)) - k0;
-        for j in (0..a).chain(b..kn) {
-            st[j * rows_p + r] = f32::NEG_INFINITY;
+        for j in 0..kn {
+            if !vis.sees(k0 + j) {
+                st[j * rows_p + r] = f32::NEG_INFINITY;
+            }
         }
     }
 }
@@ -376,18 +343,10 @@ pub(crate) unsafe fn softmax_update<S: Simd>(sc: &mut Scratch, dims: &Dims, kn: 
         for r in 0..dims.cols {
             let (m_old, t) = (sc.m[r], sc.tmax[r]);
             let m_new = if m_old > t { m_old } else { t };
-            sc.alpha[r] = if m_old == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (m_old - m_new).exp2()
-            };
+            sc.alpha[r] = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp2() };
             sc.m[r] = m_new;
             // A row that has seen nothing yet subtracts 0, so 2^(−∞ − 0) = 0, not NaN.
-            sc.tmax[r] = if m_new == f32::NEG_INFINITY {
-                0.0
-            } else {
-                m_new
-            };
+            sc.tmax[r] = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
         }
         for c in (0..dims.cols).step_by(l) {
             let mv = S::load(sc.tmax.as_ptr().add(c));
@@ -417,35 +376,26 @@ fn all_finite(xs: &[f32]) -> bool {
 unsafe fn task_body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
     let dims = load_queries::<S>(ctx, task, sc);
     sc.acc[..dims.rows_p * dims.dvp].fill(0.0);
-    let range = ctx.key_range(task).and_then(|(lo, hi)| match job {
-        Job::Rows(_) => Some((lo, hi)),
-        Job::Partial { k0, k1, .. } => {
-            let (lo, hi) = (lo.max(k0), hi.min(k1));
-            (lo < hi).then_some((lo, hi))
+    let (j0, j1) = match job {
+        Job::Rows(_) => (0, usize::MAX),
+        Job::Partial { k0, k1, .. } => (k0, k1),
+    };
+    for (lo, hi) in ctx.key_ranges(task) {
+        let (lo, hi) = (lo.max(j0), hi.min(j1));
+        if lo < hi {
+            // SAFETY: buffers sized by Scratch::new for this plan.
+            unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi) };
         }
-    });
-    if let Some((kmin, kmax)) = range {
-        // SAFETY: buffers sized by Scratch::new for this plan.
-        unsafe { accumulate::<S>(ctx, task, sc, &dims, kmin, kmax) };
     }
     match job {
         Job::Rows(sinks) => write_rows(ctx, sinks, task, sc, &dims),
-        Job::Partial { buf, .. } => {
-            super::softmax::save_partial(buf, dims.rows, ctx.plan.dv, dims.dvp, sc)
-        }
+        Job::Partial { buf, .. } => super::softmax::save_partial(buf, dims.rows, ctx.plan.dv, dims.dvp, sc),
     }
 }
 
 /// Runs the online softmax of the task's rows over keys `kmin..kmax`.
 #[inline(always)]
-unsafe fn accumulate<S: Simd>(
-    ctx: &Ctx,
-    task: &Task,
-    sc: &mut Scratch,
-    dims: &Dims,
-    kmin: usize,
-    kmax: usize,
-) {
+unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, kmin: usize, kmax: usize) {
     let plan = ctx.plan;
     let (rows_p, dvp, dv) = (dims.rows_p, dims.dvp, plan.dv);
     let seq = &ctx.seqs[task.seq];
@@ -469,27 +419,15 @@ unsafe fn accumulate<S: Simd>(
         for r in 0..dims.rows {
             let a = sc.alpha[r];
             if a != 1.0 {
-                sc.acc[r * dvp..(r + 1) * dvp]
-                    .iter_mut()
-                    .for_each(|x| *x *= a);
+                sc.acc[r * dvp..(r + 1) * dvp].iter_mut().for_each(|x| *x *= a);
             }
         }
-        let in_place = if dv == dvp {
-            v_view.f32_rows(seq.batch, task.kvh, first)
-        } else {
-            None
-        };
+        let in_place = if dv == dvp { v_view.f32_rows(seq.batch, task.kvh, first) } else { None };
         let (b, ldb) = match in_place {
             Some(direct) => direct,
             None => {
                 for j in 0..kn {
-                    v_view.read_row(
-                        seq.batch,
-                        task.kvh,
-                        first + j,
-                        &mut sc.v[j * dvp..j * dvp + dv],
-                        1.0,
-                    );
+                    v_view.read_row(seq.batch, task.kvh, first + j, &mut sc.v[j * dvp..j * dvp + dv], 1.0);
                 }
                 (sc.v.as_ptr(), dvp as isize)
             }
@@ -502,7 +440,7 @@ unsafe fn accumulate<S: Simd>(
         }
         // When every row sees every key of the tile, a NaN value is read by all of them anyway;
         // only a partly masked tile needs the (costly) check below.
-        let all_visible = (0..dims.rows).all(|r| sc.lo[r] <= k0 && sc.hi[r] >= k0 + kn);
+        let all_visible = (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
         let v_finite = all_visible
             || (0..kn).all(|j| {
                 // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
@@ -553,12 +491,7 @@ fn write_rows(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch, dims: &Di
     let seq = &ctx.seqs[task.seq];
     for r in 0..dims.rows {
         let (h, i) = row_of(&ctx.plan, task, r);
-        let lse = super::softmax::finish_row(
-            &sc.acc[r * dvp..r * dvp + dv],
-            sc.m[r],
-            sc.l[r],
-            &mut sc.row[..dv],
-        );
+        let lse = super::softmax::finish_row(&sc.acc[r * dvp..r * dvp + dv], sc.m[r], sc.l[r], &mut sc.row[..dv]);
         // SAFETY: this task is the only writer of its rows.
         unsafe { sinks.write(seq, h, seq.q_start + i, &sc.row[..dv], lse) };
     }

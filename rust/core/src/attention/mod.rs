@@ -12,8 +12,8 @@ mod softmax;
 mod weights;
 
 use crate::error::{ensure_shape, Error, Result};
-use crate::layout::{RowWriter, Strided, StridedMut};
-use crate::mask::{visible, Params, Sequence};
+use crate::layout::{DType, RowWriter, Strided, StridedMut};
+use crate::mask::{visible, Params, Sequence, Vis};
 use crate::parallel;
 use crate::simd::Isa;
 use rayon::prelude::*;
@@ -39,13 +39,7 @@ pub(crate) struct Plan {
 
 impl Plan {
     fn new(group: usize, d: usize, dv: usize) -> Plan {
-        Plan {
-            group,
-            tq: (ROWS / group).max(1),
-            d,
-            dv,
-            bc: KEYS,
-        }
+        Plan { group, tq: (ROWS / group).max(1), d, dv, bc: KEYS }
     }
 }
 
@@ -68,18 +62,21 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// The union of the keys the rows of `task` see, `None` when they see none.
-    pub(crate) fn key_range(&self, task: &Task) -> Option<(usize, usize)> {
+    /// The keys the rows of `task` see, as at most two ranges in order (the sinks, then the
+    /// union of the rows' windows), empty ones dropped; tiles in between are never visited.
+    pub(crate) fn key_ranges(&self, task: &Task) -> Vec<(usize, usize)> {
         let seq = &self.seqs[task.seq];
-        let (mut lo, mut hi) = (usize::MAX, 0);
+        let (mut sink, mut lo, mut hi) = (0, usize::MAX, 0);
         for i in task.i0..task.i1 {
-            let (a, b) = visible(self.params, seq, i);
-            if a < b {
-                lo = lo.min(a);
-                hi = hi.max(b);
+            let v = visible(self.params, seq, i);
+            sink = sink.max(v.sink);
+            if v.lo < v.hi {
+                lo = lo.min(v.lo);
+                hi = hi.max(v.hi);
             }
         }
-        (lo < hi).then_some((lo, hi))
+        let union = Vis { sink, lo: lo.min(hi), hi };
+        union.ranges().into_iter().filter(|(a, b)| a < b).collect()
     }
 }
 
@@ -138,12 +135,9 @@ fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec<Part>> {
     let mut parts = Vec::new();
     let mut split_any = false;
     for (t, task) in work.iter().enumerate() {
-        let Some((lo, hi)) = ctx.key_range(task) else {
-            parts.push(Part {
-                task: t,
-                k0: 0,
-                k1: 0,
-            });
+        let ranges = ctx.key_ranges(task);
+        let (Some(&(lo, _)), Some(&(_, hi))) = (ranges.first(), ranges.last()) else {
+            parts.push(Part { task: t, k0: 0, k1: 0 });
             continue;
         };
         let n = per_task.min((hi - lo) / MIN_SPLIT).max(1);
@@ -151,44 +145,20 @@ fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec<Part>> {
         split_any |= n > 1;
         let mut k0 = lo;
         while k0 < hi {
-            parts.push(Part {
-                task: t,
-                k0,
-                k1: (k0 + chunk).min(hi),
-            });
+            parts.push(Part { task: t, k0, k1: (k0 + chunk).min(hi) });
             k0 += chunk;
         }
     }
     split_any.then_some(parts)
 }
 
-fn check_inputs(
-    q: &Strided,
-    k: &Strided,
-    v_shape: [usize; 4],
-    seqs: &[Sequence],
-    params: &Params,
-) -> Result<()> {
+fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence], params: &Params) -> Result<()> {
     params.validate()?;
     let [b, hq, sq, d] = q.shape();
     let [bk, hk, sk, dk] = k.shape();
-    ensure_shape!(
-        d >= 1,
-        "q: head dimension must be at least 1, got shape {:?}",
-        q.shape()
-    );
-    ensure_shape!(
-        bk == b,
-        "q and k have different batch sizes: {:?} vs {:?}",
-        q.shape(),
-        k.shape()
-    );
-    ensure_shape!(
-        dk == d,
-        "q and k have different head dimensions: {:?} vs {:?}",
-        q.shape(),
-        k.shape()
-    );
+    ensure_shape!(d >= 1, "q: head dimension must be at least 1, got shape {:?}", q.shape());
+    ensure_shape!(bk == b, "q and k have different batch sizes: {:?} vs {:?}", q.shape(), k.shape());
+    ensure_shape!(dk == d, "q and k have different head dimensions: {:?} vs {:?}", q.shape(), k.shape());
     ensure_shape!(
         hk >= 1 && hq % hk == 0,
         "query heads ({hq}) must be a multiple of key/value heads ({hk}); q {:?}, k {:?}",
@@ -200,10 +170,7 @@ fn check_inputs(
         "k and v must agree in batch, heads and length: k {:?}, v {v_shape:?}",
         k.shape()
     );
-    ensure_shape!(
-        v_shape[3] >= 1,
-        "v: value dimension must be at least 1, got shape {v_shape:?}"
-    );
+    ensure_shape!(v_shape[3] >= 1, "v: value dimension must be at least 1, got shape {v_shape:?}");
     for s in seqs {
         ensure_shape!(
             s.batch < b && s.q_start + s.q_len <= sq && s.k_start + s.k_len <= sk,
@@ -220,12 +187,7 @@ fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan) -> Vec<Task> {
     for (si, s) in seqs.iter().enumerate() {
         for kvh in 0..hkv {
             for i0 in (0..s.q_len).step_by(plan.tq) {
-                t.push(Task {
-                    seq: si,
-                    kvh,
-                    i0,
-                    i1: (i0 + plan.tq).min(s.q_len),
-                });
+                t.push(Task { seq: si, kvh, i0, i1: (i0 + plan.tq).min(s.q_len) });
             }
         }
     }
@@ -250,100 +212,72 @@ pub fn attention(
     let [b, hq, sq, _] = q.shape();
     let hkv = k.shape()[1];
     let dv = v.shape()[3];
-    ensure_shape!(
-        out.shape() == [b, hq, sq, dv],
-        "out has shape {:?}, expected {:?}",
-        out.shape(),
-        [b, hq, sq, dv]
-    );
-    if q.dtype() != k.dtype() || q.dtype() != v.dtype() || q.dtype() != out.dtype() {
+    ensure_shape!(out.shape() == [b, hq, sq, dv], "out has shape {:?}, expected {:?}", out.shape(), [b, hq, sq, dv]);
+    // Queries and output share a type, keys and values share one (a cache may hold f16 or int8
+    // keys for f32 queries).
+    if q.dtype() != out.dtype() || k.dtype() != v.dtype() || q.dtype() == DType::I8 {
         return Err(Error::DType(format!(
-            "q, k, v and out must share one dtype, got {}, {}, {}, {}",
+            "q and out must share a float dtype and k and v one dtype, got {}, {}, {}, {}",
             q.dtype().name(),
             k.dtype().name(),
             v.dtype().name(),
             out.dtype().name()
         )));
     }
+    k.check_readable("k")?;
+    v.check_readable("v")?;
     let lse = match lse {
         Some(buf) => {
-            ensure_shape!(
-                buf.len() == b * hq * sq,
-                "lse buffer has {} entries, expected {}",
-                buf.len(),
-                b * hq * sq
-            );
+            ensure_shape!(buf.len() == b * hq * sq, "lse buffer has {} entries, expected {}", buf.len(), b * hq * sq);
             Some(LsePtr(buf.as_mut_ptr()))
         }
         None => None,
     };
     let plan = Plan::new(hq / hkv, q.shape()[3], dv);
-    let ctx = Ctx {
-        q,
-        k,
-        v: Some(v),
-        seqs,
-        params,
-        plan,
-    };
-    let sinks = Sinks {
-        out: out.rows(),
-        lse,
-        lse_dims: [hq * sq, sq, 1],
-    };
+    let ctx = Ctx { q, k, v: Some(v), seqs, params, plan };
+    let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
-    parallel::install(
-        || match split_keys(&ctx, &work, rayon::current_num_threads()) {
-            None => work.par_iter().for_each_init(
+    parallel::install(|| match split_keys(&ctx, &work, rayon::current_num_threads()) {
+        None => work.par_iter().for_each_init(
+            || blocked::Scratch::new(&plan),
+            // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
+            |scratch, task| unsafe { blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), task, scratch) },
+        ),
+        Some(parts) => {
+            let rows = plan.group * plan.tq;
+            let slot = softmax::partial_len(rows, dv);
+            let mut partial = vec![0f32; parts.len() * slot];
+            partial.par_chunks_mut(slot).zip(&parts).for_each_init(
                 || blocked::Scratch::new(&plan),
-                // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-                |scratch, task| unsafe {
-                    blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), task, scratch)
+                |scratch, (buf, part)| {
+                    let job = blocked::Job::Partial { buf, k0: part.k0, k1: part.k1 };
+                    // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
+                    unsafe { blocked::run(isa, &ctx, job, &work[part.task], scratch) }
                 },
-            ),
-            Some(parts) => {
-                let rows = plan.group * plan.tq;
-                let slot = softmax::partial_len(rows, dv);
-                let mut partial = vec![0f32; parts.len() * slot];
-                partial.par_chunks_mut(slot).zip(&parts).for_each_init(
-                    || blocked::Scratch::new(&plan),
-                    |scratch, (buf, part)| {
-                        let job = blocked::Job::Partial {
-                            buf,
-                            k0: part.k0,
-                            k1: part.k1,
-                        };
-                        // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
-                        unsafe { blocked::run(isa, &ctx, job, &work[part.task], scratch) }
-                    },
-                );
-                // Parts of one task are consecutive: merge each task's slices into its rows.
-                let mut firsts: Vec<usize> = (0..parts.len())
-                    .filter(|&i| i == 0 || parts[i - 1].task != parts[i].task)
-                    .collect();
-                firsts.push(parts.len());
-                firsts.par_windows(2).for_each_init(
-                    || (vec![0f32; dv], vec![0f32; dv]),
-                    |(acc, row), w| {
-                        let task = &work[parts[w[0]].task];
-                        let slices: Vec<&[f32]> = (w[0]..w[1])
-                            .map(|i| &partial[i * slot..(i + 1) * slot])
-                            .collect();
-                        let seq = &seqs[task.seq];
-                        let rows = plan.group * (task.i1 - task.i0);
-                        for r in 0..rows {
-                            let (m, l) = softmax::merge_row(&slices, rows, dv, r, acc);
-                            let lse = softmax::finish_row(acc, m, l, row);
-                            let (h, i) = blocked::row_of(&plan, task, r);
-                            // SAFETY: each task's rows are written by this closure only.
-                            unsafe { sinks.write(seq, h, seq.q_start + i, row, lse) };
-                        }
-                    },
-                );
-            }
-        },
-    );
+            );
+            // Parts of one task are consecutive: merge each task's slices into its rows.
+            let mut firsts: Vec<usize> =
+                (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
+            firsts.push(parts.len());
+            firsts.par_windows(2).for_each_init(
+                || (vec![0f32; dv], vec![0f32; dv]),
+                |(acc, row), w| {
+                    let task = &work[parts[w[0]].task];
+                    let slices: Vec<&[f32]> = (w[0]..w[1]).map(|i| &partial[i * slot..(i + 1) * slot]).collect();
+                    let seq = &seqs[task.seq];
+                    let rows = plan.group * (task.i1 - task.i0);
+                    for r in 0..rows {
+                        let (m, l) = softmax::merge_row(&slices, rows, dv, r, acc);
+                        let lse = softmax::finish_row(acc, m, l, row);
+                        let (h, i) = blocked::row_of(&plan, task, r);
+                        // SAFETY: each task's rows are written by this closure only.
+                        unsafe { sinks.write(seq, h, seq.q_start + i, row, lse) };
+                    }
+                },
+            );
+        }
+    });
     Ok(())
 }
 
@@ -357,7 +291,7 @@ pub fn attention_weights(
     params: &Params,
 ) -> Result<()> {
     check_inputs(q, k, k.shape(), seqs, params)?;
-    ensure_shape!(q.dtype() == k.dtype(), "q and k must share one dtype");
+    k.check_readable("k")?;
     let [b, hq, sq, d] = q.shape();
     let [_, hkv, sk, _] = k.shape();
     ensure_shape!(
@@ -367,18 +301,8 @@ pub fn attention_weights(
         b * hq * sq * sk
     );
     let plan = Plan::new(hq / hkv, d, d);
-    let ctx = Ctx {
-        q,
-        k,
-        v: None,
-        seqs,
-        params,
-        plan,
-    };
-    let dest = weights::Dest {
-        ptr: weights.as_mut_ptr(),
-        dims: [hq * sq * sk, sq * sk, sk],
-    };
+    let ctx = Ctx { q, k, v: None, seqs, params, plan };
+    let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
     parallel::install(|| {

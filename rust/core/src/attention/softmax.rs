@@ -28,13 +28,7 @@ pub(crate) fn partial_len(rows: usize, dv: usize) -> usize {
 }
 
 /// Stores the state of a task's rows into `buf` (see [`partial_len`]).
-pub(crate) fn save_partial(
-    buf: &mut [f32],
-    rows: usize,
-    dv: usize,
-    dvp: usize,
-    sc: &super::blocked::Scratch,
-) {
+pub(crate) fn save_partial(buf: &mut [f32], rows: usize, dv: usize, dvp: usize, sc: &super::blocked::Scratch) {
     let (ms, rest) = buf.split_at_mut(rows);
     let (ls, accs) = rest.split_at_mut(rows);
     ms.copy_from_slice(&sc.m[..rows]);
@@ -46,17 +40,8 @@ pub(crate) fn save_partial(
 
 /// Merges the partial states in `parts` (each [`partial_len`] floats) for row `r`: the state
 /// of the union of their key ranges, as `(acc, m, l)` with `acc` written into `acc`.
-pub(crate) fn merge_row(
-    parts: &[&[f32]],
-    rows: usize,
-    dv: usize,
-    r: usize,
-    acc: &mut [f32],
-) -> (f32, f32) {
-    let m = parts
-        .iter()
-        .map(|p| p[r])
-        .fold(f32::NEG_INFINITY, |a, b| if a > b { a } else { b });
+pub(crate) fn merge_row(parts: &[&[f32]], rows: usize, dv: usize, r: usize, acc: &mut [f32]) -> (f32, f32) {
+    let m = parts.iter().map(|p| p[r]).fold(f32::NEG_INFINITY, |a, b| if a > b { a } else { b });
     acc[..dv].fill(0.0);
     if m == f32::NEG_INFINITY {
         return (m, 0.0);

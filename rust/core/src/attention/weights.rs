@@ -37,43 +37,46 @@ unsafe fn run_avx2(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
 
 #[inline(always)]
 unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
-    let Some((kmin, kmax)) = ctx.key_range(task) else {
+    let ranges = ctx.key_ranges(task);
+    if ranges.is_empty() {
         return;
-    };
+    }
     let plan = ctx.plan;
     let dims = load_queries::<S>(ctx, task, sc);
     let rows_p = dims.rows_p;
     let seq = &ctx.seqs[task.seq];
     for pass in 0..2 {
-        let mut k0 = kmin;
-        while k0 < kmax {
-            let kn = plan.bc.min(kmax - k0);
-            // SAFETY: buffers sized by Scratch::new for this plan.
-            unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
-            if pass == 0 {
-                // SAFETY: as above.
-                unsafe { softmax_update::<S>(sc, &dims, kn) };
-            } else {
-                for r in 0..dims.rows {
-                    let l = sc.l[r];
-                    if !(l > 0.0 || l.is_nan()) {
-                        continue;
-                    }
-                    let (h, i) = row_of(&plan, task, r);
-                    let at = seq.batch * dest.dims[0]
-                        + h * dest.dims[1]
-                        + (seq.q_start + i) * dest.dims[2]
-                        + seq.k_start
-                        + k0;
-                    let (m, inv) = (sc.m[r], 1.0 / l);
-                    for j in 0..kn {
-                        let p = (sc.st[j * rows_p + r] - m).exp2() * inv;
-                        // SAFETY: `attention_weights` checked the buffer's size; this row is ours.
-                        unsafe { *dest.ptr.add(at + j) = p };
+        for &(kmin, kmax) in &ranges {
+            let mut k0 = kmin;
+            while k0 < kmax {
+                let kn = plan.bc.min(kmax - k0);
+                // SAFETY: buffers sized by Scratch::new for this plan.
+                unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
+                if pass == 0 {
+                    // SAFETY: as above.
+                    unsafe { softmax_update::<S>(sc, &dims, kn) };
+                } else {
+                    for r in 0..dims.rows {
+                        let l = sc.l[r];
+                        if !(l > 0.0 || l.is_nan()) {
+                            continue;
+                        }
+                        let (h, i) = row_of(&plan, task, r);
+                        let at = seq.batch * dest.dims[0]
+                            + h * dest.dims[1]
+                            + (seq.q_start + i) * dest.dims[2]
+                            + seq.k_start
+                            + k0;
+                        let (m, inv) = (sc.m[r], 1.0 / l);
+                        for j in 0..kn {
+                            let p = (sc.st[j * rows_p + r] - m).exp2() * inv;
+                            // SAFETY: `attention_weights` checked the buffer's size; this row is ours.
+                            unsafe { *dest.ptr.add(at + j) = p };
+                        }
                     }
                 }
+                k0 += kn;
             }
-            k0 += kn;
         }
     }
 }

@@ -106,18 +106,7 @@ pub fn cpu_features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($f:tt),*) => {$( if std::is_x86_feature_detected!($f) { found.push($f); } )*};
         }
-        probe!(
-            "sse4.1",
-            "avx",
-            "avx2",
-            "fma",
-            "f16c",
-            "avx512f",
-            "avx512bw",
-            "avx512vl",
-            "avx512bf16",
-            "avx512fp16"
-        );
+        probe!("sse4.1", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16");
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -140,11 +129,7 @@ pub(crate) fn prefetch_rows(p: *const f32, ld: isize, rows: usize, row_bytes: us
         let row = p.wrapping_offset(j as isize * ld) as *const i8;
         for off in (0..row_bytes).step_by(64) {
             // SAFETY: prefetch is a hint that never faults; SSE is part of the x86-64 baseline.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    row.wrapping_add(off),
-                )
-            };
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(row.wrapping_add(off)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -76,10 +76,7 @@ unsafe impl Simd for Avx2 {
         // SAFETY: see the impl's safety note.
         unsafe {
             // min/max with the constant first keep a NaN `x` (second operand wins on NaN).
-            let xc = _mm256_max_ps(
-                _mm256_set1_ps(EXP2_LO),
-                _mm256_min_ps(_mm256_set1_ps(EXP2_HI), x),
-            );
+            let xc = _mm256_max_ps(_mm256_set1_ps(EXP2_LO), _mm256_min_ps(_mm256_set1_ps(EXP2_HI), x));
             let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
             let r = _mm256_sub_ps(xc, n);
             let mut p = _mm256_set1_ps(C6);
@@ -89,10 +86,7 @@ unsafe impl Simd for Avx2 {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C2));
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C1));
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0));
-            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-                _mm256_cvtps_epi32(n),
-                _mm256_set1_epi32(127),
-            ));
+            let bits = _mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)));
             let y = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
             let tiny = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(EXP2_ZERO_BELOW));
             _mm256_andnot_ps(tiny, y)
@@ -164,10 +158,7 @@ unsafe impl Simd for Avx512 {
         // SAFETY: see the impl's safety note.
         unsafe {
             // min/max with the constant first keep a NaN `x` (second operand wins on NaN).
-            let xc = _mm512_max_ps(
-                _mm512_set1_ps(EXP2_LO),
-                _mm512_min_ps(_mm512_set1_ps(EXP2_HI), x),
-            );
+            let xc = _mm512_max_ps(_mm512_set1_ps(EXP2_LO), _mm512_min_ps(_mm512_set1_ps(EXP2_HI), x));
             let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
             let r = _mm512_sub_ps(xc, n);
             let mut p = _mm512_set1_ps(C6);
@@ -177,10 +168,7 @@ unsafe impl Simd for Avx512 {
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(C2));
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(C1));
             p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0));
-            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-                _mm512_cvtps_epi32(n),
-                _mm512_set1_epi32(127),
-            ));
+            let bits = _mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)));
             let y = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
             let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(EXP2_ZERO_BELOW));
             _mm512_maskz_mov_ps(keep, y)
@@ -222,16 +210,7 @@ mod tests {
             }
         }
         assert!(worst < 5e-7, "worst relative error {worst}");
-        let edge = [
-            f32::NEG_INFINITY,
-            -1e30,
-            -127.0,
-            -126.5,
-            0.0,
-            f32::NAN,
-            -0.0,
-            1e-30,
-        ];
+        let edge = [f32::NEG_INFINITY, -1e30, -127.0, -126.5, 0.0, f32::NAN, -0.0, 1e-30];
         // SAFETY: features checked above.
         let ys = unsafe { exp2_8(&edge) };
         assert_eq!(&ys[..4], &[0.0; 4]);

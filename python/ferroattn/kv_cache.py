@@ -1,0 +1,508 @@
+"""A key/value cache for autoregressive decoding.
+
+Keys and values live in preallocated ``(batch, kv_heads, slots, dim)`` arrays in float32,
+float16, bfloat16 or int8 (with a float32 scale per token and head); attention reads them in
+place, converting inside the kernel. Each sequence of the batch has its own length, so one cache
+serves a ragged batch (continuous batching), and a slot can be reset and reused.
+
+A sliding-window cache (``window=w``) keeps only the last ``w`` tokens (plus ``max_rollback``
+spare ones) in a ring buffer, and optionally the first ``sinks`` tokens for good (StreamingLLM):
+memory ``O(w)``, results identical to sliding-window attention over the whole history with the
+sink tokens kept as keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _ferroattn
+from ._args import as_array, check_dtypes, dtype_code, kernel_ready, mask_options
+
+__all__ = ["KVCache"]
+
+_STORAGE = ("float32", "float16", "bfloat16", "int8")
+
+
+def _storage_dtype(dtype: Any) -> tuple[str, np.dtype]:
+    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    if name not in _STORAGE:
+        raise TypeError(f"dtype must be one of {', '.join(_STORAGE)}, got {dtype!r}")
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise TypeError("a bfloat16 cache needs the ml_dtypes package") from e
+        return name, np.dtype(ml_dtypes.bfloat16)
+    return name, np.dtype(name)
+
+
+def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row (last axis): ``x ≈ q · scale``."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.max(np.abs(x), axis=-1)
+    scale = (amax / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer, for a batch of sequences.
+
+    Args:
+        batch: number of sequences (slots).
+        kv_heads: key/value heads.
+        head_dim: dimension of keys (and of values unless ``value_dim`` is given).
+        capacity: tokens each sequence can hold (not needed with ``window``).
+        dtype: storage: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"int8"`` (symmetric,
+            one float32 scale per token and head, quantized on append).
+        value_dim: dimension of values, default ``head_dim``.
+        window: keep only what a sliding window of ``window`` tokens sees (the token itself and
+            the ``window - 1`` before it), in a ring buffer.
+        sinks: with ``window``: also keep the first ``sinks`` tokens of each sequence as keys.
+        max_rollback: with ``window``: spare ring slots, so :meth:`rollback` can undo that many
+            tokens (speculative decoding).
+
+    Appending past ``capacity`` raises ``ValueError``; a call that fails leaves the cache as it
+    was.
+
+    Example:
+        >>> import numpy as np, ferroattn
+        >>> cache = ferroattn.KVCache(1, 2, 16, capacity=64)
+        >>> rng = np.random.default_rng(0)
+        >>> k, v = rng.standard_normal((2, 1, 2, 5, 16), dtype=np.float32)
+        >>> q = rng.standard_normal((1, 4, 5, 16), dtype=np.float32)
+        >>> cache.step(q, k, v).shape      # prefill 5 tokens, 4 query heads over 2 KV heads
+        (1, 4, 5, 16)
+        >>> int(cache.lengths[0])
+        5
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int | None = None,
+        *,
+        dtype: Any = "float32",
+        value_dim: int | None = None,
+        window: int | None = None,
+        sinks: int = 0,
+        max_rollback: int = 0,
+    ) -> None:
+        for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+            if not isinstance(val, (int, np.integer)) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        value_dim = head_dim if value_dim is None else value_dim
+        if not isinstance(value_dim, (int, np.integer)) or value_dim < 1:
+            raise ValueError(f"value_dim must be a positive int, got {value_dim!r}")
+        if window is not None:
+            if not isinstance(window, (int, np.integer)) or window < 1:
+                raise ValueError(f"window must be a positive int, got {window!r}")
+            if sinks < 0 or max_rollback < 0:
+                raise ValueError(
+                    f"sinks and max_rollback must be >= 0, got {sinks} and {max_rollback}"
+                )
+            ring = int(window) + int(max_rollback)
+            slots = int(sinks) + ring
+        else:
+            if sinks or max_rollback:
+                raise ValueError("sinks and max_rollback only apply to a window cache")
+            if not isinstance(capacity, (int, np.integer)) or capacity < 1:
+                raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+            ring = 0
+            slots = int(capacity)
+        self.batch, self.kv_heads, self.head_dim = int(batch), int(kv_heads), int(head_dim)
+        self.value_dim = int(value_dim)
+        self.window, self.sinks, self.max_rollback = window, int(sinks), int(max_rollback)
+        self._ring = ring
+        self._code, self._dtype = _storage_dtype(dtype)
+        self.capacity = slots if window is None else None
+        shape_k = (self.batch, self.kv_heads, slots, self.head_dim)
+        shape_v = (self.batch, self.kv_heads, slots, self.value_dim)
+        self._k = np.zeros(shape_k, dtype=self._dtype)
+        self._v = np.zeros(shape_v, dtype=self._dtype)
+        if self._code == "int8":
+            self._ks = np.zeros(shape_k[:3], dtype=np.float32)
+            self._vs = np.zeros(shape_v[:3], dtype=np.float32)
+        self._len = np.zeros(self.batch, dtype=np.int64)
+
+    # ----------------------------------------------------------------- facts
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens seen by each sequence (the position of its next token); a copy."""
+        return self._len.copy()
+
+    @property
+    def dtype(self) -> str:
+        """Storage type name."""
+        return self._code
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage (keys, values and int8 scales)."""
+        total = self._k.nbytes + self._v.nbytes
+        if self._code == "int8":
+            total += self._ks.nbytes + self._vs.nbytes
+        return total
+
+    def __repr__(self) -> str:
+        extra = f", window={self.window}, sinks={self.sinks}" if self.window else ""
+        return (
+            f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+            f"capacity={self.capacity}, dtype={self._code!r}{extra}, lengths={self._len.tolist()})"
+        )
+
+    # ------------------------------------------------------------- positions
+
+    def _slot(self, pos: np.ndarray) -> np.ndarray:
+        """Storage slot of each position (ring buffer past the sinks for window caches)."""
+        if self.window is None:
+            return pos
+        s = self.sinks
+        return np.where(pos < s, pos, s + (pos - s) % self._ring)
+
+    def _stored(self, b: int) -> np.ndarray:
+        """Positions of sequence ``b`` still in storage, in order."""
+        n = int(self._len[b])
+        if self.window is None:
+            return np.arange(n)
+        s = self.sinks
+        return np.concatenate([np.arange(min(n, s)), np.arange(max(s, n - self._ring), n)])
+
+    def _valid_counts(self, lengths: Any, t: int) -> np.ndarray:
+        if lengths is None:
+            return np.full(self.batch, t, dtype=np.int64)
+        counts = np.asarray(lengths)
+        if counts.shape != (self.batch,) or counts.dtype.kind not in "iu":
+            raise ValueError(
+                f"lengths must be {self.batch} integers, got shape {counts.shape} "
+                f"dtype {counts.dtype}"
+            )
+        if counts.size and (counts.min() < 0 or counts.max() > t):
+            raise ValueError(f"lengths must lie in [0, {t}], got {counts.tolist()}")
+        return counts.astype(np.int64)
+
+    # ---------------------------------------------------------------- writes
+
+    def _check_kv(self, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
+        k, v = as_array("k", k), as_array("v", v)
+        check_dtypes({"k": k, "v": v})
+        want_k = (self.batch, self.kv_heads, None, self.head_dim)
+        want_v = (self.batch, self.kv_heads, None, self.value_dim)
+        for name, arr, want in (("k", k, want_k), ("v", v, want_v)):
+            if arr.ndim != 4 or any(w is not None and w != s for w, s in zip(want, arr.shape)):
+                raise ValueError(
+                    f"{name} must have shape (batch={self.batch}, kv_heads={self.kv_heads}, "
+                    f"tokens, {want[3]}), got {arr.shape}"
+                )
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"k and v hold different numbers of tokens: {k.shape} vs {v.shape}")
+        return k, v
+
+    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """New tokens in the storage representation."""
+        if self._code == "int8":
+            return _quantize(x)
+        return np.asarray(x).astype(self._dtype, copy=False), None
+
+    def _check_room(self, counts: np.ndarray) -> None:
+        if self.window is None:
+            over = self._len + counts > self.capacity
+            if over.any():
+                b = int(np.argmax(over))
+                raise ValueError(
+                    f"appending {int(counts[b])} tokens to sequence {b} (length "
+                    f"{int(self._len[b])}) exceeds capacity {self.capacity}"
+                )
+
+    def _write(self, enc_k, enc_v, counts: np.ndarray) -> None:
+        (qk, sk), (qv, sv) = enc_k, enc_v
+        for b in range(self.batch):
+            t = int(counts[b])
+            if t == 0:
+                continue
+            pos = np.arange(self._len[b], self._len[b] + t)
+            # Only the last slot-count tokens survive in a ring; write just those.
+            keep = slice(max(0, t - self._k.shape[2]), t)
+            slots = self._slot(pos[keep])
+            self._k[b][:, slots] = qk[b][:, keep]
+            self._v[b][:, slots] = qv[b][:, keep]
+            if sk is not None:
+                self._ks[b][:, slots] = sk[b][:, keep]
+                self._vs[b][:, slots] = sv[b][:, keep]
+        self._len += counts
+
+    def append(self, k: Any, v: Any, *, lengths: Any = None) -> None:
+        """Append new keys and values.
+
+        Args:
+            k: ``(batch, kv_heads, T, head_dim)``.
+            v: ``(batch, kv_heads, T, value_dim)``.
+            lengths: ``(batch,)`` number of valid new tokens per sequence (right padding of
+                ``k``/``v``); default ``T`` for all.
+        """
+        k, v = self._check_kv(k, v)
+        counts = self._valid_counts(lengths, k.shape[2])
+        self._check_room(counts)
+        self._write(self._encode(k), self._encode(v), counts)
+
+    def reset(self, seq: int | None = None) -> None:
+        """Empty one sequence slot (or all), to reuse it for a new sequence."""
+        if seq is None:
+            self._len[:] = 0
+        else:
+            self._len[self._seq_index(seq)] = 0
+
+    def rollback(self, n: int, seq: int | None = None) -> None:
+        """Drop the last ``n`` tokens of one sequence (or of all), e.g. rejected draft tokens.
+
+        A window cache can roll back only while the tokens the window then needs are still
+        stored (``max_rollback + 1`` tokens after a decode step).
+        """
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        seqs = range(self.batch) if seq is None else [self._seq_index(seq)]
+        for b in seqs:
+            length = int(self._len[b])
+            if n > length:
+                raise ValueError(f"cannot roll back {n} tokens: sequence {b} has {length}")
+            if self.window is not None:
+                new = length - n
+                oldest_needed = max(self.sinks, new - (self.window - 1))
+                oldest_kept = max(self.sinks, length - self._ring)
+                if new > self.sinks and oldest_needed < oldest_kept:
+                    raise ValueError(
+                        f"cannot roll back {n} tokens of sequence {b}: the window would need "
+                        f"evicted tokens (create the cache with a larger max_rollback)"
+                    )
+        for b in seqs:
+            self._len[b] -= n
+
+    def _seq_index(self, seq: Any) -> int:
+        if not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.batch:
+            raise ValueError(f"seq must be an int in [0, {self.batch}), got {seq!r}")
+        return int(seq)
+
+    # ----------------------------------------------------------------- reads
+
+    def _decode(self, data: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+        if scales is None:
+            return data
+        return data.astype(np.float32) * scales[..., None]
+
+    def keys(self, seq: int) -> np.ndarray:
+        """Keys of sequence ``seq`` still stored, ``(kv_heads, n, head_dim)`` in position order.
+
+        A view into the cache for a float cache without window; a copy otherwise (int8 caches
+        return dequantized float32).
+        """
+        return self._read(self._k, self._ks if self._code == "int8" else None, seq)
+
+    def values(self, seq: int) -> np.ndarray:
+        """Values of sequence ``seq``; see :meth:`keys`."""
+        return self._read(self._v, self._vs if self._code == "int8" else None, seq)
+
+    def _read(self, data: np.ndarray, scales: np.ndarray | None, seq: int) -> np.ndarray:
+        b = self._seq_index(seq)
+        if self.window is None:
+            n = int(self._len[b])
+            return self._decode(data[b, :, :n], None if scales is None else scales[b, :, :n])
+        slots = self._slot(self._stored(b))
+        return self._decode(data[b][:, slots], None if scales is None else scales[b][:, slots])
+
+    # ------------------------------------------------------------- attention
+
+    def attend(
+        self,
+        q: Any,
+        *,
+        lengths: Any = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Attention of the queries of the last appended tokens over everything cached.
+
+        Args:
+            q: ``(batch, heads, T, head_dim)``, ``heads`` a multiple of ``kv_heads``: query
+                ``i`` of sequence ``b`` belongs to position ``length_b − t_b + i``
+                (bottom-right causal, as for decoding).
+            lengths: ``(batch,)`` valid queries per sequence (``t_b``; default ``T``); rows past
+                it come back as zeros.
+            scale, softcap: as in :func:`ferroattn.attention`.
+            out: optional output array ``(batch, heads, T, value_dim)`` of q's dtype.
+
+        Returns:
+            ``(batch, heads, T, value_dim)`` in q's dtype.
+        """
+        q = self._check_q(q)
+        counts = self._valid_counts(lengths, q.shape[2])
+        if self.window is not None:
+            slack = self._ring - (self.window - 1)
+            if np.any(counts > slack):
+                raise ValueError(
+                    f"a window cache can attend at most {slack} queries after append(); "
+                    "use step(q, k, v) to process longer chunks"
+                )
+            gathered = [self._gather(b, int(counts[b]), None) for b in range(self.batch)]
+            return self._attend_gathered(q, counts, gathered, scale, softcap, out)
+        seqs = [
+            (b, 0, int(counts[b]), 0, int(self._len[b]))
+            for b in range(self.batch)
+            if counts[b] > 0
+        ]
+        return self._run(q, self._k, self._v, self._scales(), seqs, 0, scale, softcap, out)
+
+    def step(
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        *,
+        lengths: Any = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Append ``k``/``v`` and attend with ``q`` (flash-attn's ``flash_attn_with_kvcache``).
+
+        Shapes as in :meth:`append` and :meth:`attend`; ``T`` may be one token (decoding) or a
+        chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype.
+        """
+        k, v = self._check_kv(k, v)
+        q = self._check_q(q)
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"q and k hold different numbers of tokens: {q.shape} vs {k.shape}")
+        counts = self._valid_counts(lengths, k.shape[2])
+        self._check_room(counts)
+        enc_k, enc_v = self._encode(k), self._encode(v)
+        if self.window is None:
+            self._write(enc_k, enc_v, counts)
+            return self.attend(q, lengths=counts, scale=scale, softcap=softcap, out=out)
+        # The ring may not hold a whole chunk: attend over old ring + new tokens, then store.
+        gathered = [self._gather(b, 0, (enc_k, enc_v, int(counts[b]))) for b in range(self.batch)]
+        result = self._attend_gathered(q, counts, gathered, scale, softcap, out)
+        self._write(enc_k, enc_v, counts)
+        return result
+
+    # --------------------------------------------------------------- helpers
+
+    def _check_q(self, q: Any) -> np.ndarray:
+        q = as_array("q", q)
+        check_dtypes({"q": q})
+        if (
+            q.ndim != 4
+            or q.shape[0] != self.batch
+            or q.shape[3] != self.head_dim
+            or q.shape[1] % self.kv_heads
+        ):
+            raise ValueError(
+                f"q must have shape (batch={self.batch}, heads (a multiple of "
+                f"{self.kv_heads}), tokens, {self.head_dim}), got {q.shape}"
+            )
+        return q
+
+    def _scales(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._code != "int8":
+            return None
+        return self._ks, self._vs
+
+    def _gather(self, b: int, t: int, new: Any) -> tuple:
+        """Keys/values sequence ``b``'s last queries need, as contiguous arrays in position
+        order: ``[sinks | window part | new tokens]``, with their int8 scales (or None).
+
+        Indices ``< sinks`` are the sink tokens and the rest are consecutive positions, so the
+        kernel's causal + window mask with ``sink_keys = sinks`` is exactly the cache's rule.
+        """
+        length = int(self._len[b])
+        if new is not None:
+            (qk, sk), (qv, sv), t = new[0], new[1], new[2]
+            first_query = length
+        else:
+            first_query = length - t
+        end = length  # stored positions end here; new tokens (if any) follow
+        sinks = min(end, self.sinks)
+        lo = max(self.sinks, first_query - (self.window - 1))
+        pos = np.concatenate([np.arange(sinks), np.arange(lo, end)]).astype(np.int64)
+        slots = self._slot(pos)
+        parts_k, parts_v = [self._k[b][:, slots]], [self._v[b][:, slots]]
+        scale_k = scale_v = None
+        if self._code == "int8":
+            scale_k, scale_v = [self._ks[b][:, slots]], [self._vs[b][:, slots]]
+        if new is not None and t:
+            parts_k.append(qk[b][:, :t])
+            parts_v.append(qv[b][:, :t])
+            if scale_k is not None:
+                scale_k.append(sk[b][:, :t])
+                scale_v.append(sv[b][:, :t])
+        gk, gv = np.concatenate(parts_k, axis=1), np.concatenate(parts_v, axis=1)
+        if scale_k is not None:
+            scale_k = np.concatenate(scale_k, axis=1)
+            scale_v = np.concatenate(scale_v, axis=1)
+        return gk, gv, scale_k, scale_v
+
+    def _attend_gathered(self, q, counts, gathered, scale, softcap, out) -> np.ndarray:
+        """One kernel call over the per-sequence gathered keys, padded into one array."""
+        n = max((g[0].shape[1] for g in gathered), default=0)
+        shape_k = (self.batch, self.kv_heads, n, self.head_dim)
+        shape_v = (self.batch, self.kv_heads, n, self.value_dim)
+        k = np.zeros(shape_k, dtype=self._dtype)
+        v = np.zeros(shape_v, dtype=self._dtype)
+        scales = None
+        if self._code == "int8":
+            scales = (np.zeros(shape_k[:3], np.float32), np.zeros(shape_v[:3], np.float32))
+        seqs = []
+        for b, (gk, gv, sk, sv) in enumerate(gathered):
+            m = gk.shape[1]
+            k[b, :, :m], v[b, :, :m] = gk, gv
+            if scales is not None:
+                scales[0][b, :, :m], scales[1][b, :, :m] = sk, sv
+            if counts[b] > 0:
+                seqs.append((b, 0, int(counts[b]), 0, m))
+        return self._run(
+            q, k, v, scales, seqs, self.sinks, scale, softcap, out, window=self.window - 1
+        )
+
+    def _run(self, q, k, v, scales, seqs, sink_keys, scale, softcap, out, window=None):
+        opts = mask_options(
+            head_dim=self.head_dim,
+            causal=True,
+            window=None if window is None else (window, 0),
+            scale=scale,
+            softcap=softcap,
+        )
+        result_dtype = q.dtype
+        qk = kernel_ready(q)
+        shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
+        if out is None:
+            result = np.zeros(shape, dtype=result_dtype)
+        else:
+            if not isinstance(out, np.ndarray) or out.dtype != result_dtype or out.shape != shape:
+                raise ValueError(f"out must be an array of shape {shape} and dtype {result_dtype}")
+            result = out
+            result[...] = 0
+        direct = dtype_code(result) == dtype_code(qk) and result.flags.c_contiguous
+        target = result if direct else np.zeros(shape, dtype=qk.dtype)
+        kwargs = opts.kwargs()
+        if scales is not None:
+            kwargs["k_scales"] = scales[0][..., None]
+            kwargs["v_scales"] = scales[1][..., None]
+        _ferroattn.attention(
+            qk,
+            k,
+            v,
+            target,
+            qk.dtype.name,
+            kv_dtype=self._code,
+            sink_keys=sink_keys,
+            seqs=seqs,
+            **kwargs,
+        )
+        if not direct:
+            result[...] = target
+        return result
