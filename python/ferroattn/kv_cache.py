@@ -195,7 +195,10 @@ class KVCache:
         want_k = (self.batch, self.kv_heads, None, self.head_dim)
         want_v = (self.batch, self.kv_heads, None, self.value_dim)
         for name, arr, want in (("k", k, want_k), ("v", v, want_v)):
-            if arr.ndim != 4 or any(w is not None and w != s for w, s in zip(want, arr.shape)):
+            mismatch = arr.ndim != 4 or any(
+                w is not None and w != s for w, s in zip(want, arr.shape, strict=True)
+            )
+            if mismatch:
                 raise ValueError(
                     f"{name} must have shape (batch={self.batch}, kv_heads={self.kv_heads}, "
                     f"tokens, {want[3]}), got {arr.shape}"
@@ -352,9 +355,7 @@ class KVCache:
             gathered = [self._gather(b, int(counts[b]), None) for b in range(self.batch)]
             return self._attend_gathered(q, counts, gathered, scale, softcap, out)
         seqs = [
-            (b, 0, int(counts[b]), 0, int(self._len[b]))
-            for b in range(self.batch)
-            if counts[b] > 0
+            (b, 0, int(counts[b]), 0, int(self._len[b])) for b in range(self.batch) if counts[b] > 0
         ]
         return self._run(q, self._k, self._v, self._scales(), seqs, 0, scale, softcap, out)
 
