@@ -230,14 +230,17 @@ class KVCache:
             if t == 0:
                 continue
             pos = np.arange(self._len[b], self._len[b] + t)
-            # Only the last slot-count tokens survive in a ring; write just those.
-            keep = slice(max(0, t - self._k.shape[2]), t)
+            # In a ring only sinks and the last `ring` positions survive; writing just those
+            # keeps every slot written once (fancy assignment has no defined order).
+            keep = np.ones(t, dtype=bool)
+            if self.window is not None:
+                keep = (pos < self.sinks) | (pos >= pos[-1] + 1 - self._ring)
             slots = self._slot(pos[keep])
-            self._k[b][:, slots] = qk[b][:, keep]
-            self._v[b][:, slots] = qv[b][:, keep]
+            self._k[b][:, slots] = qk[b][:, :t][:, keep]
+            self._v[b][:, slots] = qv[b][:, :t][:, keep]
             if sk is not None:
-                self._ks[b][:, slots] = sk[b][:, keep]
-                self._vs[b][:, slots] = sv[b][:, keep]
+                self._ks[b][:, slots] = sk[b][:, :t][:, keep]
+                self._vs[b][:, slots] = sv[b][:, :t][:, keep]
         self._len += counts
 
     def append(self, k: Any, v: Any, *, lengths: Any = None) -> None:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from ._args import as_array, int_vector, mask_options
 from .functional import Causal, Window, attention, attention_varlen
+from .kv_cache import KVCache
 from .rope import rope
-
-if TYPE_CHECKING:
-    from .kv_cache import KVCache
 
 __all__ = ["SelfAttention"]
 
@@ -125,9 +123,9 @@ class SelfAttention:
         >>> x = rng.standard_normal((2, 10, d), dtype=np.float32)
         >>> layer.forward(x).shape
         (2, 10, 64)
-        >>> cache = layer.new_cache(2, capacity=32)  # doctest: +SKIP
-        >>> y = np.concatenate([layer.step(x[:, :7], cache), layer.step(x[:, 7:], cache)], 1)
-        ... # doctest: +SKIP
+        >>> cache = layer.new_cache(2, capacity=32)   # decoding: prefill 7 tokens, then 1 more
+        >>> layer.step(x[:, :7], cache).shape, layer.step(x[:, 7:8], cache).shape
+        ((2, 7, 64), (2, 1, 64))
     """
 
     def __init__(
@@ -386,42 +384,48 @@ class SelfAttention:
         o[valid] = attention_varlen(packed(q), packed(k), packed(v), cu, cu, **self._mask_kwargs())
         return o.reshape(b, n, self.num_heads, self.head_dim)
 
-    def step(self, x: Any, cache: KVCache) -> np.ndarray:
+    def step(self, x: Any, cache: KVCache, *, lengths: Any = None) -> np.ndarray:
         """Decode the next ``T`` tokens of each sequence against (and into) a KV cache.
 
-        The new tokens sit at positions ``cache.lengths[b] + 0..T-1`` (for RoPE); their keys
-        and values are appended to ``cache``, then each new query attends causally to
-        everything the cache holds. Feeding a sequence in any split of chunks gives the same
-        result as one causal :meth:`forward` over the whole sequence.
+        The new tokens of sequence ``b`` sit at positions ``cache.lengths[b] + 0..T-1`` (for
+        RoPE); their keys and values are appended to ``cache``, then each new query attends
+        causally to everything the cache holds. Feeding a sequence in any split of chunks gives
+        the same result as one causal :meth:`forward` over the whole sequence.
 
         Args:
             x: ``(B, T, d_model)``: the next ``T`` tokens of each of the cache's ``B`` sequences.
             cache: a :class:`ferroattn.KVCache` from :meth:`new_cache` (or built with this
                 layer's ``num_kv_heads`` and ``head_dim``). A windowed layer needs a cache with
-                the same window (the cache does the windowing).
+                the same window, since the cache does the windowing; a cache with a window (and
+                sinks) under a layer without one is allowed (streaming).
+            lengths: ``(B,)`` valid new tokens per sequence (right padding of ``x``, for ragged
+                batches); default ``T``. Padded rows are not cached and return ``b_o`` (or 0).
 
         Returns:
             ``(B, T, d_model)`` in ``x``'s dtype.
 
         Raises:
-            ValueError: a non-causal layer, a cache of another shape, a window mismatch.
+            ValueError: a non-causal layer, a cache of another shape, a window mismatch, a
+                full cache.
 
         Example:
-            >>> layer = SelfAttention(w, w, w, w, num_heads=2)            # doctest: +SKIP
-            >>> cache = layer.new_cache(batch=1, capacity=16)             # doctest: +SKIP
-            >>> y0 = layer.step(x[:, :2], cache); y1 = layer.step(x[:, 2:], cache)  # doctest: +SKIP
+            >>> import numpy as np
+            >>> from ferroattn.layer import SelfAttention
+            >>> w = np.eye(8, dtype=np.float32)
+            >>> layer = SelfAttention(w, w, w, w, num_heads=2, rope_theta=10000.0)
+            >>> x = np.random.default_rng(0).standard_normal((1, 5, 8), dtype=np.float32)
+            >>> cache = layer.new_cache(1, capacity=16)
+            >>> y = np.concatenate([layer.step(x[:, :3], cache), layer.step(x[:, 3:], cache)], 1)
+            >>> bool(np.allclose(y, layer.forward(x), atol=1e-6)), int(cache.lengths[0])
+            (True, 5)
         """
         if not self.causal:
             raise ValueError("step() decodes causally; this layer has causal=False")
-        self._check_cache(cache)
         x = self._check_x(x)
+        self._check_cache(cache, x.shape)
         b, t, _ = x.shape
-        # Copy before the call: the cache advances its lengths when it appends.
-        start = np.array(cache.lengths, dtype=np.int64)
-        if start.shape != (b,):
-            raise ValueError(
-                f"x has batch {b} but the cache holds {start.shape[0]} sequences; x {x.shape}"
-            )
+        # Read before the call: the cache advances its lengths when it appends.
+        start = np.asarray(cache.lengths, dtype=np.int64)
         q, k, v = self._project(x)
         if self.rope_theta is not None:
             positions = start[:, None] + np.arange(t)
@@ -432,27 +436,41 @@ class SelfAttention:
             return a.transpose(0, 2, 1, 3)
 
         o = cache.step(
-            heads_first(q), heads_first(k), heads_first(v), scale=self.scale, softcap=self.softcap
+            heads_first(q),
+            heads_first(k),
+            heads_first(v),
+            lengths=lengths,
+            scale=self.scale,
+            softcap=self.softcap,
         )
-        return self._output(np.asarray(o, dtype=np.float32).transpose(0, 2, 1, 3), x.dtype)
+        return self._output(o.transpose(0, 2, 1, 3), x.dtype)
 
-    def _check_cache(self, cache: Any) -> None:
-        for name, want in (("kv_heads", self.num_kv_heads), ("head_dim", self.head_dim)):
-            got = getattr(cache, name, want)
+    def _check_cache(self, cache: KVCache, x_shape: tuple[int, ...]) -> None:
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a ferroattn.KVCache, got {type(cache).__name__}")
+        wanted = {
+            "batch": x_shape[0],
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "value_dim": self.head_dim,
+        }
+        for name, want in wanted.items():
+            got = getattr(cache, name)
             if got != want:
-                raise ValueError(f"cache has {name}={got}, but this layer needs {name}={want}")
-        if self.window is None:
+                raise ValueError(
+                    f"cache has {name}={got}, but this layer and x {x_shape} need {name}={want}"
+                )
+        mine = None if self.window is None else _window_left(self.window)
+        if mine is None:
             return
-        mine = _window_left(self.window)
-        theirs = getattr(cache, "window", None)
-        if theirs is None:
+        if cache.window is None:
             raise ValueError(
                 f"this layer has window={self.window!r} but the cache has none; create it with "
                 "layer.new_cache(...) or KVCache(..., window=...)"
             )
-        if mine is not None and _window_left(theirs) != mine:
+        if _window_left(cache.window) != mine:
             raise ValueError(
-                f"this layer has window={self.window!r} but the cache has window={theirs!r}"
+                f"this layer has window={self.window!r} but the cache has window={cache.window!r}"
             )
 
     def new_cache(
@@ -476,11 +494,11 @@ class SelfAttention:
         Example:
             >>> cache = layer.new_cache(4, capacity=2048, dtype="float16")  # doctest: +SKIP
         """
-        # Imported here so that the layer module loads without the cache module's cost.
-        from .kv_cache import KVCache
-
         if window is None:
-            window = self.window
+            # The cache's window is an int (tokens seen); only the layer's left side matters
+            # when decoding causally.
+            left = None if self.window is None else _window_left(self.window)
+            window = None if left is None else left + 1
         return KVCache(
             batch,
             self.num_kv_heads,

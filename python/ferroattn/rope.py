@@ -63,7 +63,7 @@ def _cos_sin(
 ) -> tuple[np.ndarray, np.ndarray]:
     # Angles in float64: positions reach 1e5+ and float32 would lose the low-frequency phase.
     inv_freq = theta ** (-np.arange(0, rd, 2, dtype=np.float64)[:half] / rd)
-    angles = pos[..., None].astype(np.float32) * inv_freq
+    angles = pos[..., None].astype(np.float64) * inv_freq
     return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 

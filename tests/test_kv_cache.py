@@ -1,0 +1,295 @@
+"""KVCache: decoding through the cache equals attention over the whole sequence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from reference import BF16, reference_attention, rel_err
+
+import ferroattn
+
+F32 = np.float32
+
+
+def _qkv(rng, b=2, hq=4, hk=2, n=29, d=16, dv=None):
+    dv = d if dv is None else dv
+    q = rng.standard_normal((b, hq, n, d), dtype=F32)
+    k = rng.standard_normal((b, hk, n, d), dtype=F32)
+    v = rng.standard_normal((b, hk, n, dv), dtype=F32)
+    return q, k, v
+
+
+def _decode(cache, q, k, v, chunk):
+    n = q.shape[2]
+    outs = [
+        cache.step(q[:, :, i : i + chunk], k[:, :, i : i + chunk], v[:, :, i : i + chunk])
+        for i in range(0, n, chunk)
+    ]
+    return np.concatenate(outs, axis=2)
+
+
+def _reference_sinks(q, k, v, window, sinks, scale=None):
+    """float64 causal sliding-window attention where the first ``sinks`` keys stay visible."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b_, hq, n, d = q.shape
+    group = hq // k.shape[1]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    out = np.zeros(q.shape[:3] + (v.shape[3],))
+    for b in range(b_):
+        for h in range(hq):
+            for i in range(n):
+                js = [j for j in range(i + 1) if j > i - window or j < sinks]
+                s = np.array([q[b, h, i] @ k[b, h // group, j] for j in js]) * scale
+                p = np.exp(s - s.max())
+                out[b, h, i] = (p / p.sum()) @ v[b, h // group][js]
+    return out
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 29])
+@pytest.mark.parametrize("hq,hk", [(4, 2), (3, 3), (4, 1)])
+def test_decoding_equals_one_causal_forward(rng, chunk, hq, hk):
+    q, k, v = _qkv(rng, hq=hq, hk=hk, dv=24)
+    cache = ferroattn.KVCache(2, hk, 16, 40, value_dim=24)
+    got = _decode(cache, q, k, v, chunk)
+    want, _ = reference_attention(q, k, v, causal=True)
+    assert rel_err(got, want) <= 1e-5
+    assert cache.lengths.tolist() == [29, 29]
+
+
+def test_append_then_attend_and_options(rng):
+    q, k, v = _qkv(rng)
+    cache = ferroattn.KVCache(2, 2, 16, 64)
+    cache.append(k[:, :, :20], v[:, :, :20])
+    got = cache.attend(q[:, :, 12:20], scale=0.3, softcap=2.0)
+    want, _ = reference_attention(
+        q[:, :, :20], k[:, :, :20], v[:, :, :20], causal=True, scale=0.3, softcap=2.0
+    )
+    assert rel_err(got, want[:, :, 12:20]) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 29])
+@pytest.mark.parametrize("window,sinks", [(5, 0), (8, 0), (8, 3), (1, 0), (4, 2), (40, 2)])
+def test_window_ring_buffer_equals_sliding_window(rng, chunk, window, sinks):
+    q, k, v = _qkv(rng)
+    cache = ferroattn.KVCache(2, 2, 16, window=window, sinks=sinks)
+    got = _decode(cache, q, k, v, chunk)
+    want = _reference_sinks(q, k, v, window, sinks)
+    assert rel_err(got, want) <= 1e-5
+    # Memory stays O(window): the same cache for a much longer history is no bigger.
+    assert cache.nbytes == 2 * 2 * 2 * (sinks + window) * 16 * 4
+
+
+def test_window_without_sinks_matches_attention_window(rng):
+    q, k, v = _qkv(rng, n=40)
+    cache = ferroattn.KVCache(2, 2, 16, window=7)
+    got = _decode(cache, q, k, v, 1)
+    want, _ = reference_attention(q, k, v, causal=True, window=7)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_ragged_batch_matches_separate_sequences(rng):
+    q, k, v = _qkv(rng, b=3, n=12)
+    cache = ferroattn.KVCache(3, 2, 16, 32)
+    lens = np.array([12, 5, 0])
+    cache.append(k, v, lengths=lens)
+    assert cache.lengths.tolist() == [12, 5, 0]
+    # One more token each, then queries for it.
+    q1, k1, v1 = _qkv(rng, b=3, n=1)
+    got = cache.step(q1, k1, v1)
+    for b in range(3):
+        n = lens[b]
+        kb = np.concatenate([k[b : b + 1, :, :n], k1[b : b + 1]], axis=2)
+        vb = np.concatenate([v[b : b + 1, :, :n], v1[b : b + 1]], axis=2)
+        want, _ = reference_attention(q1[b : b + 1], kb, vb, causal=True)
+        assert rel_err(got[b : b + 1], want) <= 1e-5
+
+
+def test_ragged_step_zero_fills_padding_queries(rng):
+    q, k, v = _qkv(rng, b=2, n=4)
+    cache = ferroattn.KVCache(2, 2, 16, 8)
+    got = cache.step(q, k, v, lengths=[4, 2])
+    assert np.all(got[1, :, 2:] == 0)
+    want, _ = reference_attention(q[1:, :, :2], k[1:, :, :2], v[1:, :, :2], causal=True)
+    assert rel_err(got[1:, :, :2], want) <= 1e-5
+
+
+def test_reset_reuses_a_slot(rng):
+    q, k, v = _qkv(rng, n=6)
+    cache = ferroattn.KVCache(2, 2, 16, 8)
+    cache.append(k, v)
+    cache.reset(1)
+    assert cache.lengths.tolist() == [6, 0]
+    got = cache.step(q[:, :, :2], k[:, :, :2], v[:, :, :2], lengths=[0, 2])
+    want, _ = reference_attention(q[1:, :, :2], k[1:, :, :2], v[1:, :, :2], causal=True)
+    assert rel_err(got[1:, :, :2], want) <= 1e-5
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_rollback_then_reappend_equals_never_appended(rng, window):
+    q, k, v = _qkv(rng, n=12)
+    kw = {"window": window, "max_rollback": 3} if window else {"capacity": 16}
+    a = ferroattn.KVCache(2, 2, 16, **kw)
+    b = ferroattn.KVCache(2, 2, 16, **kw)
+    _decode(a, q[:, :, :8], k[:, :, :8], v[:, :, :8], 1)
+    _decode(b, q[:, :, :8], k[:, :, :8], v[:, :, :8], 1)
+    # Draft three tokens of garbage into `a`, then reject them.
+    junk = rng.standard_normal((2, 2, 3, 16), dtype=F32) * 10
+    a.step(q[:, :, :3], junk, junk)
+    a.rollback(3)
+    assert a.lengths.tolist() == b.lengths.tolist()
+    got = _decode(a, q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], 1)
+    want = _decode(b, q[:, :, 8:], k[:, :, 8:], v[:, :, 8:], 1)
+    assert rel_err(got, want) <= 1e-6
+
+
+def test_window_rollback_beyond_slack_is_refused(rng):
+    _, k, v = _qkv(rng, n=12)
+    cache = ferroattn.KVCache(2, 2, 16, window=4, max_rollback=1)
+    cache.append(k, v)
+    with pytest.raises(ValueError, match="max_rollback"):
+        cache.rollback(5)
+    assert cache.lengths.tolist() == [12, 12]
+    cache.rollback(2)
+    assert cache.lengths.tolist() == [10, 10]
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 3e-3), ("bfloat16", 2e-2), ("int8", 4e-2)])
+def test_low_precision_caches_stay_close_to_float32(rng, dtype, tol):
+    q, k, v = _qkv(rng, n=33, d=64)
+    exact = ferroattn.KVCache(2, 2, 64, 40)
+    low = ferroattn.KVCache(2, 2, 64, 40, dtype=dtype)
+    assert low.dtype == dtype
+    want = _decode(exact, q, k, v, 4)
+    got = _decode(low, q, k, v, 4)
+    assert got.dtype == np.float32
+    assert rel_err(got, want) <= tol
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_low_precision_kernel_is_exact_on_what_is_stored(rng, dtype):
+    # What the cache stores (dequantized) through the float64 reference must match the
+    # kernel's result to float32 accuracy: conversion in the kernel adds no error.
+    q, k, v = _qkv(rng, b=1, n=21, d=40)
+    cache = ferroattn.KVCache(1, 2, 40, 32, dtype=dtype)
+    cache.append(k, v)
+    got = cache.attend(q)
+    ks, vs = cache.keys(0)[None], cache.values(0)[None]
+    assert ks.shape == (1, 2, 21, 40)
+    want, _ = reference_attention(q, ks.astype(np.float64), vs.astype(np.float64), causal=True)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_int8_quantization_is_per_token_and_head(rng):
+    _, k, v = _qkv(rng, b=1, n=5)
+    k[0, 1, 3] *= 1000  # one loud token must not coarsen the others
+    cache = ferroattn.KVCache(1, 2, 16, 8, dtype="int8")
+    cache.append(k, v)
+    back = cache.keys(0)
+    err = np.abs(back - k[0]) / np.abs(k[0]).max(axis=-1, keepdims=True)
+    assert err.max() <= 0.5 / 127 + 1e-6
+    assert cache.nbytes == 2 * (1 * 2 * 8 * 16) + 2 * (1 * 2 * 8 * 4)
+
+
+def test_keys_values_views_and_nbytes(rng):
+    _, k, v = _qkv(rng, n=5, dv=8)
+    cache = ferroattn.KVCache(2, 2, 16, 10, value_dim=8)
+    cache.append(k, v)
+    np.testing.assert_array_equal(cache.keys(1), k[1])
+    np.testing.assert_array_equal(cache.values(0), v[0])
+    assert np.shares_memory(cache.keys(0), cache._k)
+    assert cache.nbytes == 2 * 2 * 10 * (16 + 8) * 4
+
+
+def test_bfloat16_queries_keep_their_dtype(rng):
+    q, k, v = _qkv(rng, b=1, n=6)
+    cache = ferroattn.KVCache(1, 2, 16, 8, dtype="bfloat16")
+    got = cache.step(q.astype(BF16), k.astype(BF16), v.astype(BF16))
+    assert got.dtype == BF16
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_overflow_raises_and_leaves_cache_unchanged(rng):
+    _, k, v = _qkv(rng, n=6)
+    cache = ferroattn.KVCache(2, 2, 16, 8)
+    cache.append(k, v)
+    before = (cache.keys(0).copy(), cache.lengths)
+    with pytest.raises(ValueError, match="capacity"):
+        cache.append(k[:, :, :3], v[:, :, :3])
+    with pytest.raises(ValueError, match="capacity"):
+        cache.step(np.zeros((2, 4, 3, 16), F32), k[:, :, :3], v[:, :, :3])
+    np.testing.assert_array_equal(cache.keys(0), before[0])
+    assert cache.lengths.tolist() == before[1].tolist()
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda c, k, v: c.append(k[:, :1], v), "k must have shape"),
+        (lambda c, k, v: c.append(k, v[..., :3]), "v must have shape"),
+        (lambda c, k, v: c.append(k, v[:, :, :2]), "different numbers of tokens"),
+        (lambda c, k, v: c.append(k, v, lengths=[1]), "lengths"),
+        (lambda c, k, v: c.append(k, v, lengths=[1, 9]), "lengths"),
+        (lambda c, k, v: c.attend(np.zeros((2, 3, 1, 16), F32)), "q must have shape"),
+        (lambda c, k, v: c.rollback(1), "roll back"),
+        (lambda c, k, v: c.rollback(-1), "non-negative"),
+        (lambda c, k, v: c.reset(5), "seq"),
+        (lambda c, k, v: c.keys(2), "seq"),
+        (lambda c, k, v: c.step(np.zeros((2, 4, 2, 16), F32), k, v), "different numbers"),
+    ],
+)
+def test_errors_leave_cache_untouched(rng, call, match):
+    _, k, v = _qkv(rng, n=3)
+    cache = ferroattn.KVCache(2, 2, 16, 8)
+    with pytest.raises(ValueError, match=match):
+        call(cache, k, v)
+    assert cache.lengths.tolist() == [0, 0]
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="capacity"):
+        ferroattn.KVCache(1, 1, 8)
+    with pytest.raises(ValueError, match="window"):
+        ferroattn.KVCache(1, 1, 8, window=0)
+    with pytest.raises(ValueError, match="sinks"):
+        ferroattn.KVCache(1, 1, 8, 4, sinks=2)
+    with pytest.raises(TypeError, match="dtype"):
+        ferroattn.KVCache(1, 1, 8, 4, dtype="int16")
+    with pytest.raises(ValueError, match="head_dim"):
+        ferroattn.KVCache(1, 1, 0, 4)
+
+
+def test_window_attend_refuses_chunks_longer_than_the_ring(rng):
+    q, k, v = _qkv(rng, n=9)
+    cache = ferroattn.KVCache(2, 2, 16, window=4)
+    cache.append(k, v)
+    with pytest.raises(ValueError, match="step"):
+        cache.attend(q[:, :, :3])
+
+
+@given(
+    n=st.integers(1, 40),
+    chunk=st.integers(1, 9),
+    window=st.one_of(st.none(), st.integers(1, 12)),
+    sinks=st.integers(0, 3),
+    group=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_cache_matches_reference(n, chunk, window, sinks, group, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, b=1, hq=2 * group, hk=2, n=n, d=8)
+    if window is None:
+        cache = ferroattn.KVCache(1, 2, 8, n)
+        want, _ = reference_attention(q, k, v, causal=True)
+    else:
+        cache = ferroattn.KVCache(1, 2, 8, window=window, sinks=sinks)
+        want = _reference_sinks(q, k, v, window, sinks)
+    got = _decode(cache, q, k, v, chunk)
+    assert rel_err(got, want) <= 1e-5
