@@ -187,6 +187,8 @@ unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
     // SAFETY: indices stay inside the extents the caller vouched for.
     unsafe {
         let kr: [*const f32; KB] = std::array::from_fn(|t| k.offset((j0 + t) as isize * ldk));
+        // Keys are streamed once: ask for the rows a few steps ahead (a hint; never faults).
+        prefetch_rows(k.wrapping_offset((j0 + 8) as isize * ldk), ldk, KB, d * 4);
         let mut acc = [[S::zero(); R]; KB];
         for c in (0..body).step_by(l) {
             let kv: [S::V; KB] = std::array::from_fn(|t| S::load(kr[t].add(c)));
