@@ -325,3 +325,62 @@ fn decode_shapes_split_keys_and_few_rows() {
         check(case, &masks()[4], Some(&lens), ci as u64);
     }
 }
+
+#[test]
+fn int8_and_half_keys_with_f32_queries() {
+    // A cache stores keys/values in a narrow type while queries stay f32: the kernel converts
+    // rows itself and must equal the reference on the stored (dequantized) values.
+    let (b, hq, hk, nq, nk, d) = (1, 4, 2, 3, 300, 24);
+    let mut rng = Rng(21);
+    let q = rng.vec(b * hq * nq * d);
+    let kf = rng.vec(b * hk * nk * d);
+    let vf = rng.vec(b * hk * nk * d);
+    let quant = |x: &[f32]| -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+        let (mut qs, mut scales, mut back) = (vec![], vec![], vec![]);
+        for row in x.chunks(d) {
+            let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            scales.push(s);
+            for &v in row {
+                let iv = (v / s).round().clamp(-127.0, 127.0) as i8;
+                qs.push(iv);
+                back.push(iv as f32 * s);
+            }
+        }
+        (qs, scales, back)
+    };
+    let (k8, ks, kback) = quant(&kf);
+    let (v8, vs, vback) = quant(&vf);
+    let mut p = Params::new(0.2);
+    p.causal = true;
+    let seqs = padded_sequences(b, nq, nk, None).unwrap();
+    let (want, _) = reference(&q, &kback, &vback, [b, hq, nq, d], [hk, nk, d], &seqs, &p);
+    let qv = Strided::contiguous("q", Elems::F32(&q), [b, hq, nq, d]).unwrap();
+    let scale_strides = [(hk * nk) as isize, nk as isize, 1];
+    let kv = Strided::contiguous("k", Elems::I8(&k8), [b, hk, nk, d])
+        .unwrap()
+        .with_scales("ks", &ks, 0, scale_strides)
+        .unwrap();
+    let vv = Strided::contiguous("v", Elems::I8(&v8), [b, hk, nk, d])
+        .unwrap()
+        .with_scales("vs", &vs, 0, scale_strides)
+        .unwrap();
+    let mut got = vec![0f32; b * hq * nq * d];
+    let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut got), [b, hq, nq, d]).unwrap();
+    attention(&qv, &kv, &vv, &mut ov, None, &seqs, &p).unwrap();
+    assert!(rel_err(&got, &want) < 1e-5);
+
+    // Without scales int8 is refused, not read as garbage.
+    let bare = Strided::contiguous("k", Elems::I8(&k8), [b, hk, nk, d]).unwrap();
+    assert!(attention(&qv, &bare, &bare, &mut ov, None, &seqs, &p).is_err());
+
+    // f16 keys/values under f32 queries.
+    let kh: Vec<f16> = kf.iter().map(|&x| f16::from_f32(x)).collect();
+    let vh: Vec<f16> = vf.iter().map(|&x| f16::from_f32(x)).collect();
+    let kr: Vec<f32> = kh.iter().map(|x| x.to_f32()).collect();
+    let vr: Vec<f32> = vh.iter().map(|x| x.to_f32()).collect();
+    let (want, _) = reference(&q, &kr, &vr, [b, hq, nq, d], [hk, nk, d], &seqs, &p);
+    let kv = Strided::contiguous("k", Elems::F16(&kh), [b, hk, nk, d]).unwrap();
+    let vv = Strided::contiguous("v", Elems::F16(&vh), [b, hk, nk, d]).unwrap();
+    attention(&qv, &kv, &vv, &mut ov, None, &seqs, &p).unwrap();
+    assert!(rel_err(&got, &want) < 1e-5);
+}
