@@ -19,17 +19,21 @@ from typing import Any
 from . import _ferroattn
 from .functional import attention, attention_varlen, attention_weights
 from .kv_cache import KVCache
+from .layer import SelfAttention
+from .rope import rope
 
 __version__: str = _ferroattn.__version__
 
 __all__ = [
     "KVCache",
+    "SelfAttention",
     "__version__",
     "attention",
     "attention_varlen",
     "attention_weights",
     "get_num_threads",
     "info",
+    "rope",
     "set_num_threads",
 ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -355,7 +355,7 @@ class SelfAttention:
             self._rope_in_place(q, positions)
             self._rope_in_place(k, positions)
         if kv_lengths is None:
-            o = attention(q, k, v, layout="bshd", **self._mask_kwargs())
+            o = cast(np.ndarray, attention(q, k, v, layout="bshd", **self._mask_kwargs()))
         else:
             o = self._attend_padded(q, k, v, kv_lengths)
         return self._output(o, x.dtype)
@@ -479,7 +479,7 @@ class SelfAttention:
         capacity: int,
         *,
         dtype: Any = "float32",
-        window: Window = None,
+        window: int | None = None,
         sinks: int = 0,
     ) -> KVCache:
         """A :class:`ferroattn.KVCache` shaped for this layer.
@@ -487,12 +487,19 @@ class SelfAttention:
         Args:
             batch: sequences decoded together.
             capacity: tokens the cache can hold per sequence.
-            dtype: storage dtype of keys and values.
-            window: default: the layer's window.
+            dtype: storage of keys and values: float32, float16, bfloat16 or int8.
+            window: tokens a query sees (an int, as :class:`ferroattn.KVCache` takes it);
+                default: the layer's window.
             sinks: attention-sink tokens kept in front of the window (StreamingLLM).
 
         Example:
-            >>> cache = layer.new_cache(4, capacity=2048, dtype="float16")  # doctest: +SKIP
+            >>> import numpy as np
+            >>> from ferroattn.layer import SelfAttention
+            >>> w = np.eye(8, dtype=np.float32)
+            >>> layer = SelfAttention(w, w[:4], w[:4], w, num_heads=2, num_kv_heads=1, window=4)
+            >>> cache = layer.new_cache(3, capacity=64, dtype="float16")
+            >>> cache.kv_heads, cache.head_dim, cache.window, cache.dtype
+            (1, 4, 4, 'float16')
         """
         if window is None:
             # The cache's window is an int (tokens seen); only the layer's left side matters
@@ -552,8 +559,19 @@ class SelfAttention:
             looked = "; ".join(
                 ", ".join(f"{prefix}{name}.weight" for name in s) for s in _STATE_DICT_STYLES
             )
+            # A wrong prefix is the usual cause: point at where the weights actually are.
+            found = sorted(
+                {
+                    key[: -len(f"{s[0]}.weight")]
+                    for key in state
+                    if isinstance(key, str)
+                    for s in _STATE_DICT_STYLES
+                    if key.endswith(f".{s[0]}.weight") or key == f"{s[0]}.weight"
+                }
+            )
+            hint = f" (prefixes that have them: {', '.join(map(repr, found[:3]))})" if found else ""
             raise KeyError(
-                f"no attention projection weights in the state dict; looked for {looked}"
+                f"no attention projection weights in the state dict; looked for {looked}{hint}"
             )
         missing = [
             f"{prefix}{name}.weight" for name in style if f"{prefix}{name}.weight" not in state
@@ -566,12 +584,15 @@ class SelfAttention:
         def get(name: str, part: str) -> Any:
             return state.get(f"{prefix}{name}.{part}")
 
-        weights = [get(name, "weight") for name in style]
+        w_q, w_k, w_v, w_o = (get(name, "weight") for name in style)
         biases = dict(
             zip(("b_q", "b_k", "b_v", "b_o"), (get(name, "bias") for name in style), strict=True)
         )
         return cls(
-            *weights,
+            w_q,
+            w_k,
+            w_v,
+            w_o,
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
