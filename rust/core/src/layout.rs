@@ -178,6 +178,28 @@ impl<'a> Strided<'a> {
         }
     }
 
+    /// Row `[b, h, n, :]` in its storage type with the distance between tokens (and, for int8,
+    /// the row's scale and the distance between scales), for kernels that widen in registers.
+    #[inline]
+    pub(crate) fn typed_rows(&self, b: usize, h: usize, n: usize) -> TypedRows {
+        let at = self.index(b, h, n);
+        let ld = self.strides[2];
+        // SAFETY (all arms): `index` is in bounds for in-range (b, h, n), checked at construction;
+        // `add` on the whole buffer's pointer keeps provenance over every row.
+        match self.data {
+            Elems::F32(s) => TypedRows::F32(unsafe { s.as_ptr().add(at) }, ld),
+            Elems::F16(s) => TypedRows::F16(unsafe { s.as_ptr().add(at) }, ld),
+            Elems::BF16(s) => TypedRows::BF16(unsafe { s.as_ptr().add(at) }, ld),
+            Elems::I8(s) => match self.scales {
+                Some((sc, off, st)) => {
+                    let si = (off as isize + b as isize * st[0] + h as isize * st[1] + n as isize * st[2]) as usize;
+                    TypedRows::I8(unsafe { s.as_ptr().add(at) }, ld, unsafe { sc.as_ptr().add(si) }, st[2])
+                }
+                None => TypedRows::Unreadable,
+            },
+        }
+    }
+
     /// Converts row `[b, h, n, :]` to f32 into `dst` (length `D`), times `mul`.
     #[inline]
     pub(crate) fn read_row(&self, b: usize, h: usize, n: usize, dst: &mut [f32], mul: f32) {
@@ -204,6 +226,17 @@ impl<'a> Strided<'a> {
             dst[..d].iter_mut().for_each(|x| *x *= mul);
         }
     }
+}
+
+/// Rows of a view in their storage type: pointer to the first row and token stride.
+#[derive(Clone, Copy)]
+pub(crate) enum TypedRows {
+    F32(*const f32, isize),
+    F16(*const f16, isize),
+    BF16(*const bf16, isize),
+    /// Data, its token stride, the first row's scale, the scales' token stride.
+    I8(*const i8, isize, *const f32, isize),
+    Unreadable,
 }
 
 pub(crate) fn contiguous_strides(shape: [usize; 4]) -> [isize; 4] {

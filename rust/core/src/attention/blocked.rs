@@ -9,7 +9,7 @@
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
 use crate::mask::{visible, Vis};
-use crate::simd::{prefetch_rows, scalar::Scalar, Isa, Simd};
+use crate::simd::{elem::Elem, prefetch_rows, scalar::Scalar, Isa, Simd};
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
 const MAX_NR: usize = 32;
@@ -173,8 +173,8 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
 /// `k` holds `kn` rows of `d` floats `ldk` apart, `q` holds `R` rows of `d`, `st` holds
 /// `kn × ld_st` floats.
 #[inline(always)]
-unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
-    k: *const f32,
+unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
+    k: *const E,
     ldk: isize,
     q: *const f32,
     d: usize,
@@ -186,12 +186,18 @@ unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
     let body = d - d % l;
     // SAFETY: indices stay inside the extents the caller vouched for.
     unsafe {
-        let kr: [*const f32; KB] = std::array::from_fn(|t| k.offset((j0 + t) as isize * ldk));
+        let kr: [*const E; KB] = std::array::from_fn(|t| k.offset((j0 + t) as isize * ldk));
         // Keys are streamed once: ask for the rows a few steps ahead (a hint; never faults).
-        prefetch_rows(k.wrapping_offset((j0 + 8) as isize * ldk), ldk, KB, d * 4);
+        prefetch_rows(
+            k.wrapping_offset((j0 + 8) as isize * ldk) as *const f32,
+            ldk,
+            KB,
+            d * size_of::<E>(),
+            size_of::<E>(),
+        );
         let mut acc = [[S::zero(); R]; KB];
         for c in (0..body).step_by(l) {
-            let kv: [S::V; KB] = std::array::from_fn(|t| S::load(kr[t].add(c)));
+            let kv: [S::V; KB] = std::array::from_fn(|t| E::load::<S>(kr[t].add(c)));
             for r in 0..R {
                 let qv = S::load(q.add(r * d + c));
                 for (a, &k) in acc.iter_mut().zip(&kv) {
@@ -203,7 +209,7 @@ unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
             for (r, &ar) in a.iter().enumerate() {
                 let mut x = S::reduce_sum(ar);
                 for c in body..d {
-                    x += *q.add(r * d + c) * *kt.add(c);
+                    x += *q.add(r * d + c) * (*kt.add(c)).to_f32();
                 }
                 *st.add((j0 + t) * ld_st + r) = x;
             }
@@ -216,8 +222,8 @@ unsafe fn dots_kb<S: Simd, const R: usize, const KB: usize>(
 /// # Safety
 /// As for [`dots_kb`].
 #[inline(always)]
-unsafe fn dots<S: Simd, const R: usize>(
-    k: *const f32,
+unsafe fn dots<S: Simd, E: Elem, const R: usize>(
+    k: *const E,
     ldk: isize,
     q: *const f32,
     d: usize,
@@ -232,17 +238,17 @@ unsafe fn dots<S: Simd, const R: usize>(
     unsafe {
         if R <= 2 {
             while j + 4 <= kn {
-                dots_kb::<S, R, 4>(k, ldk, q, d, st, ld_st, j);
+                dots_kb::<S, E, R, 4>(k, ldk, q, d, st, ld_st, j);
                 j += 4;
             }
         } else {
             while j + 2 <= kn {
-                dots_kb::<S, R, 2>(k, ldk, q, d, st, ld_st, j);
+                dots_kb::<S, E, R, 2>(k, ldk, q, d, st, ld_st, j);
                 j += 2;
             }
         }
         while j < kn {
-            dots_kb::<S, R, 1>(k, ldk, q, d, st, ld_st, j);
+            dots_kb::<S, E, R, 1>(k, ldk, q, d, st, ld_st, j);
             j += 1;
         }
     }
@@ -254,8 +260,8 @@ unsafe fn dots<S: Simd, const R: usize>(
 /// As for [`dots`], with `to` rows in `q`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dots_from<S: Simd>(
-    k: *const f32,
+unsafe fn dots_from<S: Simd, E: Elem>(
+    k: *const E,
     ldk: isize,
     q: *const f32,
     d: usize,
@@ -267,7 +273,7 @@ unsafe fn dots_from<S: Simd>(
 ) {
     for r in from..to {
         // SAFETY: row r of q and column r of st are in range.
-        unsafe { dots::<S, 1>(k, ldk, q.add(r * d), d, st.add(r), ld_st, kn) };
+        unsafe { dots::<S, E, 1>(k, ldk, q.add(r * d), d, st.add(r), ld_st, kn) };
     }
 }
 
@@ -291,21 +297,61 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
     // SAFETY: A is kn rows of d floats (in place: rows of the validated view), Qᵀ is d × rows_p,
     // Q rows × d, Sᵀ is bc × rows_p; rows_p is a multiple of 2·LANES.
     unsafe {
-        let (q, st) = (sc.q.as_ptr(), sc.st.as_mut_ptr());
-        match dims.rows {
-            // Few rows (decode): padding them to 2·LANES columns would waste most of the
-            // products, so take dot products along D instead.
-            1 => dots::<S, 1>(a, lda, q, d, st, rows_p, kn),
-            2 => dots::<S, 2>(a, lda, q, d, st, rows_p, kn),
-            3 => dots::<S, 3>(a, lda, q, d, st, rows_p, kn),
-            4 => dots::<S, 4>(a, lda, q, d, st, rows_p, kn),
-            5..=8 if dims.rows * 2 <= rows_p => {
-                dots::<S, 4>(a, lda, q, d, st, rows_p, kn);
-                dots_from::<S>(a, lda, q, d, st, rows_p, kn, 4, dims.rows);
-            }
-            _ => gemm::<S>(a, lda, 1, sc.qt.as_ptr(), rows_p as isize, st, rows_p, kn, rows_p, d, false),
+        if !scores_few::<S, f32>(a, lda, sc, dims, d, kn) {
+            gemm::<S, f32>(
+                a,
+                lda,
+                1,
+                sc.qt.as_ptr(),
+                rows_p as isize,
+                sc.st.as_mut_ptr(),
+                rows_p,
+                kn,
+                rows_p,
+                d,
+                false,
+            );
         }
     }
+    mask_tile(ctx, sc, dims, k0, kn);
+}
+
+/// Few rows (decode): padding them to 2·LANES score columns would waste most of the products,
+/// so take dot products along D instead. Returns false when there are too many rows for that.
+///
+/// # Safety
+/// `k` holds `kn` rows of `d` elements `ldk` apart; the scratch is sized for the plan.
+#[inline(always)]
+pub(crate) unsafe fn scores_few<S: Simd, E: Elem>(
+    k: *const E,
+    ldk: isize,
+    sc: &mut Scratch,
+    dims: &Dims,
+    d: usize,
+    kn: usize,
+) -> bool {
+    let (q, st, rows_p) = (sc.q.as_ptr(), sc.st.as_mut_ptr(), dims.rows_p);
+    // SAFETY: forwarded; Q holds `rows` rows of d, Sᵀ kn × rows_p.
+    unsafe {
+        match dims.rows {
+            1 => dots::<S, E, 1>(k, ldk, q, d, st, rows_p, kn),
+            2 => dots::<S, E, 2>(k, ldk, q, d, st, rows_p, kn),
+            3 => dots::<S, E, 3>(k, ldk, q, d, st, rows_p, kn),
+            4 => dots::<S, E, 4>(k, ldk, q, d, st, rows_p, kn),
+            5..=8 if dims.rows * 2 <= rows_p => {
+                dots::<S, E, 4>(k, ldk, q, d, st, rows_p, kn);
+                dots_from::<S, E>(k, ldk, q, d, st, rows_p, kn, 4, dims.rows);
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Softcap, then −∞ where a row may not look.
+#[inline(always)]
+pub(crate) fn mask_tile(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+    let rows_p = dims.rows_p;
     let st = &mut sc.st[..kn * rows_p];
     if let Some(c) = ctx.params.softcap {
         let (inv, mul) = (1.0 / c, c * std::f32::consts::LOG2_E);
@@ -395,6 +441,18 @@ unsafe fn task_body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch)
     }
 }
 
+/// Multiplies each row's accumulator by its softmax rescale factor.
+#[inline(always)]
+pub(crate) fn rescale_acc(sc: &mut Scratch, dims: &Dims) {
+    let dvp = dims.dvp;
+    for r in 0..dims.rows {
+        let a = sc.alpha[r];
+        if a != 1.0 {
+            sc.acc[r * dvp..(r + 1) * dvp].iter_mut().for_each(|x| *x *= a);
+        }
+    }
+}
+
 /// Runs the online softmax of the task's rows over keys `kmin..kmax`.
 #[inline(always)]
 unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, kmin: usize, kmax: usize) {
@@ -406,24 +464,17 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
     while k0 < kmax {
         let kn = plan.bc.min(kmax - k0);
         let first = seq.k_start + k0;
-        if dims.rows <= 8 {
-            // Few rows: each K/V element is used a handful of times, so the tile's V rows are
-            // fetched while the scores are computed, and the next tile's K rows while P·V runs.
-            if let Some((vp, ldv)) = v_view.f32_rows(seq.batch, task.kvh, first) {
-                prefetch_rows(vp, ldv, kn, dv * 4);
-            }
-        }
         // SAFETY: buffers sized by Scratch::new for this plan.
+        if unsafe { super::decode::tile::<S>(ctx, task, sc, dims, k0, kn) } {
+            k0 += kn;
+            continue;
+        }
+        // SAFETY: as above.
         unsafe {
             score_tile::<S>(ctx, task, sc, dims, k0, kn);
             softmax_update::<S>(sc, dims, kn);
         }
-        for r in 0..dims.rows {
-            let a = sc.alpha[r];
-            if a != 1.0 {
-                sc.acc[r * dvp..(r + 1) * dvp].iter_mut().for_each(|x| *x *= a);
-            }
-        }
+        rescale_acc(sc, dims);
         let in_place = if dv == dvp { v_view.f32_rows(seq.batch, task.kvh, first) } else { None };
         let (b, ldb) = match in_place {
             Some(direct) => direct,
@@ -434,12 +485,6 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
                 (sc.v.as_ptr(), dvp as isize)
             }
         };
-        if dims.rows <= 8 && k0 + kn < kmax {
-            let next = plan.bc.min(kmax - k0 - kn);
-            if let Some((kp, ldk)) = ctx.k.f32_rows(seq.batch, task.kvh, first + kn) {
-                prefetch_rows(kp, ldk, next, plan.d * 4);
-            }
-        }
         // When every row sees every key of the tile, a NaN value is read by all of them anyway;
         // only a partly masked tile needs the (costly) check below.
         let all_visible = (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
@@ -453,7 +498,7 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
             // kn × dvp, acc rows × dvp with dvp a multiple of 2·LANES; only real rows are
             // multiplied.
             unsafe {
-                gemm::<S>(
+                gemm::<S, f32>(
                     sc.st.as_ptr(),
                     1,
                     rows_p as isize,

@@ -6,7 +6,7 @@
 //! two B vectors, one broadcast). A is addressed by a row and a column stride, so a transposed
 //! operand (Pᵀ) or rows read straight from the caller's array cost no copy.
 
-use crate::simd::Simd;
+use crate::simd::{elem::Elem, Simd};
 
 /// Rows per micro-tile.
 pub(crate) const MR: usize = 6;
@@ -19,11 +19,11 @@ pub(crate) const MR: usize = 6;
 /// overlap A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block<S: Simd, const R: usize, const NV: usize>(
+unsafe fn block<S: Simd, E: Elem, const R: usize, const NV: usize>(
     a: *const f32,
     a_rs: isize,
     a_ks: isize,
-    b: *const f32,
+    b: *const E,
     ldb: isize,
     c: *mut f32,
     ldc: usize,
@@ -34,8 +34,8 @@ unsafe fn block<S: Simd, const R: usize, const NV: usize>(
     let main = n - n % (NV * S::LANES);
     // SAFETY: both calls stay inside the columns 0..n the caller vouched for.
     unsafe {
-        strips::<S, R, NV>(a, a_rs, a_ks, b, ldb, c, ldc, 0, main, k, accumulate);
-        strips::<S, R, 1>(a, a_rs, a_ks, b, ldb, c, ldc, main, n, k, accumulate);
+        strips::<S, E, R, NV>(a, a_rs, a_ks, b, ldb, c, ldc, 0, main, k, accumulate);
+        strips::<S, E, R, 1>(a, a_rs, a_ks, b, ldb, c, ldc, main, n, k, accumulate);
     }
 }
 
@@ -45,11 +45,11 @@ unsafe fn block<S: Simd, const R: usize, const NV: usize>(
 /// As for [`block`].
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn strips<S: Simd, const R: usize, const NV: usize>(
+unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
     a: *const f32,
     a_rs: isize,
     a_ks: isize,
-    b: *const f32,
+    b: *const E,
     ldb: isize,
     c: *mut f32,
     ldc: usize,
@@ -73,7 +73,7 @@ unsafe fn strips<S: Simd, const R: usize, const NV: usize>(
             let mut ap = a;
             let mut bp = b.add(j);
             for _ in 0..k {
-                let bv: [S::V; NV] = std::array::from_fn(|v| S::load(bp.add(v * l)));
+                let bv: [S::V; NV] = std::array::from_fn(|v| E::load::<S>(bp.add(v * l)));
                 for (r, row) in acc.iter_mut().enumerate() {
                     let av = S::splat(*ap.offset(r as isize * a_rs));
                     for (x, &bx) in row.iter_mut().zip(&bv) {
@@ -92,7 +92,7 @@ unsafe fn strips<S: Simd, const R: usize, const NV: usize>(
     }
 }
 
-/// `C[m×n] (+)= A[m×k] · B[k×n]`; A's element `(i, kk)` is at `a + i·a_rs + kk·a_ks`, B and C
+/// `C[m×n] (+)= A[m×k] · B[k×n]`, B of element type `E` (widened in registers); A's element `(i, kk)` is at `a + i·a_rs + kk·a_ks`, B and C
 /// are row-major with leading dimensions `ldb` and `ldc`.
 ///
 /// # Safety
@@ -100,11 +100,11 @@ unsafe fn strips<S: Simd, const R: usize, const NV: usize>(
 /// must not overlap A or B.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<S: Simd>(
+pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
     a: *const f32,
     a_rs: isize,
     a_ks: isize,
-    b: *const f32,
+    b: *const E,
     ldb: isize,
     c: *mut f32,
     ldc: usize,
@@ -119,18 +119,18 @@ pub(crate) unsafe fn gemm<S: Simd>(
     unsafe {
         while i + MR <= m {
             let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
-            block::<S, MR, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate);
+            block::<S, E, MR, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate);
             i += MR;
         }
         let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
         // Fewer rows leave registers for wider strips: fewer passes over B, which matters when
         // B (a V tile while decoding) is streamed rather than reused.
         match m - i {
-            1 => block::<S, 1, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            2 => block::<S, 2, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            3 => block::<S, 3, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            4 => block::<S, 4, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            5 => block::<S, 5, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            1 => block::<S, E, 1, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            2 => block::<S, E, 2, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            3 => block::<S, E, 3, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            4 => block::<S, E, 4, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            5 => block::<S, E, 5, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
             _ => {}
         }
     }

@@ -7,6 +7,7 @@
 //! stealing.
 
 mod blocked;
+mod decode;
 mod gemm;
 mod softmax;
 mod weights;

@@ -8,6 +8,7 @@
 
 use std::sync::OnceLock;
 
+pub(crate) mod elem;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
@@ -37,6 +38,21 @@ pub(crate) unsafe trait Simd: Copy {
     fn exp2(x: Self::V) -> Self::V;
     /// Sum of the lanes.
     fn reduce_sum(v: Self::V) -> f32;
+    /// `LANES` IEEE half floats (as bits), widened.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `LANES` values.
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    /// `LANES` bfloat16 values (as bits), widened.
+    ///
+    /// # Safety
+    /// As for [`Simd::load_f16`].
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
+    /// `LANES` signed bytes, converted.
+    ///
+    /// # Safety
+    /// As for [`Simd::load_f16`].
+    unsafe fn load_i8(p: *const i8) -> Self::V;
 }
 
 /// An instruction-set path for the kernels.
@@ -70,10 +86,13 @@ impl Isa {
         let mut v = vec![Isa::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            let avx2 = std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c");
+            if avx2 {
                 v.push(Isa::Avx2);
             }
-            if std::is_x86_feature_detected!("avx512f") {
+            if avx2 && std::is_x86_feature_detected!("avx512f") {
                 v.push(Isa::Avx512);
             }
         }
@@ -117,21 +136,22 @@ pub fn cpu_features() -> Vec<&'static str> {
     found
 }
 
-/// Asks the CPU to bring `rows` rows of `row_bytes` bytes, `ld` floats apart, into cache.
+/// Asks the CPU to bring `rows` rows of `row_bytes` bytes, `ld` elements of `elem_bytes` apart,
+/// into cache.
 ///
 /// Decoding streams K and V once, and reads a V tile column strip by column strip, which the
 /// hardware prefetchers follow poorly; a software prefetch of the next tile hides the latency.
 /// Prefetching is a hint: it never faults, so any address is allowed.
 #[inline(always)]
-pub(crate) fn prefetch_rows(p: *const f32, ld: isize, rows: usize, row_bytes: usize) {
+pub(crate) fn prefetch_rows(p: *const f32, ld: isize, rows: usize, row_bytes: usize, elem_bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     for j in 0..rows {
-        let row = p.wrapping_offset(j as isize * ld) as *const i8;
+        let row = (p as *const i8).wrapping_offset(j as isize * ld * elem_bytes as isize);
         for off in (0..row_bytes).step_by(64) {
             // SAFETY: prefetch is a hint that never faults; SSE is part of the x86-64 baseline.
             unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(row.wrapping_add(off)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, ld, rows, row_bytes);
+    let _ = (p, ld, rows, row_bytes, elem_bytes);
 }

@@ -62,4 +62,19 @@ unsafe impl Simd for Scalar {
     fn reduce_sum(v: f32) -> f32 {
         v
     }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        half::f16::from_bits(unsafe { *p }).to_f32()
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        half::bf16::from_bits(unsafe { *p }).to_f32()
+    }
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> f32 {
+        // SAFETY: the caller guarantees `p` is readable.
+        unsafe { *p as f32 }
+    }
 }

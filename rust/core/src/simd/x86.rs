@@ -24,8 +24,8 @@ const C6: f32 = C5 * LN2 / 6.0;
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
 
-// SAFETY: only instantiated inside `#[target_feature(enable = "avx2,fma")]` functions that are
-// called after run-time detection of avx2 and fma.
+// SAFETY: only instantiated inside `#[target_feature(enable = "avx2,fma,f16c")]` functions that
+// are called after run-time detection of avx2, fma and f16c.
 unsafe impl Simd for Avx2 {
     const LANES: usize = 8;
     type V = __m256;
@@ -101,6 +101,23 @@ unsafe impl Simd for Avx2 {
             let s = _mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s));
             _mm_cvtss_f32(s)
         }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m256 {
+        // SAFETY: the caller guarantees LANES readable values; the ISA as for the impl.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m256 {
+        // SAFETY: as for load_f16.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i))))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> __m256 {
+        // SAFETY: as for load_f16.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
     }
 }
 
@@ -178,6 +195,23 @@ unsafe impl Simd for Avx512 {
     fn reduce_sum(v: __m512) -> f32 {
         // SAFETY: see the impl's safety note.
         unsafe { _mm512_reduce_add_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> __m512 {
+        // SAFETY: the caller guarantees LANES readable values; the ISA as for the impl.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> __m512 {
+        // SAFETY: as for load_f16.
+        unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))))
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_i8(p: *const i8) -> __m512 {
+        // SAFETY: as for load_f16.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
     }
 }
 

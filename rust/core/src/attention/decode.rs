@@ -1,0 +1,101 @@
+//! The few-rows path (decoding): keys and values read once, straight from their storage type.
+//!
+//! With one or a few query tokens, each K/V element feeds only the handful of query heads of
+//! its group, so the work is bound by reading K and V. This path reads the rows in place —
+//! f32, f16, bf16 or int8 — and widens them in registers: no tile is converted into a buffer.
+//! int8 scales are per row, so they multiply a key's scores after the dot products and a
+//! value's probabilities before P·V.
+
+use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, Scratch};
+use super::gemm::gemm;
+use super::{Ctx, Task};
+use crate::layout::TypedRows;
+use crate::simd::{elem::Elem, Simd};
+use half::{bf16, f16};
+
+/// Runs keys `k0..k0 + kn` of `task` through the typed path when it applies (few rows, every
+/// row sees the whole tile, the value width a multiple of the vector pair); returns false
+/// otherwise, leaving everything untouched.
+///
+/// # Safety
+/// The scratch is sized for the plan; the views were validated.
+#[inline(always)]
+pub(crate) unsafe fn tile<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    k0: usize,
+    kn: usize,
+) -> bool {
+    let plan = ctx.plan;
+    if dims.rows > 8 || dims.rows * 2 > dims.rows_p || plan.dv != dims.dvp {
+        return false;
+    }
+    // A partly masked tile takes the general path (it also keeps NaN values of masked keys
+    // away from the rows that do not see them).
+    if !(0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn)) {
+        return false;
+    }
+    let seq = &ctx.seqs[task.seq];
+    let first = seq.k_start + k0;
+    let v_view = ctx.v.expect("attention has values");
+    let (krows, vrows) = (ctx.k.typed_rows(seq.batch, task.kvh, first), v_view.typed_rows(seq.batch, task.kvh, first));
+    // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
+    unsafe {
+        let ok = match krows {
+            TypedRows::F32(p, ld) => scores_few::<S, f32>(p, ld, sc, dims, plan.d, kn),
+            TypedRows::F16(p, ld) => scores_few::<S, f16>(p, ld, sc, dims, plan.d, kn),
+            TypedRows::BF16(p, ld) => scores_few::<S, bf16>(p, ld, sc, dims, plan.d, kn),
+            TypedRows::I8(p, ld, s, sld) => {
+                let ok = scores_few::<S, i8>(p, ld, sc, dims, plan.d, kn);
+                scale_rows(sc, dims, kn, s, sld);
+                ok
+            }
+            TypedRows::Unreadable => false,
+        };
+        if !ok {
+            return false;
+        }
+        mask_tile(ctx, sc, dims, k0, kn);
+        softmax_update::<S>(sc, dims, kn);
+        rescale_acc(sc, dims);
+        match vrows {
+            TypedRows::F32(p, ld) => pv::<S, f32>(sc, dims, p, ld, kn),
+            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, p, ld, kn),
+            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, p, ld, kn),
+            TypedRows::I8(p, ld, s, sld) => {
+                scale_rows(sc, dims, kn, s, sld);
+                pv::<S, i8>(sc, dims, p, ld, kn)
+            }
+            TypedRows::Unreadable => unreachable!("attention checked that values are readable"),
+        }
+    }
+    true
+}
+
+/// Multiplies score/probability row `j` (one key) by that key's int8 scale.
+///
+/// # Safety
+/// `scales` holds `kn` scales `ld` apart.
+#[inline(always)]
+unsafe fn scale_rows(sc: &mut Scratch, dims: &Dims, kn: usize, scales: *const f32, ld: isize) {
+    for j in 0..kn {
+        // SAFETY: forwarded.
+        let s = unsafe { *scales.offset(j as isize * ld) };
+        sc.st[j * dims.rows_p..j * dims.rows_p + dims.cols].iter_mut().for_each(|x| *x *= s);
+    }
+}
+
+/// `acc += P · V` with V rows read in place.
+///
+/// # Safety
+/// `v` holds `kn` rows of `dvp` elements `ld` apart.
+#[inline(always)]
+unsafe fn pv<S: Simd, E: Elem>(sc: &mut Scratch, dims: &Dims, v: *const E, ld: isize, kn: usize) {
+    let (rows_p, dvp) = (dims.rows_p, dims.dvp);
+    // SAFETY: Pᵀ is kn × rows_p (read as P), acc rows × dvp, V kn × dvp (dv == dvp checked).
+    unsafe {
+        gemm::<S, E>(sc.st.as_ptr(), 1, rows_p as isize, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true)
+    }
+}
