@@ -9,7 +9,7 @@
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
 use crate::mask::{visible, Vis};
-use crate::simd::{elem::Elem, prefetch_rows, scalar::Scalar, Isa, Simd};
+use crate::simd::{elem::Elem, scalar::Scalar, Isa, Prefetch, Simd};
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
 const MAX_NR: usize = 32;
@@ -181,20 +181,19 @@ unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
     st: *mut f32,
     ld_st: usize,
     j0: usize,
+    pf: Prefetch,
 ) {
     let l = S::LANES;
     let body = d - d % l;
     // SAFETY: indices stay inside the extents the caller vouched for.
     unsafe {
         let kr: [*const E; KB] = std::array::from_fn(|t| k.offset((j0 + t) as isize * ldk));
-        // Keys are streamed once: ask for the rows a few steps ahead (a hint; never faults).
-        prefetch_rows(
-            k.wrapping_offset((j0 + 8) as isize * ldk) as *const f32,
-            ldk,
-            KB,
-            d * size_of::<E>(),
-            size_of::<E>(),
-        );
+        // Keys are streamed once: ask for the rows a few steps ahead, and for the companion rows
+        // (values of the same keys) the caller names.
+        let ahead =
+            Prefetch { first: k as *const u8, ld_bytes: ldk * size_of::<E>() as isize, row_bytes: d * size_of::<E>() };
+        ahead.rows(j0 + 8, KB);
+        pf.rows(j0, KB);
         let mut acc = [[S::zero(); R]; KB];
         for c in (0..body).step_by(l) {
             let kv: [S::V; KB] = std::array::from_fn(|t| E::load::<S>(kr[t].add(c)));
@@ -230,6 +229,7 @@ unsafe fn dots<S: Simd, E: Elem, const R: usize>(
     st: *mut f32,
     ld_st: usize,
     kn: usize,
+    pf: Prefetch,
 ) {
     // Keep R·KB accumulators within the 16 registers of AVX2 alongside the loads.
     const { assert!(R <= 4) };
@@ -238,17 +238,17 @@ unsafe fn dots<S: Simd, E: Elem, const R: usize>(
     unsafe {
         if R <= 2 {
             while j + 4 <= kn {
-                dots_kb::<S, E, R, 4>(k, ldk, q, d, st, ld_st, j);
+                dots_kb::<S, E, R, 4>(k, ldk, q, d, st, ld_st, j, pf);
                 j += 4;
             }
         } else {
             while j + 2 <= kn {
-                dots_kb::<S, E, R, 2>(k, ldk, q, d, st, ld_st, j);
+                dots_kb::<S, E, R, 2>(k, ldk, q, d, st, ld_st, j, pf);
                 j += 2;
             }
         }
         while j < kn {
-            dots_kb::<S, E, R, 1>(k, ldk, q, d, st, ld_st, j);
+            dots_kb::<S, E, R, 1>(k, ldk, q, d, st, ld_st, j, pf);
             j += 1;
         }
     }
@@ -270,10 +270,11 @@ unsafe fn dots_from<S: Simd, E: Elem>(
     kn: usize,
     from: usize,
     to: usize,
+    pf: Prefetch,
 ) {
     for r in from..to {
         // SAFETY: row r of q and column r of st are in range.
-        unsafe { dots::<S, E, 1>(k, ldk, q.add(r * d), d, st.add(r), ld_st, kn) };
+        unsafe { dots::<S, E, 1>(k, ldk, q.add(r * d), d, st.add(r), ld_st, kn, pf) };
     }
 }
 
@@ -297,7 +298,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
     // SAFETY: A is kn rows of d floats (in place: rows of the validated view), Qᵀ is d × rows_p,
     // Q rows × d, Sᵀ is bc × rows_p; rows_p is a multiple of 2·LANES.
     unsafe {
-        if !scores_few::<S, f32>(a, lda, sc, dims, d, kn) {
+        if !scores_few::<S, f32>(a, lda, sc, dims, d, kn, Prefetch::NONE) {
             gemm::<S, f32>(
                 a,
                 lda,
@@ -329,18 +330,19 @@ pub(crate) unsafe fn scores_few<S: Simd, E: Elem>(
     dims: &Dims,
     d: usize,
     kn: usize,
+    pf: Prefetch,
 ) -> bool {
     let (q, st, rows_p) = (sc.q.as_ptr(), sc.st.as_mut_ptr(), dims.rows_p);
     // SAFETY: forwarded; Q holds `rows` rows of d, Sᵀ kn × rows_p.
     unsafe {
         match dims.rows {
-            1 => dots::<S, E, 1>(k, ldk, q, d, st, rows_p, kn),
-            2 => dots::<S, E, 2>(k, ldk, q, d, st, rows_p, kn),
-            3 => dots::<S, E, 3>(k, ldk, q, d, st, rows_p, kn),
-            4 => dots::<S, E, 4>(k, ldk, q, d, st, rows_p, kn),
+            1 => dots::<S, E, 1>(k, ldk, q, d, st, rows_p, kn, pf),
+            2 => dots::<S, E, 2>(k, ldk, q, d, st, rows_p, kn, pf),
+            3 => dots::<S, E, 3>(k, ldk, q, d, st, rows_p, kn, pf),
+            4 => dots::<S, E, 4>(k, ldk, q, d, st, rows_p, kn, pf),
             5..=8 if dims.rows * 2 <= rows_p => {
-                dots::<S, E, 4>(k, ldk, q, d, st, rows_p, kn);
-                dots_from::<S, E>(k, ldk, q, d, st, rows_p, kn, 4, dims.rows);
+                dots::<S, E, 4>(k, ldk, q, d, st, rows_p, kn, pf);
+                dots_from::<S, E>(k, ldk, q, d, st, rows_p, kn, 4, dims.rows, Prefetch::NONE);
             }
             _ => return false,
         }

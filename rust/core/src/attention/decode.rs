@@ -10,7 +10,7 @@ use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, S
 use super::gemm::gemm;
 use super::{Ctx, Task};
 use crate::layout::TypedRows;
-use crate::simd::{elem::Elem, Simd};
+use crate::simd::{elem::Elem, Prefetch, Simd};
 use half::{bf16, f16};
 
 /// Runs keys `k0..k0 + kn` of `task` through the typed path when it applies (few rows, every
@@ -41,14 +41,21 @@ pub(crate) unsafe fn tile<S: Simd>(
     let first = seq.k_start + k0;
     let v_view = ctx.v.expect("attention has values");
     let (krows, vrows) = (ctx.k.typed_rows(seq.batch, task.kvh, first), v_view.typed_rows(seq.batch, task.kvh, first));
+    let pf = match vrows {
+        TypedRows::F32(p, ld) => prefetch_of(p, ld, plan.dv),
+        TypedRows::F16(p, ld) => prefetch_of(p, ld, plan.dv),
+        TypedRows::BF16(p, ld) => prefetch_of(p, ld, plan.dv),
+        TypedRows::I8(p, ld, _, _) => prefetch_of(p, ld, plan.dv),
+        TypedRows::Unreadable => return false,
+    };
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         let ok = match krows {
-            TypedRows::F32(p, ld) => scores_few::<S, f32>(p, ld, sc, dims, plan.d, kn),
-            TypedRows::F16(p, ld) => scores_few::<S, f16>(p, ld, sc, dims, plan.d, kn),
-            TypedRows::BF16(p, ld) => scores_few::<S, bf16>(p, ld, sc, dims, plan.d, kn),
+            TypedRows::F32(p, ld) => scores_few::<S, f32>(p, ld, sc, dims, plan.d, kn, pf),
+            TypedRows::F16(p, ld) => scores_few::<S, f16>(p, ld, sc, dims, plan.d, kn, pf),
+            TypedRows::BF16(p, ld) => scores_few::<S, bf16>(p, ld, sc, dims, plan.d, kn, pf),
             TypedRows::I8(p, ld, s, sld) => {
-                let ok = scores_few::<S, i8>(p, ld, sc, dims, plan.d, kn);
+                let ok = scores_few::<S, i8>(p, ld, sc, dims, plan.d, kn, pf);
                 scale_rows(sc, dims, kn, s, sld);
                 ok
             }
@@ -74,6 +81,12 @@ pub(crate) unsafe fn tile<S: Simd>(
     true
 }
 
+/// The value rows of a tile, to fetch while the scores are computed.
+fn prefetch_of<E>(p: *const E, ld: isize, dv: usize) -> Prefetch {
+    let size = size_of::<E>();
+    Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes: dv * size }
+}
+
 /// Multiplies score/probability row `j` (one key) by that key's int8 scale.
 ///
 /// # Safety
@@ -94,8 +107,14 @@ unsafe fn scale_rows(sc: &mut Scratch, dims: &Dims, kn: usize, scales: *const f3
 #[inline(always)]
 unsafe fn pv<S: Simd, E: Elem>(sc: &mut Scratch, dims: &Dims, v: *const E, ld: isize, kn: usize) {
     let (rows_p, dvp) = (dims.rows_p, dims.dvp);
-    // SAFETY: Pᵀ is kn × rows_p (read as P), acc rows × dvp, V kn × dvp (dv == dvp checked).
-    unsafe {
-        gemm::<S, E>(sc.st.as_ptr(), 1, rows_p as isize, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true)
+    // Blocks of at most 4 rows: the 6-row block has no register left to widen a narrow V.
+    for r0 in (0..dims.rows).step_by(4) {
+        let m = 4.min(dims.rows - r0);
+        // SAFETY: Pᵀ is kn × rows_p (read as P from column r0), acc rows × dvp (from row r0),
+        // V kn × dvp (dv == dvp checked).
+        unsafe {
+            let (a, c) = (sc.st.as_ptr().add(r0), sc.acc.as_mut_ptr().add(r0 * dvp));
+            gemm::<S, E>(a, 1, rows_p as isize, v, ld, c, dvp, m, dvp, kn, true)
+        }
     }
 }

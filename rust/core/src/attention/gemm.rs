@@ -124,12 +124,15 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
         }
         let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
         // Fewer rows leave registers for wider strips: fewer passes over B, which matters when
-        // B (a V tile while decoding) is streamed rather than reused.
+        // B (a V tile while decoding) is streamed rather than reused. R·NV accumulators plus NV
+        // B vectors plus a broadcast stay within AVX2's 16 registers with room for widening a
+        // narrow B; one more and an accumulator spills, putting a store and a reload on its
+        // dependency chain (measured: int8 decode 2× slower with 4 rows × 3 vectors).
         match m - i {
-            1 => block::<S, E, 1, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            2 => block::<S, E, 2, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            3 => block::<S, E, 3, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            4 => block::<S, E, 4, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            1 => block::<S, E, 1, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            2 => block::<S, E, 2, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            3 => block::<S, E, 3, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            4 => block::<S, E, 4, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
             5 => block::<S, E, 5, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
             _ => {}
         }

@@ -136,22 +136,37 @@ pub fn cpu_features() -> Vec<&'static str> {
     found
 }
 
-/// Asks the CPU to bring `rows` rows of `row_bytes` bytes, `ld` elements of `elem_bytes` apart,
-/// into cache.
-///
-/// Decoding streams K and V once, and reads a V tile column strip by column strip, which the
-/// hardware prefetchers follow poorly; a software prefetch of the next tile hides the latency.
-/// Prefetching is a hint: it never faults, so any address is allowed.
-#[inline(always)]
-pub(crate) fn prefetch_rows(p: *const f32, ld: isize, rows: usize, row_bytes: usize, elem_bytes: usize) {
-    #[cfg(target_arch = "x86_64")]
-    for j in 0..rows {
-        let row = (p as *const i8).wrapping_offset(j as isize * ld * elem_bytes as isize);
-        for off in (0..row_bytes).step_by(64) {
-            // SAFETY: prefetch is a hint that never faults; SSE is part of the x86-64 baseline.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(row.wrapping_add(off)) };
+/// Rows to fetch into cache ahead of use: first row, bytes between rows, bytes per row.
+#[derive(Clone, Copy)]
+pub(crate) struct Prefetch {
+    pub first: *const u8,
+    pub ld_bytes: isize,
+    pub row_bytes: usize,
+}
+
+impl Prefetch {
+    pub(crate) const NONE: Prefetch = Prefetch { first: std::ptr::null(), ld_bytes: 0, row_bytes: 0 };
+
+    /// Rows `j0..j0 + n` of `first` (a hint: never faults, any address allowed).
+    ///
+    /// Decoding streams K and V once; the V tile is read column strip by column strip, which
+    /// the hardware prefetchers follow poorly, so its rows are requested while the scores of
+    /// the same keys are computed, a few lines per key instead of a burst the CPU would drop.
+    #[inline(always)]
+    pub(crate) fn rows(&self, j0: usize, n: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if !self.first.is_null() {
+            for j in j0..j0 + n {
+                let row = self.first.wrapping_offset(j as isize * self.ld_bytes) as *const i8;
+                for off in (0..self.row_bytes).step_by(64) {
+                    // SAFETY: prefetch is a hint that never faults; SSE is x86-64 baseline.
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(row.wrapping_add(off))
+                    };
+                }
+            }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (j0, n);
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, ld, rows, row_bytes, elem_bytes);
 }
