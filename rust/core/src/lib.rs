@@ -22,13 +22,15 @@
 
 mod attention;
 mod error;
+mod extras;
 mod layout;
 mod mask;
 mod parallel;
 mod simd;
 
-pub use attention::{attention, attention_weights};
+pub use attention::{attention, attention_weights, attention_weights_with, attention_with};
 pub use error::{Error, Result};
+pub use extras::{BlockLayout, Dense, Extras, RelBias};
 pub use layout::{DType, Elems, ElemsMut, Strided, StridedMut};
 pub use mask::{padded_sequences, varlen_sequences, Align, Params, Sequence};
 pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads};

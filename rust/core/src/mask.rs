@@ -132,14 +132,20 @@ impl Vis {
     }
 }
 
+/// The position of query `i` of `seq` among its keys (may be negative or past the last key).
+#[inline]
+pub(crate) fn position(p: &Params, seq: &Sequence, i: usize) -> i64 {
+    match p.align {
+        Align::BottomRight => i as i64 + seq.k_len as i64 - seq.q_len as i64,
+        Align::TopLeft => i as i64,
+    }
+}
+
 /// What query `i` of `seq` sees under `p`.
 #[inline]
 pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> Vis {
     let k_len = seq.k_len as i64;
-    let pos = match p.align {
-        Align::BottomRight => i as i64 + k_len - seq.q_len as i64,
-        Align::TopLeft => i as i64,
-    };
+    let pos = position(p, seq, i);
     let mut lo = 0i64;
     let mut hi = k_len;
     if p.causal {

@@ -8,7 +8,8 @@
 
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
-use crate::mask::{visible, Vis};
+use crate::extras::RowAt;
+use crate::mask::{position, visible, Vis};
 use crate::simd::{elem::Elem, scalar::Scalar, Isa, Prefetch, Simd};
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
@@ -40,6 +41,8 @@ pub(crate) struct Scratch {
     pub alpha: Vec<f32>,
     /// Visible keys of each row, relative to the sequence.
     pub vis: Vec<Vis>,
+    /// Where each row sits, for biases and masks.
+    pub at: Vec<RowAt>,
     /// One converted input row.
     pub row: Vec<f32>,
 }
@@ -61,6 +64,7 @@ impl Scratch {
             tsum: vec![0.0; rows_p],
             alpha: vec![0.0; rows_p],
             vis: vec![Vis::default(); rows_p],
+            at: vec![RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 }; rows_p],
             row: vec![0.0; plan.d.max(plan.dv)],
         }
     }
@@ -154,6 +158,13 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
             }
             sc.q[r * d..(r + 1) * d].copy_from_slice(&sc.row[..d]);
             sc.vis[r] = visible(ctx.params, seq, i);
+            sc.at[r] = RowAt {
+                batch: seq.batch,
+                head: h,
+                qi: seq.q_start + i,
+                pos: position(ctx.params, seq, i),
+                k_start: seq.k_start,
+            };
         } else {
             for dd in 0..d {
                 sc.qt[dd * rows_p + r] = 0.0;
@@ -372,6 +383,7 @@ pub(crate) fn mask_tile(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, k0: usize, kn:
             }
         }
     }
+    ctx.extras.apply(&sc.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E);
 }
 
 /// Folds the (base-2) score tile into the running max and sum of every row: turns `Sᵀ` into
@@ -466,6 +478,10 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
     while k0 < kmax {
         let kn = plan.bc.min(kmax - k0);
         let first = seq.k_start + k0;
+        if ctx.extras.masks() && !ctx.extras.tile_live(&sc.at[..dims.rows], k0, kn) {
+            k0 += kn;
+            continue;
+        }
         // SAFETY: buffers sized by Scratch::new for this plan.
         if unsafe { super::decode::tile::<S>(ctx, task, sc, dims, k0, kn) } {
             k0 += kn;
@@ -489,7 +505,7 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
         };
         // When every row sees every key of the tile, a NaN value is read by all of them anyway;
         // only a partly masked tile needs the (costly) check below.
-        let all_visible = (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
+        let all_visible = !ctx.extras.masks() && (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
         let v_finite = all_visible
             || (0..kn).all(|j| {
                 // SAFETY: B holds kn rows of at least dv floats `ldb` apart.
@@ -540,7 +556,8 @@ fn write_rows(ctx: &Ctx, sinks: &Sinks, task: &Task, sc: &mut Scratch, dims: &Di
     let seq = &ctx.seqs[task.seq];
     for r in 0..dims.rows {
         let (h, i) = row_of(&ctx.plan, task, r);
-        let lse = super::softmax::finish_row(&sc.acc[r * dvp..r * dvp + dv], sc.m[r], sc.l[r], &mut sc.row[..dv]);
+        let sink = ctx.extras.sink(h);
+        let lse = super::softmax::finish_row(&sc.acc[r * dvp..r * dvp + dv], sc.m[r], sc.l[r], &mut sc.row[..dv], sink);
         // SAFETY: this task is the only writer of its rows.
         unsafe { sinks.write(seq, h, seq.q_start + i, &sc.row[..dv], lse) };
     }

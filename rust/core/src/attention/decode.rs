@@ -29,7 +29,7 @@ pub(crate) unsafe fn tile<S: Simd>(
     kn: usize,
 ) -> bool {
     let plan = ctx.plan;
-    if dims.rows > 8 || dims.rows * 2 > dims.rows_p || plan.dv != dims.dvp {
+    if dims.rows > 8 || dims.rows * 2 > dims.rows_p || plan.dv != dims.dvp || ctx.extras.masks() {
         return false;
     }
     // A partly masked tile takes the general path (it also keeps NaN values of masked keys

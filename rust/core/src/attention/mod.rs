@@ -13,6 +13,7 @@ mod softmax;
 mod weights;
 
 use crate::error::{ensure_shape, Error, Result};
+use crate::extras::Extras;
 use crate::layout::{DType, RowWriter, Strided, StridedMut};
 use crate::mask::{visible, Params, Sequence, Vis};
 use crate::parallel;
@@ -59,6 +60,7 @@ pub(crate) struct Ctx<'a> {
     pub v: Option<&'a Strided<'a>>,
     pub seqs: &'a [Sequence],
     pub params: &'a Params,
+    pub extras: &'a Extras<'a>,
     pub plan: Plan,
 }
 
@@ -209,7 +211,24 @@ pub fn attention(
     seqs: &[Sequence],
     params: &Params,
 ) -> Result<()> {
+    attention_with(q, k, v, out, lse, seqs, params, &Extras::default())
+}
+
+/// [`attention`] with biases, masks, block-sparse layouts or sinks (see [`Extras`]; their
+/// `(B, H, Nq, Nk)` indices are the tensors' own).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_with(
+    q: &Strided,
+    k: &Strided,
+    v: &Strided,
+    out: &mut StridedMut,
+    lse: Option<&mut [f32]>,
+    seqs: &[Sequence],
+    params: &Params,
+    extras: &Extras,
+) -> Result<()> {
     check_inputs(q, k, v.shape(), seqs, params)?;
+    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])?;
     let [b, hq, sq, _] = q.shape();
     let hkv = k.shape()[1];
     let dv = v.shape()[3];
@@ -235,7 +254,7 @@ pub fn attention(
         None => None,
     };
     let plan = Plan::new(hq / hkv, q.shape()[3], dv);
-    let ctx = Ctx { q, k, v: Some(v), seqs, params, plan };
+    let ctx = Ctx { q, k, v: Some(v), seqs, params, extras, plan };
     let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
@@ -270,8 +289,8 @@ pub fn attention(
                     let rows = plan.group * (task.i1 - task.i0);
                     for r in 0..rows {
                         let (m, l) = softmax::merge_row(&slices, rows, dv, r, acc);
-                        let lse = softmax::finish_row(acc, m, l, row);
                         let (h, i) = blocked::row_of(&plan, task, r);
+                        let lse = softmax::finish_row(acc, m, l, row, extras.sink(h));
                         // SAFETY: each task's rows are written by this closure only.
                         unsafe { sinks.write(seq, h, seq.q_start + i, row, lse) };
                     }
@@ -291,7 +310,20 @@ pub fn attention_weights(
     seqs: &[Sequence],
     params: &Params,
 ) -> Result<()> {
+    attention_weights_with(q, k, weights, seqs, params, &Extras::default())
+}
+
+/// [`attention_weights`] with [`Extras`].
+pub fn attention_weights_with(
+    q: &Strided,
+    k: &Strided,
+    weights: &mut [f32],
+    seqs: &[Sequence],
+    params: &Params,
+    extras: &Extras,
+) -> Result<()> {
     check_inputs(q, k, k.shape(), seqs, params)?;
+    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])?;
     k.check_readable("k")?;
     let [b, hq, sq, d] = q.shape();
     let [_, hkv, sk, _] = k.shape();
@@ -302,7 +334,7 @@ pub fn attention_weights(
         b * hq * sq * sk
     );
     let plan = Plan::new(hq / hkv, d, d);
-    let ctx = Ctx { q, k, v: None, seqs, params, plan };
+    let ctx = Ctx { q, k, v: None, seqs, params, extras, plan };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();

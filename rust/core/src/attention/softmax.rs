@@ -7,11 +7,13 @@
 use std::f32::consts::LN_2;
 
 /// Writes `acc / l` into `out` and returns the natural LSE; a row that saw nothing gets zeros
-/// and −∞. NaN in `l` (a NaN score the row read) propagates.
+/// and −∞ (or its sink's logit). NaN in `l` (a NaN score the row read) propagates. A `sink`
+/// (natural units) joins the denominator with no value: `out = acc / (l + e^sink)`.
 #[inline]
-pub(crate) fn finish_row(acc: &[f32], m: f32, l: f32, out: &mut [f32]) -> f32 {
+pub(crate) fn finish_row(acc: &[f32], m: f32, l: f32, out: &mut [f32], sink: Option<f32>) -> f32 {
+    let (m, l, keep) = with_sink(m, l, sink);
     if l > 0.0 || l.is_nan() {
-        let inv = 1.0 / l;
+        let inv = keep / l;
         for (o, &a) in out.iter_mut().zip(acc) {
             *o = a * inv;
         }
@@ -19,6 +21,24 @@ pub(crate) fn finish_row(acc: &[f32], m: f32, l: f32, out: &mut [f32]) -> f32 {
     } else {
         out.fill(0.0);
         f32::NEG_INFINITY
+    }
+}
+
+/// Folds a sink logit into a (base-2) running max and sum: returns the new max, the new sum,
+/// and the factor the accumulated values keep (2^(m_old − m_new)).
+#[inline]
+pub(crate) fn with_sink(m: f32, l: f32, sink: Option<f32>) -> (f32, f32, f32) {
+    match sink {
+        None => (m, l, 1.0),
+        Some(s) => {
+            let s2 = s * std::f32::consts::LOG2_E;
+            if m == f32::NEG_INFINITY || s2 > m {
+                let keep = if m == f32::NEG_INFINITY { 0.0 } else { (m - s2).exp2() };
+                (s2, l * keep + 1.0, keep)
+            } else {
+                (m, l + (s2 - m).exp2(), 1.0)
+            }
+        }
     }
 }
 

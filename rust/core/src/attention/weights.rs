@@ -2,6 +2,7 @@
 //! first for each row's max and sum, the second to write `2^(s − m) / l` (scores in base 2).
 
 use super::blocked::{load_queries, row_of, score_tile, softmax_update, Scratch};
+use super::softmax::with_sink;
 use super::{Ctx, Task};
 use crate::simd::{scalar::Scalar, Isa, Simd};
 
@@ -46,10 +47,22 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
     let rows_p = dims.rows_p;
     let seq = &ctx.seqs[task.seq];
     for pass in 0..2 {
+        if pass == 1 {
+            // A sink takes its share of every row's probability mass.
+            for r in 0..dims.rows {
+                let (h, _) = row_of(&plan, task, r);
+                let (m, l, _) = with_sink(sc.m[r], sc.l[r], ctx.extras.sink(h));
+                (sc.m[r], sc.l[r]) = (m, l);
+            }
+        }
         for &(kmin, kmax) in &ranges {
             let mut k0 = kmin;
             while k0 < kmax {
                 let kn = plan.bc.min(kmax - k0);
+                if ctx.extras.masks() && !ctx.extras.tile_live(&sc.at[..dims.rows], k0, kn) {
+                    k0 += kn;
+                    continue;
+                }
                 // SAFETY: buffers sized by Scratch::new for this plan.
                 unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
                 if pass == 0 {

@@ -1,0 +1,271 @@
+//! Optional terms beyond the query/key product: additive biases (a dense array, ALiBi slopes, a
+//! T5 relative-position table), boolean masks (dense or block-sparse), and per-head sink
+//! logits that join the softmax denominator.
+//!
+//! Each is applied to a score tile after the softcap; the caller checks [`Extras::tile_live`]
+//! first so tiles that nothing may see are never computed (the cost of a block-sparse layout
+//! follows its density). An option that is off costs one branch per tile.
+
+use crate::error::{ensure_shape, Error, Result};
+
+/// A read-only array of shape `(B, H, Nq, Nk)` with arbitrary (also zero: broadcast) strides.
+#[derive(Clone, Copy)]
+pub struct Dense<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    shape: [usize; 4],
+    strides: [isize; 4],
+}
+
+impl<'a, T: Copy> Dense<'a, T> {
+    /// `offset` is the index of element `[0, 0, 0, 0]`; strides count elements and may be 0.
+    pub fn new(name: &str, data: &'a [T], offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
+        if !shape.contains(&0) {
+            let (mut lo, mut hi) = (offset as i128, offset as i128);
+            for (&n, &s) in shape.iter().zip(&strides) {
+                let span = (n as i128 - 1) * s as i128;
+                if span < 0 {
+                    lo += span;
+                } else {
+                    hi += span;
+                }
+            }
+            ensure_shape!(
+                lo >= 0 && hi < data.len() as i128,
+                "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer"
+            );
+        }
+        Ok(Dense { data, offset, shape, strides })
+    }
+
+    pub fn shape(&self) -> [usize; 4] {
+        self.shape
+    }
+
+    /// Row `(b, h, i)` from key `j0`: the element at `j0 + t` is `row[t * step]`.
+    #[inline(always)]
+    fn row(&self, b: usize, h: usize, i: usize, j0: usize) -> (&'a [T], isize) {
+        let s = self.strides;
+        let at = self.offset as isize + b as isize * s[0] + h as isize * s[1] + i as isize * s[2] + j0 as isize * s[3];
+        (&self.data[at as usize..], s[3])
+    }
+}
+
+/// A learned T5-style relative-position bias: `table[bucket(j − pos), h]`.
+#[derive(Clone, Copy)]
+pub struct RelBias<'a> {
+    /// `(num_buckets, heads)` row-major.
+    pub table: &'a [f32],
+    pub num_buckets: usize,
+    pub max_distance: usize,
+    pub bidirectional: bool,
+}
+
+impl RelBias<'_> {
+    /// The bucket of a relative position (key minus query), as in T5.
+    pub fn bucket(&self, rel: i64) -> usize {
+        let mut nb = self.num_buckets as i64;
+        let mut bucket = 0;
+        let dist = if self.bidirectional {
+            nb /= 2;
+            if rel > 0 {
+                bucket += nb;
+            }
+            rel.abs()
+        } else {
+            (-rel).max(0)
+        };
+        let max_exact = nb / 2;
+        if dist < max_exact {
+            return (bucket + dist) as usize;
+        }
+        let ratio = (dist as f64 / max_exact as f64).ln() / (self.max_distance as f64 / max_exact as f64).ln();
+        let large = max_exact + (ratio * (nb - max_exact) as f64) as i64;
+        (bucket + large.min(nb - 1)) as usize
+    }
+}
+
+/// A block-sparse layout: block `(qb, kb)` of head `h` is visible when
+/// `layout[h % heads][qb][kb] != 0`.
+#[derive(Clone, Copy)]
+pub struct BlockLayout<'a> {
+    /// `(heads, Nq / block, Nk / block)` row-major.
+    pub layout: &'a [u8],
+    pub heads: usize,
+    pub block: usize,
+    pub q_blocks: usize,
+    pub k_blocks: usize,
+}
+
+impl BlockLayout<'_> {
+    #[inline(always)]
+    fn sees(&self, h: usize, i: usize, j: usize) -> bool {
+        let (qb, kb) = (i / self.block, j / self.block);
+        qb < self.q_blocks
+            && kb < self.k_blocks
+            && self.layout[((h % self.heads) * self.q_blocks + qb) * self.k_blocks + kb] != 0
+    }
+}
+
+/// Everything optional about a call; `Extras::default()` is plain attention.
+#[derive(Clone, Copy, Default)]
+pub struct Extras<'a> {
+    /// Per query head: adds `−slope · |pos − j|` (flash-attn's ALiBi).
+    pub alibi_slopes: Option<&'a [f32]>,
+    /// Per query head, natural units: a logit with no value that joins the denominator.
+    pub sinks: Option<&'a [f32]>,
+    pub rel_bias: Option<RelBias<'a>>,
+    /// Added to the scores (natural units), indexed `(batch, query head, query, key)` in the
+    /// tensors' coordinates.
+    pub bias: Option<Dense<'a, f32>>,
+    /// Nonzero where a query may see a key.
+    pub mask: Option<Dense<'a, u8>>,
+    pub blocks: Option<BlockLayout<'a>>,
+}
+
+/// One row of a score tile: query head, query index and position, batch, tensor offsets.
+#[derive(Clone, Copy)]
+pub(crate) struct RowAt {
+    pub batch: usize,
+    pub head: usize,
+    /// Query index in the q tensor.
+    pub qi: usize,
+    /// Aligned position of the query among its keys.
+    pub pos: i64,
+    /// Index of the sequence's first key in the k tensor.
+    pub k_start: usize,
+}
+
+impl<'a> Extras<'a> {
+    /// Whether anything can hide individual keys (so a tile may hold masked entries).
+    pub(crate) fn masks(&self) -> bool {
+        self.mask.is_some() || self.blocks.is_some()
+    }
+
+    fn adds(&self) -> bool {
+        self.alibi_slopes.is_some() || self.rel_bias.is_some() || self.bias.is_some()
+    }
+
+    pub(crate) fn is_plain(&self) -> bool {
+        !self.masks() && !self.adds()
+    }
+
+    pub(crate) fn validate(&self, b: usize, hq: usize, sq: usize, sk: usize) -> Result<()> {
+        for (name, v) in [("alibi_slopes", self.alibi_slopes), ("sinks", self.sinks)] {
+            if let Some(v) = v {
+                ensure_shape!(v.len() == hq, "{name} has {} entries, expected one per query head ({hq})", v.len());
+                if v.iter().any(|x| !x.is_finite()) {
+                    return Err(Error::Value(format!("{name} must be finite")));
+                }
+            }
+        }
+        if let Some(r) = self.rel_bias {
+            ensure_shape!(
+                r.num_buckets >= 2 && r.table.len() == r.num_buckets * hq,
+                "rel_bias table has {} entries, expected (num_buckets={}) × (heads={hq})",
+                r.table.len(),
+                r.num_buckets
+            );
+            ensure_shape!(r.max_distance >= r.num_buckets / 2 + 1, "rel_bias max_distance is too small");
+        }
+        if let Some(d) = &self.bias {
+            ensure_shape!(d.shape == [b, hq, sq, sk], "bias has shape {:?}, expected {:?}", d.shape, [b, hq, sq, sk]);
+        }
+        if let Some(d) = &self.mask {
+            ensure_shape!(d.shape == [b, hq, sq, sk], "mask has shape {:?}, expected {:?}", d.shape, [b, hq, sq, sk]);
+        }
+        if let Some(l) = self.blocks {
+            ensure_shape!(l.block >= 1, "block_size must be at least 1");
+            ensure_shape!(
+                l.heads >= 1 && (l.heads == 1 || l.heads == hq),
+                "block_layout has {} heads, expected 1 or {hq}",
+                l.heads
+            );
+            ensure_shape!(
+                sq.div_ceil(l.block) == l.q_blocks && sk.div_ceil(l.block) == l.k_blocks,
+                "block_layout has {}×{} blocks, expected {}×{} for {sq} queries and {sk} keys in blocks of {}",
+                l.q_blocks,
+                l.k_blocks,
+                sq.div_ceil(l.block),
+                sk.div_ceil(l.block),
+                l.block
+            );
+            ensure_shape!(
+                l.layout.len() == l.heads * l.q_blocks * l.k_blocks,
+                "block_layout buffer has the wrong size"
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether any row may see any key of `k0..k0 + kn` (keys relative to the sequence); false
+    /// lets the caller skip the tile.
+    pub(crate) fn tile_live(&self, rows: &[RowAt], k0: usize, kn: usize) -> bool {
+        if let Some(l) = self.blocks {
+            let live = rows.iter().any(|r| {
+                let (j0, j1) = (r.k_start + k0, r.k_start + k0 + kn);
+                (j0 / l.block..j1.div_ceil(l.block)).any(|kb| l.sees(r.head, r.qi, kb * l.block))
+            });
+            if !live {
+                return false;
+            }
+        }
+        if let Some(m) = &self.mask {
+            return rows.iter().any(|r| {
+                let (row, step) = m.row(r.batch, r.head, r.qi, r.k_start + k0);
+                (0..kn).any(|t| row[(t as isize * step) as usize] != 0)
+            });
+        }
+        true
+    }
+
+    /// Applies biases (times `unit`, the score scale: log2 e) and masks to the score tile
+    /// `st` (key `j` of row `r` at `st[j * ld + r]`).
+    pub(crate) fn apply(&self, rows: &[RowAt], k0: usize, kn: usize, st: &mut [f32], ld: usize, unit: f32) {
+        if self.is_plain() {
+            return;
+        }
+        for (r, at) in rows.iter().enumerate() {
+            let j0 = at.k_start + k0;
+            if let Some(slopes) = self.alibi_slopes {
+                let s = -slopes[at.head] * unit;
+                for j in 0..kn {
+                    st[j * ld + r] += s * (at.pos - (k0 + j) as i64).abs() as f32;
+                }
+            }
+            if let Some(rb) = self.rel_bias {
+                let hq = rb.table.len() / rb.num_buckets;
+                for j in 0..kn {
+                    let bucket = rb.bucket((k0 + j) as i64 - at.pos);
+                    st[j * ld + r] += rb.table[bucket * hq + at.head] * unit;
+                }
+            }
+            if let Some(bias) = &self.bias {
+                let (row, step) = bias.row(at.batch, at.head, at.qi, j0);
+                for j in 0..kn {
+                    st[j * ld + r] += row[(j as isize * step) as usize] * unit;
+                }
+            }
+            if let Some(mask) = &self.mask {
+                let (row, step) = mask.row(at.batch, at.head, at.qi, j0);
+                for j in 0..kn {
+                    if row[(j as isize * step) as usize] == 0 {
+                        st[j * ld + r] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            if let Some(l) = self.blocks {
+                for j in 0..kn {
+                    if !l.sees(at.head, at.qi, j0 + j) {
+                        st[j * ld + r] = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sink logit of query head `h`, natural units.
+    pub(crate) fn sink(&self, h: usize) -> Option<f32> {
+        self.sinks.map(|s| s[h])
+    }
+}
