@@ -166,7 +166,7 @@ impl<'a> Extras<'a> {
                 r.table.len(),
                 r.num_buckets
             );
-            ensure_shape!(r.max_distance >= r.num_buckets / 2 + 1, "rel_bias max_distance is too small");
+            ensure_shape!(r.max_distance > r.num_buckets / 2, "rel_bias max_distance is too small");
         }
         if let Some(d) = &self.bias {
             ensure_shape!(d.shape == [b, hq, sq, sk], "bias has shape {:?}, expected {:?}", d.shape, [b, hq, sq, sk]);

@@ -184,6 +184,7 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
 /// `k` holds `kn` rows of `d` floats `ldk` apart, `q` holds `R` rows of `d`, `st` holds
 /// `kn × ld_st` floats.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
     k: *const E,
     ldk: isize,
@@ -232,6 +233,7 @@ unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
 /// # Safety
 /// As for [`dots_kb`].
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn dots<S: Simd, E: Elem, const R: usize>(
     k: *const E,
     ldk: isize,
