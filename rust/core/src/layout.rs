@@ -184,16 +184,16 @@ impl<'a> Strided<'a> {
     pub(crate) fn typed_rows(&self, b: usize, h: usize, n: usize) -> TypedRows {
         let at = self.index(b, h, n);
         let ld = self.strides[2];
-        // SAFETY (all arms): `index` is in bounds for in-range (b, h, n), checked at construction;
-        // `add` on the whole buffer's pointer keeps provenance over every row.
+        // `index` is in bounds for in-range (b, h, n) (checked at construction); offsetting the
+        // whole buffer's pointer keeps provenance over every row.
         match self.data {
-            Elems::F32(s) => TypedRows::F32(unsafe { s.as_ptr().add(at) }, ld),
-            Elems::F16(s) => TypedRows::F16(unsafe { s.as_ptr().add(at) }, ld),
-            Elems::BF16(s) => TypedRows::BF16(unsafe { s.as_ptr().add(at) }, ld),
+            Elems::F32(s) => TypedRows::F32(s.as_ptr().wrapping_add(at), ld),
+            Elems::F16(s) => TypedRows::F16(s.as_ptr().wrapping_add(at), ld),
+            Elems::BF16(s) => TypedRows::BF16(s.as_ptr().wrapping_add(at), ld),
             Elems::I8(s) => match self.scales {
                 Some((sc, off, st)) => {
                     let si = (off as isize + b as isize * st[0] + h as isize * st[1] + n as isize * st[2]) as usize;
-                    TypedRows::I8(unsafe { s.as_ptr().add(at) }, ld, unsafe { sc.as_ptr().add(si) }, st[2])
+                    TypedRows::I8(s.as_ptr().wrapping_add(at), ld, sc.as_ptr().wrapping_add(si), st[2])
                 }
                 None => TypedRows::Unreadable,
             },
