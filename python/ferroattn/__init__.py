@@ -21,20 +21,32 @@ from .functional import attention, attention_varlen, attention_weights
 from .kv_cache import KVCache
 from .layer import SelfAttention
 from .rope import rope
+from .variants import (
+    T5Bias,
+    alibi_slopes,
+    bigbird_layout,
+    local_global_layout,
+    strided_layout,
+)
 
 __version__: str = _ferroattn.__version__
 
 __all__ = [
     "KVCache",
     "SelfAttention",
+    "T5Bias",
     "__version__",
+    "alibi_slopes",
     "attention",
     "attention_varlen",
     "attention_weights",
+    "bigbird_layout",
     "get_num_threads",
     "info",
+    "local_global_layout",
     "rope",
     "set_num_threads",
+    "strided_layout",
 ]
 
 

@@ -28,6 +28,12 @@ def attention(
     cu_seqlens: tuple[list[int], list[int]] | None = None,
     seqs: list[tuple[int, int, int, int, int]] | None = None,
     return_lse: bool = False,
+    alibi_slopes: list[float] | None = None,
+    sinks: list[float] | None = None,
+    rel_bias: tuple[list[float], int, int, bool] | None = None,
+    bias: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    blocks: tuple[list[int], int, int, int, int] | None = None,
 ) -> npt.NDArray[np.float32] | None: ...
 def attention_weights(
     q: np.ndarray,
@@ -41,6 +47,12 @@ def attention_weights(
     window_left: int | None = None,
     window_right: int | None = None,
     kv_lengths: list[int] | None = None,
+    alibi_slopes: list[float] | None = None,
+    sinks: list[float] | None = None,
+    rel_bias: tuple[list[float], int, int, bool] | None = None,
+    bias: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    blocks: tuple[list[int], int, int, int, int] | None = None,
 ) -> npt.NDArray[np.float32]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

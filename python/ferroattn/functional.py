@@ -19,6 +19,7 @@ from ._args import (
     mask_options,
     to_bhsd,
 )
+from .variants import T5Bias, extras_kwargs
 
 Causal = bool | Literal["bottom_right", "top_left"]
 Window = int | tuple[int | None, int | None] | None
@@ -123,6 +124,13 @@ def attention(
     layout: Literal["bhsd", "bshd"] = "bhsd",
     return_lse: bool = False,
     out: np.ndarray | None = None,
+    mask: Any = None,
+    bias: Any = None,
+    alibi_slopes: Any = None,
+    rel_bias: T5Bias | None = None,
+    sinks: Any = None,
+    block_layout: Any = None,
+    block_size: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled-dot-product attention, ``softmax(scale · q kᵀ [masked]) v``.
 
@@ -149,6 +157,22 @@ def attention(
         return_lse: also return the natural log-sum-exp of each row's scores, float32
             ``(B, Hq, Nq)``.
         out: array of the output's shape and dtype to write into (returned as is).
+        mask: booleans broadcastable to ``(B, Hq, Nq, Nk)`` (2-D ``(Nq, Nk)``, 3-D, 4-D):
+            ``True`` = may attend. Combined with the other masks; tiles with no ``True`` are
+            skipped.
+        bias: floats broadcastable to ``(B, Hq, Nq, Nk)``, added to the scores (after
+            ``scale`` and ``softcap``). Read through broadcast strides, never expanded.
+        alibi_slopes: ``(Hq,)``: adds ``−slope · |position − j|`` (flash-attn's ALiBi; see
+            :func:`ferroattn.alibi_slopes` for the standard slopes).
+        rel_bias: a :class:`ferroattn.T5Bias`: a learned bucketed relative-position bias,
+            computed inside the kernel (no ``N × N`` array).
+        sinks: ``(Hq,)`` logits that join each row's softmax denominator with no value
+            (attention sinks as in gpt-oss): outputs shrink, ``lse`` includes them.
+        block_layout: booleans ``(Nq/bs, Nk/bs)`` or ``(Hq, Nq/bs, Nk/bs)``: block ``(i, j)``
+            of queries may see block ``j`` of keys. Only live tiles are computed, so the cost
+            follows the layout's density. See :func:`ferroattn.local_global_layout`,
+            :func:`ferroattn.bigbird_layout`, :func:`ferroattn.strided_layout`.
+        block_size: the block size ``bs`` of ``block_layout``; must divide ``Nq`` and ``Nk``.
 
     Returns:
         The output, shaped like ``q`` with last axis ``Dv`` and of ``q``'s dtype, or
@@ -171,6 +195,17 @@ def attention(
     lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
     if lens is not None and any(n > k4.shape[2] for n in lens):
         raise ValueError(f"kv_lengths must lie in [0, {k4.shape[2]}] (the key length), got {lens}")
+    extras = extras_kwargs(
+        shape4=(b, hq, nq, k4.shape[2]),
+        ndim=ndim,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        rel_bias=rel_bias,
+        sinks=sinks,
+        block_layout=block_layout,
+        block_size=block_size,
+    )
     shape4 = (b, hq, nq, v4.shape[3])
     user_shape = from_bhsd_shape(shape4, ndim, layout)
     if out is None:
@@ -178,7 +213,9 @@ def attention(
     else:
         _check_out(out, user_shape, dtype, arrays)
         result = out
-    lse = _run(q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens)
+    lse = _run(
+        q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens, **extras
+    )
     if not return_lse:
         return result
     assert lse is not None
@@ -268,6 +305,13 @@ def attention_weights(
     kv_lengths: Any = None,
     softcap: float | None = None,
     layout: Literal["bhsd", "bshd"] = "bhsd",
+    mask: Any = None,
+    bias: Any = None,
+    alibi_slopes: Any = None,
+    rel_bias: T5Bias | None = None,
+    sinks: Any = None,
+    block_layout: Any = None,
+    block_size: int | None = None,
 ) -> np.ndarray:
     """The attention probabilities themselves, ``softmax(scale · q kᵀ [masked])``.
 
@@ -294,7 +338,20 @@ def attention_weights(
     lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
     if lens is not None and any(n > nk for n in lens):
         raise ValueError(f"kv_lengths must lie in [0, {nk}] (the key length), got {lens}")
-    flat = _ferroattn.attention_weights(q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs())
+    extras = extras_kwargs(
+        shape4=(b, hq, nq, nk),
+        ndim=ndim,
+        mask=mask,
+        bias=bias,
+        alibi_slopes=alibi_slopes,
+        rel_bias=rel_bias,
+        sinks=sinks,
+        block_layout=block_layout,
+        block_size=block_size,
+    )
+    flat = _ferroattn.attention_weights(
+        q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs(), **extras
+    )
     w = flat.reshape(b, hq, nq, nk)
     w = w.reshape(w.shape[4 - ndim :])
     return w if w.dtype == dtype else w.astype(dtype)

@@ -166,7 +166,14 @@ impl<'a> Extras<'a> {
                 r.table.len(),
                 r.num_buckets
             );
-            ensure_shape!(r.max_distance > r.num_buckets / 2, "rel_bias max_distance is too small");
+            let per_side = if r.bidirectional { r.num_buckets / 2 } else { r.num_buckets };
+            ensure_shape!(
+                per_side / 2 >= 1 && r.max_distance > per_side / 2,
+                "rel_bias needs at least 2 buckets per direction and max_distance above half of them, got \
+                 {} buckets and max_distance {}",
+                r.num_buckets,
+                r.max_distance
+            );
         }
         if let Some(d) = &self.bias {
             ensure_shape!(d.shape == [b, hq, sq, sk], "bias has shape {:?}, expected {:?}", d.shape, [b, hq, sq, sk]);

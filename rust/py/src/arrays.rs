@@ -35,6 +35,8 @@ fn dtype_of(name: &str, code: &str) -> Result<(DType, usize), Error> {
         "float16" => Ok((DType::F16, 2)),
         "bfloat16" => Ok((DType::BF16, 2)),
         "int8" => Ok((DType::I8, 1)),
+        // Masks: bytes, read as "nonzero means visible".
+        "uint8" => Ok((DType::I8, 1)),
         other => Err(Error::DType(format!("{name}: unsupported dtype {other}"))),
     }
 }
@@ -172,6 +174,21 @@ impl Raw {
 }
 
 impl Raw {
+    /// A broadcastable `(B, H, Nq, Nk)` view (biases, masks); `T` must have the array's item size.
+    ///
+    /// # Safety
+    /// As for [`Raw::view`].
+    pub(crate) unsafe fn dense<'a, T: Copy>(&self) -> Result<ferroattn_core::Dense<'a, T>, Error> {
+        if size_of::<T>() as isize != self.item_size() {
+            return Err(Error::DType(format!("{}: unexpected item size", self.name)));
+        }
+        let n = self.len();
+        // SAFETY: as in `view`.
+        let data = unsafe { slice_or_empty(self.base.offset(self.lo * self.item_size()) as *const T, n) };
+        let offset = if n == 0 { 0 } else { (-self.lo) as usize };
+        ferroattn_core::Dense::new(self.name, data, offset, self.shape, self.strides)
+    }
+
     /// The per-row scales of int8 data, given as a float32 `(B, H, N, 1)` array: buffer, index of
     /// row `[0, 0, 0]`, strides.
     ///

@@ -35,6 +35,68 @@ fn options(
     Options { params }
 }
 
+/// Biases, masks, layouts and sinks, owned for the duration of a call.
+#[derive(Default)]
+struct ExtrasArgs {
+    alibi_slopes: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    /// Table `(num_buckets, heads)` flat, num_buckets, max_distance, bidirectional.
+    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
+    bias: Option<Raw>,
+    mask: Option<Raw>,
+    /// Layout `(heads, q_blocks, k_blocks)` flat, heads, block size, q_blocks, k_blocks.
+    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
+}
+
+impl ExtrasArgs {
+    /// # Safety
+    /// The bias and mask arrays must outlive `'a` (they are borrowed by the call).
+    unsafe fn extras<'a>(&'a self) -> Result<core::Extras<'a>, core::Error> {
+        Ok(core::Extras {
+            alibi_slopes: self.alibi_slopes.as_deref(),
+            sinks: self.sinks.as_deref(),
+            rel_bias: self.rel_bias.as_ref().map(|(table, num_buckets, max_distance, bidirectional)| core::RelBias {
+                table,
+                num_buckets: *num_buckets,
+                max_distance: *max_distance,
+                bidirectional: *bidirectional,
+            }),
+            // SAFETY: forwarded from the caller.
+            bias: self.bias.as_ref().map(|r| unsafe { r.dense::<f32>() }).transpose()?,
+            // SAFETY: forwarded from the caller.
+            mask: self.mask.as_ref().map(|r| unsafe { r.dense::<u8>() }).transpose()?,
+            blocks: self.blocks.as_ref().map(|(layout, heads, block, q_blocks, k_blocks)| core::BlockLayout {
+                layout,
+                heads: *heads,
+                block: *block,
+                q_blocks: *q_blocks,
+                k_blocks: *k_blocks,
+            }),
+        })
+    }
+}
+
+/// Reads the extras from keyword arguments: `bias` (float32) and `mask` (uint8) as 4-D
+/// broadcast views, the rest as small lists.
+#[allow(clippy::type_complexity)]
+fn extras_args(
+    alibi_slopes: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
+    bias: Option<&Bound<'_, PyUntypedArray>>,
+    mask: Option<&Bound<'_, PyUntypedArray>>,
+    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
+) -> Result<ExtrasArgs, core::Error> {
+    Ok(ExtrasArgs {
+        alibi_slopes,
+        sinks,
+        rel_bias,
+        bias: bias.map(|a| Raw::new("bias", a, "float32")).transpose()?,
+        mask: mask.map(|a| Raw::new("mask", a, "uint8")).transpose()?,
+        blocks,
+    })
+}
+
 /// An explicit sequence: (batch, q_start, q_len, k_start, k_len).
 type SeqTuple = (usize, usize, usize, usize, usize);
 
@@ -63,7 +125,8 @@ fn sequences(
 #[pyfunction]
 #[pyo3(signature = (q, k, v, out, dtype, *, scale, kv_dtype=None, k_scales=None, v_scales=None, softcap=None,
                     causal=false, top_left=false, window_left=None, window_right=None, sink_keys=0,
-                    kv_lengths=None, cu_seqlens=None, seqs=None, return_lse=false))]
+                    kv_lengths=None, cu_seqlens=None, seqs=None, return_lse=false, alibi_slopes=None,
+                    sinks=None, rel_bias=None, bias=None, mask=None, blocks=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -86,6 +149,12 @@ fn attention<'py>(
     cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
     seqs: Option<Vec<SeqTuple>>,
     return_lse: bool,
+    alibi_slopes: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
+    bias: Option<&Bound<'py, PyUntypedArray>>,
+    mask: Option<&Bound<'py, PyUntypedArray>>,
+    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
 ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
     let kv_dtype = kv_dtype.unwrap_or(dtype);
     let convert = || -> Result<_, core::Error> {
@@ -95,12 +164,15 @@ fn attention<'py>(
         let ro = Raw::new("out", out, dtype)?;
         let rks = k_scales.map(|a| Raw::new("k_scales", a, "float32")).transpose()?;
         let rvs = v_scales.map(|a| Raw::new("v_scales", a, "float32")).transpose()?;
-        for input in [Some(&rq), Some(&rk), Some(&rv), rks.as_ref(), rvs.as_ref()].into_iter().flatten() {
+        let extras = extras_args(alibi_slopes, sinks, rel_bias, bias, mask, blocks)?;
+        let inputs =
+            [Some(&rq), Some(&rk), Some(&rv), rks.as_ref(), rvs.as_ref(), extras.bias.as_ref(), extras.mask.as_ref()];
+        for input in inputs.into_iter().flatten() {
             ro.check_disjoint(input)?;
         }
-        Ok((rq, rk, rv, ro, rks, rvs))
+        Ok((rq, rk, rv, ro, rks, rvs, extras))
     };
-    let (rq, rk, rv, ro, rks, rvs) = convert().map_err(errors::to_py)?;
+    let (rq, rk, rv, ro, rks, rvs, extras) = convert().map_err(errors::to_py)?;
     let opts = options(scale, softcap, causal, top_left, window_left, window_right, sink_keys);
     let [b, hq, sq, _] = q.shape().try_into().unwrap_or([0; 4]);
     let mut lse = return_lse.then(|| vec![0f32; b * hq * sq]);
@@ -117,7 +189,9 @@ fn attention<'py>(
                 }
             }
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens, seqs)?;
-            core::attention(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params)
+            // SAFETY: bias and mask are borrowed by this call.
+            let extras = unsafe { extras.extras()? };
+            core::attention_with(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params, &extras)
         })
     })?;
     Ok(lse.map(|l| PyArray1::from_vec(py, l)))
@@ -126,7 +200,8 @@ fn attention<'py>(
 /// The `(B, Hq, Nq, Nk)` softmax probabilities, flat, as float32.
 #[pyfunction]
 #[pyo3(signature = (q, k, dtype, *, scale, softcap=None, causal=false, top_left=false,
-                    window_left=None, window_right=None, kv_lengths=None))]
+                    window_left=None, window_right=None, kv_lengths=None, alibi_slopes=None, sinks=None,
+                    rel_bias=None, bias=None, mask=None, blocks=None))]
 #[allow(clippy::too_many_arguments)]
 fn attention_weights<'py>(
     py: Python<'py>,
@@ -140,18 +215,28 @@ fn attention_weights<'py>(
     window_left: Option<usize>,
     window_right: Option<usize>,
     kv_lengths: Option<Vec<usize>>,
+    alibi_slopes: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
+    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
+    bias: Option<&Bound<'py, PyUntypedArray>>,
+    mask: Option<&Bound<'py, PyUntypedArray>>,
+    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
-    let rq = Raw::new("q", q, dtype).map_err(errors::to_py)?;
-    let rk = Raw::new("k", k, dtype).map_err(errors::to_py)?;
+    let convert = || -> Result<_, core::Error> {
+        let rq = Raw::new("q", q, dtype)?;
+        let rk = Raw::new("k", k, dtype)?;
+        Ok((rq, rk, extras_args(alibi_slopes, sinks, rel_bias, bias, mask, blocks)?))
+    };
+    let (rq, rk, extras) = convert().map_err(errors::to_py)?;
     let opts = options(scale, softcap, causal, top_left, window_left, window_right, 0);
     let ([b, hq, sq, _], sk) = (q.shape().try_into().unwrap_or([0; 4]), k.shape().get(2).copied().unwrap_or(0));
     let weights = py.detach(|| {
         errors::catch(|| {
             let mut w = vec![0f32; b * hq * sq * sk];
-            // SAFETY: both arrays are borrowed by this call and outlive it.
-            let (qv, kv) = unsafe { (rq.view()?, rk.view()?) };
+            // SAFETY: the arrays are borrowed by this call and outlive it.
+            let (qv, kv, extras) = unsafe { (rq.view()?, rk.view()?, extras.extras()?) };
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None, None)?;
-            core::attention_weights(&qv, &kv, &mut w, &seqs, &opts.params)?;
+            core::attention_weights_with(&qv, &kv, &mut w, &seqs, &opts.params, &extras)?;
             Ok(w)
         })
     })?;

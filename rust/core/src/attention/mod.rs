@@ -8,7 +8,7 @@
 
 mod blocked;
 mod decode;
-mod gemm;
+pub(crate) mod gemm;
 mod softmax;
 mod weights;
 
