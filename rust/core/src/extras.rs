@@ -249,15 +249,31 @@ impl<'a> Extras<'a> {
             }
             if let Some(bias) = &self.bias {
                 let (row, step) = bias.row(at.batch, at.head, at.qi, j0);
-                for j in 0..kn {
-                    st[j * ld + r] += row[(j as isize * step) as usize] * unit;
+                // A contiguous all-zero row (or a broadcast zero) adds nothing: checking is a
+                // vectorized read, adding is a strided write into the transposed tile.
+                let zero = match step {
+                    0 => row[0] == 0.0,
+                    1 => row[..kn].iter().all(|&x| x == 0.0),
+                    _ => false,
+                };
+                if !zero {
+                    for j in 0..kn {
+                        st[j * ld + r] += row[(j as isize * step) as usize] * unit;
+                    }
                 }
             }
             if let Some(mask) = &self.mask {
                 let (row, step) = mask.row(at.batch, at.head, at.qi, j0);
-                for j in 0..kn {
-                    if row[(j as isize * step) as usize] == 0 {
-                        st[j * ld + r] = f32::NEG_INFINITY;
+                let all_true = match step {
+                    0 => row[0] != 0,
+                    1 => row[..kn].iter().all(|&x| x != 0),
+                    _ => false,
+                };
+                if !all_true {
+                    for j in 0..kn {
+                        if row[(j as isize * step) as usize] == 0 {
+                            st[j * ld + r] = f32::NEG_INFINITY;
+                        }
                     }
                 }
             }
