@@ -20,6 +20,8 @@ from . import _ferroattn
 from .functional import attention, attention_varlen, attention_weights
 from .kv_cache import KVCache
 from .layer import SelfAttention
+from .merge import merge_partials
+from .plot import plot_attention, render_attention
 from .rope import rope
 from .variants import (
     T5Bias,
@@ -44,6 +46,9 @@ __all__ = [
     "get_num_threads",
     "info",
     "local_global_layout",
+    "merge_partials",
+    "plot_attention",
+    "render_attention",
     "rope",
     "set_num_threads",
     "strided_layout",
