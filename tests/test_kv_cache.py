@@ -293,3 +293,36 @@ def test_property_cache_matches_reference(n, chunk, window, sinks, group, seed):
         want = _reference_sinks(q, k, v, window, sinks)
     got = _decode(cache, q, k, v, chunk)
     assert rel_err(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_score_terms_through_the_cache_equal_attention(rng, window):
+    q, k, v = _qkv(rng, b=1, hq=4, hk=2, n=19)
+    terms = {
+        "alibi_slopes": ferroattn.alibi_slopes(4),
+        "sinks": np.array([0.5, -1.0, 2.0, 0.0], F32),
+        "rel_bias": ferroattn.T5Bias(
+            rng.standard_normal((16, 4)).astype(F32), bidirectional=False, max_distance=40
+        ),
+    }
+    want = ferroattn.attention(q, k, v, causal=True, window=window, **terms)
+    if window is None:
+        cache = ferroattn.KVCache(1, 2, 16, 32)
+    else:
+        cache = ferroattn.KVCache(1, 2, 16, window=window)
+    n = q.shape[2]
+    got = np.concatenate(
+        [
+            cache.step(q[:, :, i : i + 4], k[:, :, i : i + 4], v[:, :, i : i + 4], **terms)
+            for i in range(0, n, 4)
+        ],
+        axis=2,
+    )
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_positional_terms_refused_with_window_sinks(rng):
+    q, k, v = _qkv(rng, b=1, n=3)
+    cache = ferroattn.KVCache(1, 2, 16, window=4, sinks=1)
+    with pytest.raises(ValueError, match="contiguous positions"):
+        cache.step(q, k, v, alibi_slopes=ferroattn.alibi_slopes(4))

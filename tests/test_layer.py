@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from reference import BF16, F16, F32, F64, OUT_RTOL, rel_err
 from test_rope import reference_rope
 
+import ferroattn
 from ferroattn.kv_cache import KVCache
 from ferroattn.layer import SelfAttention
 
@@ -650,3 +651,30 @@ def test_step_refuses_something_else(rng):
     layer = build(make_params(rng, 8, 2, 2, 4), num_heads=2)
     with pytest.raises(TypeError, match="KVCache"):
         layer.step(np.zeros((1, 1, 8), np.float32), {"lengths": [0]})
+
+
+@pytest.mark.parametrize("term", ["alibi_slopes", "sinks", "rel_bias"])
+def test_layer_score_terms_decode_equals_forward_and_padding(term):
+    rng = np.random.default_rng(5)
+    d, h, hkv = 32, 4, 2
+    w_q, w_o = (rng.standard_normal((d, d), dtype=np.float32) * 0.2 for _ in range(2))
+    w_k, w_v = (rng.standard_normal((hkv * 8, d), dtype=np.float32) * 0.2 for _ in range(2))
+    values = {
+        "alibi_slopes": ferroattn.alibi_slopes(h),
+        "sinks": np.array([0.1, 0.2, -0.3, 0.4], np.float32),
+        "rel_bias": ferroattn.T5Bias(
+            rng.standard_normal((8, h)).astype(np.float32), bidirectional=False, max_distance=20
+        ),
+    }
+    layer = ferroattn.SelfAttention(
+        w_q, w_k, w_v, w_o, num_heads=h, num_kv_heads=hkv, rope_theta=1e4, **{term: values[term]}
+    )
+    plain = ferroattn.SelfAttention(w_q, w_k, w_v, w_o, num_heads=h, num_kv_heads=hkv)
+    x = rng.standard_normal((2, 11, d), dtype=np.float32)
+    full = layer.forward(x)
+    assert not np.allclose(full, plain.forward(x), atol=1e-3)  # the term changes the result
+    cache = layer.new_cache(2, capacity=16)
+    steps = np.concatenate([layer.step(x[:, i : i + 2], cache) for i in range(0, 11, 2)], 1)
+    np.testing.assert_allclose(steps, full, atol=2e-6)
+    padded = np.concatenate([x, np.zeros((2, 3, d), np.float32)], 1)
+    np.testing.assert_allclose(layer.forward(padded, kv_lengths=[11, 11])[:, :11], full, atol=2e-6)

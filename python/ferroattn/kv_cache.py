@@ -13,12 +13,14 @@ sink tokens kept as keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _ferroattn
 from ._args import as_array, check_dtypes, dtype_code, kernel_ready, mask_options
+from .variants import extras_kwargs
 
 __all__ = ["KVCache"]
 
@@ -36,6 +38,18 @@ def _storage_dtype(dtype: Any) -> tuple[str, np.dtype]:
             raise TypeError("a bfloat16 cache needs the ml_dtypes package") from e
         return name, np.dtype(ml_dtypes.bfloat16)
     return name, np.dtype(name)
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """Score terms a cache call may add (see :func:`ferroattn.attention`)."""
+
+    alibi_slopes: Any = None
+    sinks: Any = None
+    rel_bias: Any = None
+
+    def positional(self) -> bool:
+        return self.alibi_slopes is not None or self.rel_bias is not None
 
 
 def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -331,6 +345,9 @@ class KVCache:
         scale: float | None = None,
         softcap: float | None = None,
         out: np.ndarray | None = None,
+        alibi_slopes: Any = None,
+        sinks: Any = None,
+        rel_bias: Any = None,
     ) -> np.ndarray:
         """Attention of the queries of the last appended tokens over everything cached.
 
@@ -341,6 +358,9 @@ class KVCache:
             lengths: ``(batch,)`` valid queries per sequence (``t_b``; default ``T``); rows past
                 it come back as zeros.
             scale, softcap: as in :func:`ferroattn.attention`.
+            alibi_slopes, sinks, rel_bias: as in :func:`ferroattn.attention`, with positions
+                counted over the whole history (not available with ``sinks`` tokens of a
+                window cache, whose positions are not contiguous in storage).
             out: optional output array ``(batch, heads, T, value_dim)`` of q's dtype.
 
         Returns:
@@ -348,6 +368,7 @@ class KVCache:
         """
         q = self._check_q(q)
         counts = self._valid_counts(lengths, q.shape[2])
+        terms = _Terms(alibi_slopes, sinks, rel_bias)
         if self.window is not None:
             slack = self._ring - (self.window - 1)
             if np.any(counts > slack):
@@ -356,11 +377,11 @@ class KVCache:
                     "use step(q, k, v) to process longer chunks"
                 )
             gathered = [self._gather(b, int(counts[b]), None) for b in range(self.batch)]
-            return self._attend_gathered(q, counts, gathered, scale, softcap, out)
+            return self._attend_gathered(q, counts, gathered, scale, softcap, out, terms)
         seqs = [
             (b, 0, int(counts[b]), 0, int(self._len[b])) for b in range(self.batch) if counts[b] > 0
         ]
-        return self._run(q, self._k, self._v, self._scales(), seqs, 0, scale, softcap, out)
+        return self._run(q, self._k, self._v, self._scales(), seqs, 0, scale, softcap, out, terms)
 
     def step(
         self,
@@ -372,6 +393,9 @@ class KVCache:
         scale: float | None = None,
         softcap: float | None = None,
         out: np.ndarray | None = None,
+        alibi_slopes: Any = None,
+        sinks: Any = None,
+        rel_bias: Any = None,
     ) -> np.ndarray:
         """Append ``k``/``v`` and attend with ``q`` (flash-attn's ``flash_attn_with_kvcache``).
 
@@ -387,10 +411,20 @@ class KVCache:
         enc_k, enc_v = self._encode(k), self._encode(v)
         if self.window is None:
             self._write(enc_k, enc_v, counts)
-            return self.attend(q, lengths=counts, scale=scale, softcap=softcap, out=out)
+            return self.attend(
+                q,
+                lengths=counts,
+                scale=scale,
+                softcap=softcap,
+                out=out,
+                alibi_slopes=alibi_slopes,
+                sinks=sinks,
+                rel_bias=rel_bias,
+            )
         # The ring may not hold a whole chunk: attend over old ring + new tokens, then store.
         gathered = [self._gather(b, 0, (enc_k, enc_v, int(counts[b]))) for b in range(self.batch)]
-        result = self._attend_gathered(q, counts, gathered, scale, softcap, out)
+        terms = _Terms(alibi_slopes, sinks, rel_bias)
+        result = self._attend_gathered(q, counts, gathered, scale, softcap, out, terms)
         self._write(enc_k, enc_v, counts)
         return result
 
@@ -450,7 +484,7 @@ class KVCache:
             scale_v = np.concatenate(scale_v, axis=1)
         return gk, gv, scale_k, scale_v
 
-    def _attend_gathered(self, q, counts, gathered, scale, softcap, out) -> np.ndarray:
+    def _attend_gathered(self, q, counts, gathered, scale, softcap, out, terms) -> np.ndarray:
         """One kernel call over the per-sequence gathered keys, padded into one array."""
         n = max((g[0].shape[1] for g in gathered), default=0)
         shape_k = (self.batch, self.kv_heads, n, self.head_dim)
@@ -468,11 +502,16 @@ class KVCache:
                 scales[0][b, :, :m], scales[1][b, :, :m] = sk, sv
             if counts[b] > 0:
                 seqs.append((b, 0, int(counts[b]), 0, m))
+        if self.sinks and terms.positional():
+            raise ValueError(
+                "alibi_slopes and rel_bias need contiguous positions: not available with the "
+                "sinks of a window cache"
+            )
         return self._run(
-            q, k, v, scales, seqs, self.sinks, scale, softcap, out, window=self.window - 1
+            q, k, v, scales, seqs, self.sinks, scale, softcap, out, terms, window=self.window - 1
         )
 
-    def _run(self, q, k, v, scales, seqs, sink_keys, scale, softcap, out, window=None):
+    def _run(self, q, k, v, scales, seqs, sink_keys, scale, softcap, out, terms, window=None):
         opts = mask_options(
             head_dim=self.head_dim,
             causal=True,
@@ -493,6 +532,15 @@ class KVCache:
         direct = dtype_code(result) == dtype_code(qk) and result.flags.c_contiguous
         target = result if direct else np.zeros(shape, dtype=qk.dtype)
         kwargs = opts.kwargs()
+        kwargs.update(
+            extras_kwargs(
+                shape4=(self.batch, q.shape[1], q.shape[2], k.shape[2]),
+                ndim=4,
+                alibi_slopes=terms.alibi_slopes,
+                sinks=terms.sinks,
+                rel_bias=terms.rel_bias,
+            )
+        )
         if scales is not None:
             kwargs["k_scales"] = scales[0][..., None]
             kwargs["v_scales"] = scales[1][..., None]

@@ -13,6 +13,7 @@ from ._args import as_array, int_vector, mask_options
 from .functional import Causal, Window, attention, attention_varlen
 from .kv_cache import KVCache
 from .rope import rope
+from .variants import T5Bias, extras_kwargs
 
 __all__ = ["SelfAttention"]
 
@@ -105,6 +106,9 @@ class SelfAttention:
             tokens, Mistral's ``sliding_window``).
         softcap: ``c``: scores become ``c·tanh(score/c)`` (Gemma 2).
         scale: multiplies ``q·k``; default ``1/sqrt(head_dim)``.
+        alibi_slopes, sinks, rel_bias: per-head ALiBi slopes, sink logits and a
+            :class:`ferroattn.T5Bias`, as in :func:`ferroattn.attention` (used by
+            :meth:`forward` and :meth:`step` alike).
 
     Raises:
         ValueError: a weight or bias of the wrong shape (named, with its shape), ``num_heads``
@@ -148,6 +152,9 @@ class SelfAttention:
         window: Window = None,
         softcap: float | None = None,
         scale: float | None = None,
+        alibi_slopes: Any = None,
+        sinks: Any = None,
+        rel_bias: T5Bias | None = None,
     ) -> None:
         h = _positive_int("num_heads", num_heads)
         hkv = h if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
@@ -214,6 +221,13 @@ class SelfAttention:
         self.window = window
         self.softcap = softcap
         self.scale = scale
+        # Score terms (see ferroattn.attention), checked once here.
+        extras_kwargs(
+            shape4=(1, h, 1, 1), ndim=4, alibi_slopes=alibi_slopes, sinks=sinks, rel_bias=rel_bias
+        )
+        self.alibi_slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, np.float32)
+        self.sinks = None if sinks is None else np.asarray(sinks, np.float32)
+        self.rel_bias = rel_bias
 
     # ------------------------------------------------------------------ weights
 
@@ -323,6 +337,10 @@ class SelfAttention:
             "softcap": self.softcap,
         }
 
+    def _score_terms(self) -> dict[str, Any]:
+        terms = {"alibi_slopes": self.alibi_slopes, "sinks": self.sinks, "rel_bias": self.rel_bias}
+        return {name: value for name, value in terms.items() if value is not None}
+
     # ------------------------------------------------------------------ API
 
     def forward(self, x: Any, *, kv_lengths: Any = None) -> np.ndarray:
@@ -355,7 +373,10 @@ class SelfAttention:
             self._rope_in_place(q, positions)
             self._rope_in_place(k, positions)
         if kv_lengths is None:
-            o = cast(np.ndarray, attention(q, k, v, layout="bshd", **self._mask_kwargs()))
+            o = cast(
+                np.ndarray,
+                attention(q, k, v, layout="bshd", **self._mask_kwargs(), **self._score_terms()),
+            )
         else:
             o = self._attend_padded(q, k, v, kv_lengths)
         return self._output(o, x.dtype)
@@ -380,6 +401,16 @@ class SelfAttention:
         def packed(t: np.ndarray) -> np.ndarray:
             return t.reshape(b * n, *t.shape[2:])[valid]
 
+        terms = self._score_terms()
+        if terms:
+            # Varlen takes no score terms: one call per sequence keeps positions 0..len-1.
+            o4 = np.zeros((b, n, self.num_heads, self.head_dim), np.float32)
+            for i, m in enumerate(lens.tolist()):
+                if m:
+                    o4[i, :m] = attention(
+                        q[i, :m], k[i, :m], v[i, :m], layout="bshd", **self._mask_kwargs(), **terms
+                    )
+            return o4
         o = np.zeros((b * n, self.num_heads, self.head_dim), np.float32)
         o[valid] = attention_varlen(packed(q), packed(k), packed(v), cu, cu, **self._mask_kwargs())
         return o.reshape(b, n, self.num_heads, self.head_dim)
@@ -442,6 +473,7 @@ class SelfAttention:
             lengths=lengths,
             scale=self.scale,
             softcap=self.softcap,
+            **self._score_terms(),
         )
         return self._output(o.transpose(0, 2, 1, 3), x.dtype)
 
