@@ -20,6 +20,7 @@ from . import _ferroattn
 from .functional import attention, attention_varlen, attention_weights
 from .kv_cache import KVCache
 from .layer import SelfAttention
+from .linear import LinearAttentionState, linear_attention
 from .merge import merge_partials
 from .plot import plot_attention, render_attention
 from .rope import rope
@@ -35,6 +36,7 @@ __version__: str = _ferroattn.__version__
 
 __all__ = [
     "KVCache",
+    "LinearAttentionState",
     "SelfAttention",
     "T5Bias",
     "__version__",
@@ -45,6 +47,7 @@ __all__ = [
     "bigbird_layout",
     "get_num_threads",
     "info",
+    "linear_attention",
     "local_global_layout",
     "merge_partials",
     "plot_attention",

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-_KERNEL_DTYPES = {"float32", "float16", "bfloat16"}
-
 
 def as_array(name: str, x: Any) -> np.ndarray:
     """Return ``x`` as an ndarray, refusing things that are not numeric arrays."""
@@ -33,13 +31,19 @@ def as_array(name: str, x: Any) -> np.ndarray:
     return arr
 
 
+# A dict lookup: `dtype.name` is slow enough to matter on tiny calls. bfloat16 (ml_dtypes, not
+# imported here) takes the slower check below.
+_CODES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+
+
 def dtype_code(arr: np.ndarray) -> str | None:
     """The kernel dtype name of ``arr``, or None when it must be converted to float32 first."""
     dt = arr.dtype
-    if dt.name == "bfloat16" and dt.itemsize == 2:
+    code = _CODES.get(dt)
+    if code is not None and dt.isnative:
+        return code
+    if dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16":
         return "bfloat16"
-    if dt.kind == "f" and dt.isnative and dt.name in _KERNEL_DTYPES:
-        return dt.name
     return None
 
 

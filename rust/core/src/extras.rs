@@ -42,12 +42,38 @@ impl<'a, T: Copy> Dense<'a, T> {
         self.shape
     }
 
-    /// Row `(b, h, i)` from key `j0`: the element at `j0 + t` is `row[t * step]`.
+    /// Row `(b, h, i)` from key `j0` for `n` keys: element `t` of it, for the view's step
+    /// (which may be 0 or negative).
     #[inline(always)]
-    fn row(&self, b: usize, h: usize, i: usize, j0: usize) -> (&'a [T], isize) {
+    fn row(&self, b: usize, h: usize, i: usize, j0: usize, n: usize) -> Row<'a, T> {
         let s = self.strides;
         let at = self.offset as isize + b as isize * s[0] + h as isize * s[1] + i as isize * s[2] + j0 as isize * s[3];
-        (&self.data[at as usize..], s[3])
+        Row { data: self.data, at, step: s[3], n }
+    }
+}
+
+/// `n` elements of a [`Dense`] row.
+struct Row<'a, T> {
+    data: &'a [T],
+    at: isize,
+    step: isize,
+    n: usize,
+}
+
+impl<T: Copy> Row<'_, T> {
+    #[inline(always)]
+    fn get(&self, t: usize) -> T {
+        self.data[(self.at + t as isize * self.step) as usize]
+    }
+
+    /// Whether every element satisfies `f`, read as a slice when the row is contiguous.
+    #[inline(always)]
+    fn all(&self, f: impl Fn(T) -> bool) -> bool {
+        match self.step {
+            0 => f(self.get(0)),
+            1 => self.data[self.at as usize..self.at as usize + self.n].iter().all(|&x| f(x)),
+            _ => (0..self.n).all(|t| f(self.get(t))),
+        }
     }
 }
 
@@ -218,10 +244,7 @@ impl<'a> Extras<'a> {
             }
         }
         if let Some(m) = &self.mask {
-            return rows.iter().any(|r| {
-                let (row, step) = m.row(r.batch, r.head, r.qi, r.k_start + k0);
-                (0..kn).any(|t| row[(t as isize * step) as usize] != 0)
-            });
+            return rows.iter().any(|r| !m.row(r.batch, r.head, r.qi, r.k_start + k0, kn).all(|x| x == 0));
         }
         true
     }
@@ -248,30 +271,20 @@ impl<'a> Extras<'a> {
                 }
             }
             if let Some(bias) = &self.bias {
-                let (row, step) = bias.row(at.batch, at.head, at.qi, j0);
-                // A contiguous all-zero row (or a broadcast zero) adds nothing: checking is a
-                // vectorized read, adding is a strided write into the transposed tile.
-                let zero = match step {
-                    0 => row[0] == 0.0,
-                    1 => row[..kn].iter().all(|&x| x == 0.0),
-                    _ => false,
-                };
-                if !zero {
+                let row = bias.row(at.batch, at.head, at.qi, j0, kn);
+                // An all-zero row adds nothing: checking is a (vectorized, for contiguous rows)
+                // read, adding is a strided write into the transposed tile.
+                if !row.all(|x| x == 0.0) {
                     for j in 0..kn {
-                        st[j * ld + r] += row[(j as isize * step) as usize] * unit;
+                        st[j * ld + r] += row.get(j) * unit;
                     }
                 }
             }
             if let Some(mask) = &self.mask {
-                let (row, step) = mask.row(at.batch, at.head, at.qi, j0);
-                let all_true = match step {
-                    0 => row[0] != 0,
-                    1 => row[..kn].iter().all(|&x| x != 0),
-                    _ => false,
-                };
-                if !all_true {
+                let row = mask.row(at.batch, at.head, at.qi, j0, kn);
+                if !row.all(|x| x != 0) {
                     for j in 0..kn {
-                        if row[(j as isize * step) as usize] == 0 {
+                        if row.get(j) == 0 {
                             st[j * ld + r] = f32::NEG_INFINITY;
                         }
                     }

@@ -24,6 +24,7 @@ mod attention;
 mod error;
 mod extras;
 mod layout;
+mod linear;
 mod mask;
 mod parallel;
 mod simd;
@@ -32,6 +33,7 @@ pub use attention::{attention, attention_weights, attention_weights_with, attent
 pub use error::{Error, Result};
 pub use extras::{BlockLayout, Dense, Extras, RelBias};
 pub use layout::{DType, Elems, ElemsMut, Strided, StridedMut};
+pub use linear::{linear_attention, FeatureMap, LinearParams, LinearState};
 pub use mask::{padded_sequences, varlen_sequences, Align, Params, Sequence};
 pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads};
 pub use simd::{cpu_features, Isa};

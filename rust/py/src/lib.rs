@@ -4,6 +4,7 @@
 
 mod arrays;
 mod errors;
+mod linear;
 
 use arrays::Raw;
 use ferroattn_core as core;
@@ -276,6 +277,8 @@ fn _after_fork_in_child() {
 
 #[pymodule]
 mod _ferroattn {
+    #[pymodule_export]
+    use super::linear::linear_attention;
     #[pymodule_export]
     use super::{_after_fork_in_child, attention, attention_weights, build_info, get_num_threads, set_num_threads};
 

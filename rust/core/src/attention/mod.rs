@@ -185,6 +185,17 @@ fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence]
     Ok(())
 }
 
+/// Work below which handing tasks to the pool costs more than it saves (a wake-up of a pool
+/// thread is tens of microseconds): about 20 µs of single-threaded compute.
+const SMALL_FLOPS: usize = 1 << 21;
+
+/// Whether a call is small enough to run on the caller's thread (upper bound: every query
+/// sees every key).
+fn is_small(seqs: &[Sequence], hq: usize, dims: usize) -> bool {
+    let flops: usize = seqs.iter().map(|s| s.q_len.saturating_mul(s.k_len)).fold(0usize, |a, b| a.saturating_add(b));
+    flops.saturating_mul(hq).saturating_mul(2 * dims) < SMALL_FLOPS
+}
+
 fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan) -> Vec<Task> {
     let mut t = Vec::new();
     for (si, s) in seqs.iter().enumerate() {
@@ -258,6 +269,14 @@ pub fn attention_with(
     let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
+    if is_small(seqs, hq, plan.d + dv) {
+        let mut scratch = blocked::Scratch::new(&plan);
+        for task in &work {
+            // SAFETY: `isa` was detected on this CPU; one thread writes every row.
+            unsafe { blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), task, &mut scratch) };
+        }
+        return Ok(());
+    }
     parallel::install(|| match split_keys(&ctx, &work, rayon::current_num_threads()) {
         None => work.par_iter().for_each_init(
             || blocked::Scratch::new(&plan),
@@ -338,6 +357,14 @@ pub fn attention_weights_with(
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
     let work = tasks(seqs, hkv, &plan);
     let isa = Isa::active();
+    if is_small(seqs, hq, 2 * d) {
+        let mut scratch = blocked::Scratch::new(&plan);
+        for task in &work {
+            // SAFETY: `isa` was detected on this CPU; one thread writes every row.
+            unsafe { weights::run(isa, &ctx, &dest, task, &mut scratch) };
+        }
+        return Ok(());
+    }
     parallel::install(|| {
         work.par_iter().for_each_init(
             || blocked::Scratch::new(&plan),
