@@ -276,6 +276,10 @@ def _table(row_names: list[str], col_names: list[str], cells: list[list[str]]) -
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.png is not None:
+        folder = os.path.dirname(os.path.abspath(args.png))
+        if not os.path.isdir(folder):
+            raise CLIError(f"--png: the folder {folder!r} does not exist")
     d = build_demo(args.seed)
     tokens, q, k, v = d["tokens"], d["q"], d["k"], d["v"]
     n = len(tokens)
@@ -341,7 +345,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
     err = float(np.max(np.abs(out - weights @ v.astype(np.float64))))
     p()
     p(f"check: max |attention(q, k, v) - attention_weights(q, k) @ v| = {err:.1e}")
+    if args.png is not None:
+        p()
+        _demo_picture(args.png, weights, tokens, f'"{SENTENCE}" ({mode}, seed {args.seed})')
     return 0
+
+
+def _stdout_can_encode(text: str) -> bool:
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _demo_picture(path: str, weights: np.ndarray, tokens: list[str], title: str) -> None:
+    """``demo --png``: save the heatmap, or draw it in the terminal without matplotlib."""
+    from .plot import UNICODE_SHADES, plot_attention, render_attention
+
+    try:
+        plot_attention(weights, tokens, path=path, title=f"Self-attention weights\n{title}")
+    except ImportError:
+        print("No PNG written: matplotlib is not installed (pip install ferroattn[plot]).")
+        print("Terminal rendering instead (row = query token, column = key token):")
+        print(render_attention(weights, tokens, ascii=not _stdout_can_encode(UNICODE_SHADES)))
+        return
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot write the PNG {path!r}: {exc}") from exc
+    print(f"Heatmap of the attention weights written to {os.path.abspath(path)}")
 
 
 # --------------------------------------------------------------------------- main
@@ -383,8 +414,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_demo.add_argument("--causal", action="store_true", help="mask future tokens (decoder style)")
     p_demo.add_argument("--seed", type=int, default=0, help="seed of the small noise (default 0)")
+    p_demo.add_argument(
+        "--png",
+        metavar="PATH",
+        help="also save a heatmap of the attention weights there (needs matplotlib: "
+        "pip install ferroattn[plot]; without it a terminal rendering is printed)",
+    )
     p_demo.set_defaults(func=cmd_demo)
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="benchmark harness: ferroattn vs torch, ONNX Runtime and NumPy",
+        description="Run the benchmark harness (ferroattn vs torch SDPA, ONNX Runtime and "
+        "NumPy, side by side in one process; see benches/README.md) and write its results "
+        "to ./benches/results (or --out-dir).",
+    )
+    from ferroattn import bench as _bench  # numpy only; the peers are imported when it runs
+
+    _bench.add_arguments(p_bench)
+    p_bench.set_defaults(func=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ferroattn import bench as _bench
+
+    return _bench.run_args(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Literal
 
 import numpy as np
@@ -23,6 +24,7 @@ from .variants import T5Bias, extras_kwargs
 
 Causal = bool | Literal["bottom_right", "top_left"]
 Window = int | tuple[int | None, int | None] | None
+Backend = Literal["auto", "cpu", "torch"]
 
 __all__ = ["attention", "attention_varlen", "attention_weights"]
 
@@ -48,6 +50,29 @@ def _check_shapes(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray | None, shapes:
 
 
 _NO_VALUES = object()
+
+
+def _to_torch(backend: Any, *xs: Any) -> bool:
+    """Whether a call belongs to :mod:`ferroattn.torch`: ``backend="torch"``, or a torch tensor
+    among ``xs``. Never imports torch: without it in ``sys.modules`` no tensor can exist."""
+    if backend == "auto" or backend == "cpu":
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return False
+        tensor = torch.Tensor
+        return any(
+            isinstance(x, tensor) or (isinstance(x, T5Bias) and isinstance(x.table, tensor))
+            for x in xs
+        )
+    if backend == "torch":
+        return True
+    raise ValueError(f"backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
+
+
+def _torch_dispatch(name: str, data: dict[str, Any], aux: dict[str, Any], backend: str) -> Any:
+    from . import torch as torch_path  # imports torch: only reached when torch is in play
+
+    return torch_path.dispatch(name, data, aux, backend)
 
 
 def _prepare(
@@ -131,6 +156,7 @@ def attention(
     sinks: Any = None,
     block_layout: Any = None,
     block_size: int | None = None,
+    backend: Backend = "auto",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled-dot-product attention, ``softmax(scale · q kᵀ [masked]) v``.
 
@@ -173,6 +199,17 @@ def attention(
             follows the layout's density. See :func:`ferroattn.local_global_layout`,
             :func:`ferroattn.bigbird_layout`, :func:`ferroattn.strided_layout`.
         block_size: the block size ``bs`` of ``block_layout``; must divide ``Nq`` and ``Nk``.
+        backend: ``"auto"`` (default): NumPy arrays and CPU torch tensors run on the Rust
+            kernels (tensors without a copy: they are read as NumPy views of their memory),
+            CUDA and other non-CPU tensors on torch. ``"cpu"``: always the Rust kernels (tensors
+            on another device are copied to the CPU and the result copied back). ``"torch"``:
+            always torch (NumPy inputs are wrapped with ``torch.from_numpy`` and the result is
+            NumPy). See :mod:`ferroattn.torch`.
+
+    Torch tensors in give torch tensors out, of the same dtype and on the same device; ``out``
+    must then be a tensor (written in place). ``q``, ``k``, ``v`` and ``out`` must be all
+    tensors or all NumPy arrays (else ``TypeError``); the other options may be either. Results
+    carry no gradient (inputs are detached).
 
     Returns:
         The output, shaped like ``q`` with last axis ``Dv`` and of ``q``'s dtype, or
@@ -187,6 +224,28 @@ def attention(
         >>> ferroattn.attention(q, q, q, causal=True).shape
         (1, 8, 128, 64)
     """
+    if _to_torch(backend, q, k, v, out, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias):
+        return _torch_dispatch(
+            "attention",
+            {"q": q, "k": k, "v": v, "out": out},
+            {
+                "causal": causal,
+                "window": window,
+                "scale": scale,
+                "kv_lengths": kv_lengths,
+                "softcap": softcap,
+                "layout": layout,
+                "return_lse": return_lse,
+                "mask": mask,
+                "bias": bias,
+                "alibi_slopes": alibi_slopes,
+                "rel_bias": rel_bias,
+                "sinks": sinks,
+                "block_layout": block_layout,
+                "block_size": block_size,
+            },
+            backend,
+        )
     arrays, (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
     opts = mask_options(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
@@ -235,6 +294,7 @@ def attention_varlen(
     softcap: float | None = None,
     return_lse: bool = False,
     out: np.ndarray | None = None,
+    backend: Backend = "auto",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over packed sequences of different lengths (flash-attn's varlen API).
 
@@ -246,6 +306,7 @@ def attention_varlen(
             ``cu_seqlens_q[s]:cu_seqlens_q[s+1]``; starts at 0, ends at ``total_q``.
         cu_seqlens_k: the same for keys and values.
         causal, window, scale, softcap, return_lse, out: as in :func:`attention`, per sequence.
+        backend: as in :func:`attention` (torch tensors in, torch tensors out).
 
     Returns:
         ``(total_q, Hq, Dv)``, or with ``return_lse`` also the float32 LSE ``(Hq, total_q)``.
@@ -256,6 +317,21 @@ def attention_varlen(
         >>> ferroattn.attention_varlen(x, x, x, [0, 2, 5], [0, 2, 5], causal=True).shape
         (5, 2, 16)
     """
+    if _to_torch(backend, q, k, v, out, cu_seqlens_q, cu_seqlens_k):
+        return _torch_dispatch(
+            "attention_varlen",
+            {"q": q, "k": k, "v": v, "out": out},
+            {
+                "cu_seqlens_q": cu_seqlens_q,
+                "cu_seqlens_k": cu_seqlens_k,
+                "causal": causal,
+                "window": window,
+                "scale": scale,
+                "softcap": softcap,
+                "return_lse": return_lse,
+            },
+            backend,
+        )
     named = {"q": as_array("q", q), "k": as_array("k", k), "v": as_array("v", v)}
     for name, a in named.items():
         if a.ndim != 3:
@@ -312,11 +388,12 @@ def attention_weights(
     sinks: Any = None,
     block_layout: Any = None,
     block_size: int | None = None,
+    backend: Backend = "auto",
 ) -> np.ndarray:
     """The attention probabilities themselves, ``softmax(scale · q kᵀ [masked])``.
 
     The only ferroattn function that allocates ``Nq × Nk`` per head: meant for inspection and
-    plots. Options as in :func:`attention`.
+    plots. Options (``backend`` and torch tensors included) as in :func:`attention`.
 
     Returns:
         ``(B, Hq, Nq, Nk)`` (head-major for either layout; ``(Hq, Nq, Nk)`` or ``(Nq, Nk)`` for
@@ -329,6 +406,27 @@ def attention_weights(
         >>> ferroattn.attention_weights(x, x, causal=True)[0].tolist()
         [1.0, 0.0, 0.0]
     """
+    if _to_torch(backend, q, k, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias):
+        return _torch_dispatch(
+            "attention_weights",
+            {"q": q, "k": k},
+            {
+                "causal": causal,
+                "window": window,
+                "scale": scale,
+                "kv_lengths": kv_lengths,
+                "softcap": softcap,
+                "layout": layout,
+                "mask": mask,
+                "bias": bias,
+                "alibi_slopes": alibi_slopes,
+                "rel_bias": rel_bias,
+                "sinks": sinks,
+                "block_layout": block_layout,
+                "block_size": block_size,
+            },
+            backend,
+        )
     _, (q4, k4), dtype, ndim = _prepare(q, k, _NO_VALUES, layout)
     opts = mask_options(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap

@@ -13,6 +13,7 @@ sink tokens kept as keys.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,12 @@ class _Terms:
         return self.alibi_slopes is not None or self.rel_bias is not None
 
 
+def _tensor_among(*xs: Any) -> bool:
+    """Whether a torch tensor is among ``xs`` (never imports torch)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and any(isinstance(x, torch.Tensor) for x in xs)
+
+
 def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row (last axis): ``x ≈ q · scale``."""
     x = np.asarray(x, dtype=np.float32)
@@ -78,6 +85,12 @@ class KVCache:
         sinks: with ``window``: also keep the first ``sinks`` tokens of each sequence as keys.
         max_rollback: with ``window``: spare ring slots, so :meth:`rollback` can undo that many
             tokens (speculative decoding).
+        device: ``None`` or ``"cpu"`` (default): NumPy storage read by the Rust kernels; the
+            methods take NumPy arrays or CPU torch tensors (read in place) and return the kind
+            they were given. A torch device (``"cuda"``, ``torch.device("cuda:1")``, ...): the
+            storage is torch tensors on that device and attention runs there through torch
+            (:class:`ferroattn.torch.TorchKVCache`); inputs are tensors (moved to the device if
+            needed) and results are tensors on it.
 
     Appending past ``capacity`` raises ``ValueError``; a call that fails leaves the cache as it
     was.
@@ -94,6 +107,15 @@ class KVCache:
         5
     """
 
+    _host = True  # NumPy storage (TorchKVCache: torch storage on a device)
+
+    def __new__(cls, *args: Any, device: Any = None, **kwargs: Any) -> KVCache:
+        if cls is KVCache and device is not None and str(device) != "cpu":
+            from .torch import TorchKVCache  # storage on a torch device
+
+            return super().__new__(TorchKVCache)
+        return super().__new__(cls)
+
     def __init__(
         self,
         batch: int,
@@ -106,6 +128,7 @@ class KVCache:
         window: int | None = None,
         sinks: int = 0,
         max_rollback: int = 0,
+        device: Any = None,
     ) -> None:
         for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if not isinstance(val, (int, np.integer)) or val < 1:
@@ -137,11 +160,12 @@ class KVCache:
         self.capacity = slots if window is None else None
         shape_k = (self.batch, self.kv_heads, slots, self.head_dim)
         shape_v = (self.batch, self.kv_heads, slots, self.value_dim)
-        self._k = np.zeros(shape_k, dtype=self._dtype)
-        self._v = np.zeros(shape_v, dtype=self._dtype)
+        self.device = device
+        self._k = self._zeros(shape_k, self._dtype)
+        self._v = self._zeros(shape_v, self._dtype)
         if self._code == "int8":
-            self._ks = np.zeros(shape_k[:3], dtype=np.float32)
-            self._vs = np.zeros(shape_v[:3], dtype=np.float32)
+            self._ks = self._zeros(shape_k[:3], np.dtype(np.float32))
+            self._vs = self._zeros(shape_v[:3], np.dtype(np.float32))
         self._len = np.zeros(self.batch, dtype=np.int64)
 
     # ----------------------------------------------------------------- facts
@@ -170,6 +194,25 @@ class KVCache:
             f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
             f"capacity={self.capacity}, dtype={self._code!r}{extra}, lengths={self._len.tolist()})"
         )
+
+    # ------------------------------------------------------- storage hooks
+    # NumPy here; ferroattn.torch.TorchKVCache keeps the same logic over torch tensors.
+
+    def _zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        return np.zeros(shape, dtype=dtype)
+
+    def _ix(self, index: np.ndarray) -> Any:
+        """An index array in the storage's kind."""
+        return index
+
+    def _cat(self, parts: list[Any]) -> Any:
+        return np.concatenate(parts, axis=1)
+
+    def _tensor_call(self, method: Any, *arrays: Any, **kwargs: Any) -> Any:
+        """Run ``method`` on NumPy views of CPU tensors; return tensors (writing ``out``)."""
+        from .torch import numpy_call
+
+        return numpy_call(method, *arrays, copy_from_device=False, **kwargs)
 
     # ------------------------------------------------------------- positions
 
@@ -249,7 +292,8 @@ class KVCache:
             keep = np.ones(t, dtype=bool)
             if self.window is not None:
                 keep = (pos < self.sinks) | (pos >= pos[-1] + 1 - self._ring)
-            slots = self._slot(pos[keep])
+            slots = self._ix(self._slot(pos[keep]))
+            keep = self._ix(keep)
             self._k[b][:, slots] = qk[b][:, :t][:, keep]
             self._v[b][:, slots] = qv[b][:, :t][:, keep]
             if sk is not None:
@@ -266,6 +310,8 @@ class KVCache:
             lengths: ``(batch,)`` number of valid new tokens per sequence (right padding of
                 ``k``/``v``); default ``T`` for all.
         """
+        if self._host and _tensor_among(k, v):
+            return self._tensor_call(self.append, k, v, lengths=lengths)
         k, v = self._check_kv(k, v)
         counts = self._valid_counts(lengths, k.shape[2])
         self._check_room(counts)
@@ -332,7 +378,7 @@ class KVCache:
         if self.window is None:
             n = int(self._len[b])
             return self._decode(data[b, :, :n], None if scales is None else scales[b, :, :n])
-        slots = self._slot(self._stored(b))
+        slots = self._ix(self._slot(self._stored(b)))
         return self._decode(data[b][:, slots], None if scales is None else scales[b][:, slots])
 
     # ------------------------------------------------------------- attention
@@ -366,6 +412,18 @@ class KVCache:
         Returns:
             ``(batch, heads, T, value_dim)`` in q's dtype.
         """
+        if self._host and _tensor_among(q, out):
+            return self._tensor_call(
+                self.attend,
+                q,
+                out=out,
+                lengths=lengths,
+                scale=scale,
+                softcap=softcap,
+                alibi_slopes=alibi_slopes,
+                sinks=sinks,
+                rel_bias=rel_bias,
+            )
         q = self._check_q(q)
         counts = self._valid_counts(lengths, q.shape[2])
         terms = _Terms(alibi_slopes, sinks, rel_bias)
@@ -400,8 +458,23 @@ class KVCache:
         """Append ``k``/``v`` and attend with ``q`` (flash-attn's ``flash_attn_with_kvcache``).
 
         Shapes as in :meth:`append` and :meth:`attend`; ``T`` may be one token (decoding) or a
-        chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype.
+        chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype (a torch tensor
+        for tensor inputs).
         """
+        if self._host and _tensor_among(q, k, v, out):
+            return self._tensor_call(
+                self.step,
+                q,
+                k,
+                v,
+                out=out,
+                lengths=lengths,
+                scale=scale,
+                softcap=softcap,
+                alibi_slopes=alibi_slopes,
+                sinks=sinks,
+                rel_bias=rel_bias,
+            )
         k, v = self._check_kv(k, v)
         q = self._check_q(q)
         if q.shape[2] != k.shape[2]:
@@ -467,7 +540,7 @@ class KVCache:
         sinks = min(end, self.sinks)
         lo = max(self.sinks, first_query - (self.window - 1))
         pos = np.concatenate([np.arange(sinks), np.arange(lo, end)]).astype(np.int64)
-        slots = self._slot(pos)
+        slots = self._ix(self._slot(pos))
         parts_k, parts_v = [self._k[b][:, slots]], [self._v[b][:, slots]]
         scale_k = scale_v = None
         if self._code == "int8":
@@ -478,10 +551,10 @@ class KVCache:
             if scale_k is not None:
                 scale_k.append(sk[b][:, :t])
                 scale_v.append(sv[b][:, :t])
-        gk, gv = np.concatenate(parts_k, axis=1), np.concatenate(parts_v, axis=1)
+        gk, gv = self._cat(parts_k), self._cat(parts_v)
         if scale_k is not None:
-            scale_k = np.concatenate(scale_k, axis=1)
-            scale_v = np.concatenate(scale_v, axis=1)
+            scale_k = self._cat(scale_k)
+            scale_v = self._cat(scale_v)
         return gk, gv, scale_k, scale_v
 
     def _attend_gathered(self, q, counts, gathered, scale, softcap, out, terms) -> np.ndarray:
@@ -489,11 +562,12 @@ class KVCache:
         n = max((g[0].shape[1] for g in gathered), default=0)
         shape_k = (self.batch, self.kv_heads, n, self.head_dim)
         shape_v = (self.batch, self.kv_heads, n, self.value_dim)
-        k = np.zeros(shape_k, dtype=self._dtype)
-        v = np.zeros(shape_v, dtype=self._dtype)
+        k = self._zeros(shape_k, self._dtype)
+        v = self._zeros(shape_v, self._dtype)
         scales = None
         if self._code == "int8":
-            scales = (np.zeros(shape_k[:3], np.float32), np.zeros(shape_v[:3], np.float32))
+            f32 = np.dtype(np.float32)
+            scales = (self._zeros(shape_k[:3], f32), self._zeros(shape_v[:3], f32))
         seqs = []
         for b, (gk, gv, sk, sv) in enumerate(gathered):
             m = gk.shape[1]

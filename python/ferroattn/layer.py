@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -35,6 +36,11 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
             # NumPy has no torch.bfloat16: widen to float32, which is what the layer keeps.
             return t.float().numpy()
     return as_array(name, value)
+
+
+def _is_tensor(x: Any) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: no tensor exists without it
+    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -355,7 +361,8 @@ class SelfAttention:
                 returns ``b_o`` (or 0) there.
 
         Returns:
-            ``(B, N, d_model)`` in ``x``'s dtype.
+            ``(B, N, d_model)`` in ``x``'s dtype; a torch tensor on ``x``'s device when ``x``
+            is one (CPU tensors are read in place; others are copied to the CPU and back).
 
         Example:
             >>> import numpy as np
@@ -365,6 +372,10 @@ class SelfAttention:
             >>> SelfAttention(w, w, w, w, num_heads=2).forward(x, kv_lengths=[2])[0, 2].tolist()
             [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         """
+        if _is_tensor(x):
+            from .torch import numpy_call
+
+            return numpy_call(self.forward, x, kv_lengths=kv_lengths)
         x = self._check_x(x)
         b, n, _ = x.shape
         q, k, v = self._project(x)
@@ -433,7 +444,7 @@ class SelfAttention:
                 batches); default ``T``. Padded rows are not cached and return ``b_o`` (or 0).
 
         Returns:
-            ``(B, T, d_model)`` in ``x``'s dtype.
+            ``(B, T, d_model)`` in ``x``'s dtype (a torch tensor when ``x`` is one).
 
         Raises:
             ValueError: a non-causal layer, a cache of another shape, a window mismatch, a
@@ -452,6 +463,10 @@ class SelfAttention:
         """
         if not self.causal:
             raise ValueError("step() decodes causally; this layer has causal=False")
+        if _is_tensor(x):
+            from .torch import numpy_call
+
+            return numpy_call(self.step, x, cache=cache, lengths=lengths)
         x = self._check_x(x)
         self._check_cache(cache, x.shape)
         b, t, _ = x.shape
@@ -475,6 +490,10 @@ class SelfAttention:
             softcap=self.softcap,
             **self._score_terms(),
         )
+        if not isinstance(o, np.ndarray):  # a cache on a torch device
+            from .torch import to_numpy
+
+            o = to_numpy(o)
         return self._output(o.transpose(0, 2, 1, 3), x.dtype)
 
     def _check_cache(self, cache: KVCache, x_shape: tuple[int, ...]) -> None:
@@ -513,6 +532,7 @@ class SelfAttention:
         dtype: Any = "float32",
         window: int | None = None,
         sinks: int = 0,
+        device: Any = None,
     ) -> KVCache:
         """A :class:`ferroattn.KVCache` shaped for this layer.
 
@@ -523,6 +543,7 @@ class SelfAttention:
             window: tokens a query sees (an int, as :class:`ferroattn.KVCache` takes it);
                 default: the layer's window.
             sinks: attention-sink tokens kept in front of the window (StreamingLLM).
+            device: where the cache keeps keys and values (see :class:`ferroattn.KVCache`).
 
         Example:
             >>> import numpy as np
@@ -546,6 +567,7 @@ class SelfAttention:
             dtype=dtype,
             window=window,
             sinks=sinks,
+            device=device,
         )
 
     @classmethod

@@ -196,7 +196,7 @@ fn is_small(seqs: &[Sequence], hq: usize, dims: usize) -> bool {
     flops.saturating_mul(hq).saturating_mul(2 * dims) < SMALL_FLOPS
 }
 
-fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan) -> Vec<Task> {
+fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan, params: &Params) -> Vec<Task> {
     let mut t = Vec::new();
     for (si, s) in seqs.iter().enumerate() {
         for kvh in 0..hkv {
@@ -205,7 +205,24 @@ fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan) -> Vec<Task> {
             }
         }
     }
+    // Longest first (causal and windowed tasks differ in cost by up to N/tile): the pool then
+    // ends on small tasks instead of one thread finishing a long one alone. The sort is stable,
+    // so tasks of one head stay together where costs tie (dense attention), keeping its K/V
+    // in cache.
+    if params.causal || params.window != (None, None) {
+        t.sort_by_key(|task| {
+            let seq = &seqs[task.seq];
+            let keys: usize = [task.i0, task.i1 - 1].iter().map(|&i| visible_len(params, seq, i)).sum();
+            std::cmp::Reverse(keys)
+        });
+    }
     t
+}
+
+/// How many keys query `i` sees (windows and causality; sinks included).
+fn visible_len(params: &Params, seq: &Sequence, i: usize) -> usize {
+    let v = visible(params, seq, i);
+    v.ranges().iter().map(|(a, b)| b - a).sum()
 }
 
 /// Attention of `q` over `k`/`v` for each of `seqs`, written into `out`; when `lse` is given
@@ -267,7 +284,7 @@ pub fn attention_with(
     let plan = Plan::new(hq / hkv, q.shape()[3], dv);
     let ctx = Ctx { q, k, v: Some(v), seqs, params, extras, plan };
     let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
-    let work = tasks(seqs, hkv, &plan);
+    let work = tasks(seqs, hkv, &plan, params);
     let isa = Isa::active();
     if is_small(seqs, hq, plan.d + dv) {
         let mut scratch = blocked::Scratch::new(&plan);
@@ -355,7 +372,7 @@ pub fn attention_weights_with(
     let plan = Plan::new(hq / hkv, d, d);
     let ctx = Ctx { q, k, v: None, seqs, params, extras, plan };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
-    let work = tasks(seqs, hkv, &plan);
+    let work = tasks(seqs, hkv, &plan, params);
     let isa = Isa::active();
     if is_small(seqs, hq, 2 * d) {
         let mut scratch = blocked::Scratch::new(&plan);
