@@ -46,7 +46,17 @@ import numpy as np
 
 SCHEMA = "ferroattn-bench-harness/1"
 PROG = "harness"
-CASES = ("prefill", "causal", "small", "lowp", "window", "decode", "scaling", "memory")
+CASES = (
+    "prefill",
+    "causal",
+    "small",
+    "lowp",
+    "window",
+    "decode",
+    "scaling",
+    "memory",
+    "variants",
+)
 CASE_TITLES = {
     "prefill": "1. prefill fp32, non-causal",
     "causal": "2. prefill fp32, causal",
@@ -56,6 +66,7 @@ CASE_TITLES = {
     "decode": "6. decode from a KV cache",
     "scaling": "7. thread scaling",
     "memory": "8. peak memory",
+    "variants": "9. variants: block-sparse density, linear attention, mask/bias overhead",
 }
 FA = "ferroattn"
 TORCH = "torch sdpa"
@@ -1385,6 +1396,100 @@ def case_scaling(fa: Any, peers: Peers, cfg: Config) -> Case:
     return case
 
 
+def _density_layout(n_blocks: int, per_row: int, rng: np.random.Generator) -> np.ndarray:
+    """A block layout with `per_row` live blocks in every row (the diagonal among them)."""
+    layout = np.eye(n_blocks, dtype=bool)
+    for row in range(n_blocks):
+        others = np.setdiff1d(np.arange(n_blocks), [row])
+        layout[row, rng.choice(others, size=per_row - 1, replace=False)] = True
+    return layout
+
+
+def case_variants(fa: Any, cfg: Config) -> Case:
+    """Issue D's figures: block-sparse time against density, linear attention time against N,
+    and the cost of an all-true mask / all-zero bias over the plain kernel."""
+    case = Case("variants", CASE_TITLES["variants"])
+    rng = np.random.default_rng(cfg.seed + 9)
+    nt = cfg.threads
+
+    # Block-sparse: the same shape at falling densities; each layout is its own reference.
+    h, n, d, bs = (2, 512, 32, 64) if cfg.quick else (8, 4096, 64, 64)
+    nb = n // bs
+    q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
+    shares = [1.0, 0.5, 0.25, 0.125]
+    cands = []
+    for share in shares:
+        layout = _density_layout(nb, max(1, round(share * nb)), rng)
+        name = f"{FA} density {share:.3g}"
+        cands.append(
+            Cand(
+                name,
+                lambda lay=layout: fa.attention(q, k, v, block_layout=lay, block_size=bs),
+                ref=None,
+            )
+        )
+    res, ok = check_and_time(cands, {}, cfg)
+    case.accuracy_ok &= ok
+    label = f"block-sparse H={h} N={n} D={d} bs={bs}"
+    rows = [case.add(label, c.name, res[c.name], threads=nt) for c in cands]
+    times = [r.get("median_ms") for r in rows]
+    if all(times):
+        for r, t in zip(rows, times, strict=True):
+            r["time_over_dense"] = t / times[0]
+        falling = all(a > b for a, b in zip(times, times[1:], strict=False))
+        target(rows[-1], "time falls with density", times[-1] / times[0], falling, unit="")
+
+    # Linear attention: time against N (doubling N should double the time).
+    h, d = (2, 32) if cfg.quick else (8, 64)
+    lengths = [128, 256, 512] if cfg.quick else [1024, 2048, 4096, 8192]
+    lin_rows = []
+    for n in lengths:
+        q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
+        c = Cand(
+            f"{FA} linear causal",
+            lambda q=q, k=k, v=v: fa.linear_attention(q, k, v, causal=True),
+            ref=None,
+        )
+        res, ok = check_and_time([c], {}, cfg)
+        case.accuracy_ok &= ok
+        lin_rows.append(case.add(f"linear H={h} N={n} D={d}", c.name, res[c.name], threads=nt))
+    lt = [r.get("median_ms") for r in lin_rows]
+    if all(lt):
+        growth = lt[-1] / lt[0]
+        expected = lengths[-1] / lengths[0]
+        lin_rows[-1]["time_over_first"] = growth
+        target(
+            lin_rows[-1],
+            f"time(N={lengths[-1]}) / time(N={lengths[0]}) <= 1.25 x {expected:g} (linear)",
+            growth,
+            growth <= 1.25 * expected,
+            unit="",
+        )
+
+    # Mask / bias overhead where they change nothing (all-true, all-zero).
+    h, n, d = (2, 256, 32) if cfg.quick else (16, 2048, 64)
+    q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
+    ones = np.ones((n, n), dtype=bool)
+    zeros = np.zeros((n, n), dtype=np.float32)
+    cands = [
+        Cand(f"{FA} plain", lambda: fa.attention(q, k, v), ref=None),
+        Cand(f"{FA} mask all-true", lambda: fa.attention(q, k, v, mask=ones), ref=f"{FA} plain"),
+        Cand(f"{FA} bias all-zero", lambda: fa.attention(q, k, v, bias=zeros), ref=f"{FA} plain"),
+    ]
+    res, ok = check_and_time(cands, {}, cfg)
+    case.accuracy_ok &= ok
+    label = f"mask/bias H={h} N={n} D={d}"
+    flops = 4.0 * h * n * n * d
+    plain = case.add(label, cands[0].name, res[cands[0].name], threads=nt, flops=flops)
+    for c in cands[1:]:
+        row = case.add(label, c.name, res[c.name], threads=nt, flops=flops)
+        if plain.get("median_ms") and row.get("median_ms"):
+            over = row["median_ms"] / plain["median_ms"]
+            row["time_over_plain"] = over
+            target(row, "time <= 1.10 x plain", over, over <= 1.10, unit="")
+    return case
+
+
 _MEMORY_CODE = r"""
 import json, os, resource, sys, time
 import numpy as np
@@ -1810,6 +1915,7 @@ def run(cfg: Config) -> int:
         "decode": lambda: case_decode(fa, peers, cfg, ceil),
         "scaling": lambda: case_scaling(fa, peers, cfg),
         "memory": lambda: case_memory(fa, peers, cfg),
+        "variants": lambda: case_variants(fa, cfg),
     }
     cases: list[Case] = []
     for i, name in enumerate(cfg.cases, 1):
