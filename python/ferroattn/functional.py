@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any, Literal
 
@@ -136,6 +137,26 @@ def _run(
     return lse
 
 
+_F32 = np.dtype(np.float32)
+
+
+def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
+    """The common call (4-D float32 arrays with a contiguous last axis, default options) with
+    none of the general normalization, which costs more than a tiny attention itself. The Rust
+    side still checks every shape. Returns None when the general path is needed."""
+    if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
+        return None
+    for a in (q, k, v):
+        if a.dtype != _F32 or a.ndim != 4 or a.strides[3] != 4 or not a.flags.aligned:
+            return None
+    d = q.shape[3]
+    if d < 1:
+        return None
+    result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
+    _ferroattn.attention(q, k, v, result, "float32", scale=1.0 / math.sqrt(d), causal=causal)
+    return result
+
+
 def attention(
     q: Any,
     k: Any,
@@ -224,6 +245,27 @@ def attention(
         >>> ferroattn.attention(q, q, q, causal=True).shape
         (1, 8, 128, 64)
     """
+    plain = (
+        out is None
+        and window is None
+        and scale is None
+        and kv_lengths is None
+        and softcap is None
+        and not return_lse
+        and layout == "bhsd"
+        and backend == "auto"
+        and mask is None
+        and bias is None
+        and alibi_slopes is None
+        and rel_bias is None
+        and sinks is None
+        and block_layout is None
+        and block_size is None
+    )
+    if plain and (causal is True or causal is False):
+        fast = _fast_float32(q, k, v, causal)
+        if fast is not None:
+            return fast
     if _to_torch(backend, q, k, v, out, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias):
         return _torch_dispatch(
             "attention",
