@@ -9,6 +9,7 @@
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
 use crate::extras::RowAt;
+use crate::layout::TypedRows;
 use crate::mask::{position, visible, Vis};
 use crate::simd::{elem::Elem, scalar::Scalar, Isa, Prefetch, Simd};
 
@@ -302,9 +303,8 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
     let (a, lda) = match ctx.k.f32_rows(seq.batch, task.kvh, first) {
         Some(direct) => direct,
         None => {
-            for j in 0..kn {
-                ctx.k.read_row(seq.batch, task.kvh, first + j, &mut sc.k[j * d..(j + 1) * d], 1.0);
-            }
+            // SAFETY: sc.k holds bc × d floats; the rows come from the validated view.
+            unsafe { widen_rows::<S>(ctx.k.typed_rows(seq.batch, task.kvh, first), kn, d, sc.k.as_mut_ptr(), d) };
             (sc.k.as_ptr(), d as isize)
         }
     };
@@ -457,6 +457,58 @@ unsafe fn task_body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch)
     }
 }
 
+/// Converts `n` rows of `d` elements to f32 rows `ld` apart at `dst`, widening in registers
+/// (F16C, shifts, byte widening): tiles of half-precision or int8 inputs are converted once
+/// per task and tile, so this runs in the hot loop.
+///
+/// # Safety
+/// `rows` holds `n` readable rows of `d` elements; `dst` holds `n` rows of `ld ≥ d` floats.
+#[inline(always)]
+pub(crate) unsafe fn widen_rows<S: Simd>(rows: TypedRows, n: usize, d: usize, dst: *mut f32, ld: usize) {
+    // SAFETY: forwarded.
+    unsafe {
+        match rows {
+            TypedRows::F32(p, lds) => widen::<S, f32>(p, lds, None, n, d, dst, ld),
+            TypedRows::F16(p, lds) => widen::<S, half::f16>(p, lds, None, n, d, dst, ld),
+            TypedRows::BF16(p, lds) => widen::<S, half::bf16>(p, lds, None, n, d, dst, ld),
+            TypedRows::I8(p, lds, s, sld) => widen::<S, i8>(p, lds, Some((s, sld)), n, d, dst, ld),
+            TypedRows::Unreadable => unreachable!("attention checked that the view is readable"),
+        }
+    }
+}
+
+/// See [`widen_rows`]; `scales` multiplies row `j` by `scales[j · stride]`.
+///
+/// # Safety
+/// As for [`widen_rows`].
+#[inline(always)]
+unsafe fn widen<S: Simd, E: Elem>(
+    src: *const E,
+    lds: isize,
+    scales: Option<(*const f32, isize)>,
+    n: usize,
+    d: usize,
+    dst: *mut f32,
+    ld: usize,
+) {
+    let l = S::LANES;
+    let body = d - d % l;
+    // SAFETY: indices stay inside the extents the caller vouched for.
+    unsafe {
+        for j in 0..n {
+            let (row, out) = (src.offset(j as isize * lds), dst.add(j * ld));
+            let s = scales.map_or(1.0, |(p, st)| *p.offset(j as isize * st));
+            let sv = S::splat(s);
+            for c in (0..body).step_by(l) {
+                S::store(out.add(c), S::fma(E::load::<S>(row.add(c)), sv, S::zero()));
+            }
+            for c in body..d {
+                *out.add(c) = (*row.add(c)).to_f32() * s;
+            }
+        }
+    }
+}
+
 /// Multiplies each row's accumulator by its softmax rescale factor.
 #[inline(always)]
 pub(crate) fn rescale_acc(sc: &mut Scratch, dims: &Dims) {
@@ -495,19 +547,28 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
             softmax_update::<S>(sc, dims, kn);
         }
         rescale_acc(sc, dims);
+        // When every row sees every key of the tile, a NaN value is read by all of them anyway;
+        // only a partly masked tile needs the (costly) check below.
+        let all_visible = !ctx.extras.masks() && (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
+        // Half-precision and int8 values go straight into P·V, widened in registers.
+        if all_visible && dv == dvp {
+            // SAFETY: V rows k0..k0 + kn of a validated view; scratch sized by the plan.
+            if unsafe { super::decode::pv_narrow::<S>(sc, dims, v_view, seq, task.kvh, first, kn) } {
+                k0 += kn;
+                continue;
+            }
+        }
         let in_place = if dv == dvp { v_view.f32_rows(seq.batch, task.kvh, first) } else { None };
         let (b, ldb) = match in_place {
             Some(direct) => direct,
             None => {
-                for j in 0..kn {
-                    v_view.read_row(seq.batch, task.kvh, first + j, &mut sc.v[j * dvp..j * dvp + dv], 1.0);
-                }
+                // SAFETY: sc.v holds bc × dvp floats; the rows come from the validated view.
+                unsafe {
+                    widen_rows::<S>(v_view.typed_rows(seq.batch, task.kvh, first), kn, dv, sc.v.as_mut_ptr(), dvp)
+                };
                 (sc.v.as_ptr(), dvp as isize)
             }
         };
-        // When every row sees every key of the tile, a NaN value is read by all of them anyway;
-        // only a partly masked tile needs the (costly) check below.
-        let all_visible = !ctx.extras.masks() && (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
         let v_finite = all_visible
             || (0..kn).all(|j| {
                 // SAFETY: B holds kn rows of at least dv floats `ldb` apart.

@@ -87,6 +87,36 @@ fn prefetch_of<E>(p: *const E, ld: isize, dv: usize) -> Prefetch {
     Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes: dv * size }
 }
 
+/// `acc += P · V` for a fully visible tile whose values are f16, bf16 or int8, read in place
+/// (f32 values take the caller's path). Returns false when it does not apply.
+///
+/// # Safety
+/// The scratch is sized for the plan; `first..first + kn` are rows of the validated view.
+#[inline(always)]
+pub(crate) unsafe fn pv_narrow<S: Simd>(
+    sc: &mut Scratch,
+    dims: &Dims,
+    v: &crate::layout::Strided,
+    seq: &crate::mask::Sequence,
+    kvh: usize,
+    first: usize,
+    kn: usize,
+) -> bool {
+    // SAFETY: forwarded.
+    unsafe {
+        match v.typed_rows(seq.batch, kvh, first) {
+            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, p, ld, kn),
+            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, p, ld, kn),
+            TypedRows::I8(p, ld, s, sld) => {
+                scale_rows(sc, dims, kn, s, sld);
+                pv::<S, i8>(sc, dims, p, ld, kn)
+            }
+            TypedRows::F32(..) | TypedRows::Unreadable => return false,
+        }
+    }
+    true
+}
+
 /// Multiplies score/probability row `j` (one key) by that key's int8 scale.
 ///
 /// # Safety
@@ -107,7 +137,15 @@ unsafe fn scale_rows(sc: &mut Scratch, dims: &Dims, kn: usize, scales: *const f3
 #[inline(always)]
 unsafe fn pv<S: Simd, E: Elem>(sc: &mut Scratch, dims: &Dims, v: *const E, ld: isize, kn: usize) {
     let (rows_p, dvp) = (dims.rows_p, dims.dvp);
-    // Blocks of at most 4 rows: the 6-row block has no register left to widen a narrow V.
+    // Decoding (few rows): blocks of at most 4 rows, wide strips and no spills. Many rows
+    // (prefill): the 6-row block, whose widening loads convert in place.
+    if dims.rows > 8 {
+        // SAFETY: as below, for all rows at once.
+        unsafe {
+            gemm::<S, E>(sc.st.as_ptr(), 1, rows_p as isize, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true)
+        };
+        return;
+    }
     for r0 in (0..dims.rows).step_by(4) {
         let m = 4.min(dims.rows - r0);
         // SAFETY: Pᵀ is kn × rows_p (read as P from column r0), acc rows × dvp (from row r0),
