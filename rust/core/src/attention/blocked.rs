@@ -44,6 +44,9 @@ pub(crate) struct Scratch {
     pub vis: Vec<Vis>,
     /// Where each row sits, for biases and masks.
     pub at: Vec<RowAt>,
+    /// Whether the last score tile hid any key from a row (so a NaN value there must not
+    /// reach every row).
+    pub tile_masked: bool,
     /// One converted input row.
     pub row: Vec<f32>,
 }
@@ -66,6 +69,7 @@ impl Scratch {
             alpha: vec![0.0; rows_p],
             vis: vec![Vis::default(); rows_p],
             at: vec![RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 }; rows_p],
+            tile_masked: false,
             row: vec![0.0; plan.d.max(plan.dv)],
         }
     }
@@ -374,18 +378,21 @@ pub(crate) fn mask_tile(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, k0: usize, kn:
     }
     // Padding columns are left as they are: softmax lanes are columns, so whatever they hold
     // stays in their own lanes, and P·V reads real rows only.
+    let mut masked = false;
     for r in 0..dims.rows {
         let vis = sc.vis[r];
         if vis.sees_all(k0, k0 + kn) {
             continue;
         }
+        masked = true;
         for j in 0..kn {
             if !vis.sees(k0 + j) {
                 st[j * rows_p + r] = f32::NEG_INFINITY;
             }
         }
     }
-    ctx.extras.apply(&sc.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E);
+    masked |= ctx.extras.apply(&sc.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E);
+    sc.tile_masked = masked;
 }
 
 /// Folds the (base-2) score tile into the running max and sum of every row: turns `Sᵀ` into
@@ -549,7 +556,7 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
         rescale_acc(sc, dims);
         // When every row sees every key of the tile, a NaN value is read by all of them anyway;
         // only a partly masked tile needs the (costly) check below.
-        let all_visible = !ctx.extras.masks() && (0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn));
+        let all_visible = !sc.tile_masked;
         // Half-precision and int8 values go straight into P·V, widened in registers.
         if all_visible && dv == dvp {
             // SAFETY: V rows k0..k0 + kn of a validated view; scratch sized by the plan.
