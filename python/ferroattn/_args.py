@@ -199,3 +199,18 @@ def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:
     if arr.size and arr.min() < 0:
         raise ValueError(f"{name} must not be negative, got {arr.tolist()}")
     return [int(v) for v in arr]
+
+
+def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]):
+    """Validate a caller's `out=` array: type, dtype, shape, writable, no overlap with inputs."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.shape != shape:
+        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, a in zip(("q", "k", "v"), inputs, strict=False):
+        if np.may_share_memory(out, a):
+            raise ValueError(f"out must not share memory with {name}")

@@ -14,6 +14,7 @@ from ._args import (
     as_array,
     check_dtypes,
     check_layout,
+    check_out,
     dtype_code,
     from_bhsd_shape,
     int_vector,
@@ -97,20 +98,6 @@ def _prepare(
     views = [to_bhsd(n, kernel_ready(a), layout) for n, a in named.items()]
     _check_shapes(views[0], views[1], views[2] if len(views) == 3 else None, f"got {shapes}")
     return arrays, views, dtype, ndim
-
-
-def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]):
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    for name, a in zip(("q", "k", "v"), inputs, strict=False):
-        if np.may_share_memory(out, a):
-            raise ValueError(f"out must not share memory with {name}")
 
 
 def _run(
@@ -312,7 +299,7 @@ def attention(
     if out is None:
         result = np.empty(user_shape, dtype=dtype)
     else:
-        _check_out(out, user_shape, dtype, arrays)
+        check_out(out, user_shape, dtype, arrays)
         result = out
     lse = _run(
         q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens, **extras
@@ -404,7 +391,7 @@ def attention_varlen(
     if out is None:
         result = np.empty(user_shape, dtype=dtype)
     else:
-        _check_out(out, user_shape, dtype, arrays)
+        check_out(out, user_shape, dtype, arrays)
         result = out
     lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck))
     if not return_lse:

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 
 from . import _ferroattn
-from ._args import as_array, check_dtypes, dtype_code, from_bhsd_shape, kernel_ready, to_bhsd
+from ._args import (
+    as_array,
+    check_dtypes,
+    check_out,
+    dtype_code,
+    from_bhsd_shape,
+    kernel_ready,
+    to_bhsd,
+)
 
 __all__ = ["LinearAttentionState", "linear_attention"]
 
@@ -72,20 +80,6 @@ def _prepare(q: Any, k: Any, v: Any) -> tuple[list[np.ndarray], list[np.ndarray]
     if v4.shape[3] < 1:
         raise ValueError(f"v: value dimension must be at least 1; got {shapes}")
     return arrays, [q4, k4, v4], dtype, arrays[0].ndim
-
-
-def _check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]):
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
-    if not out.flags.writeable:
-        raise ValueError("out is read-only")
-    for name, a in zip(("q", "k", "v"), inputs, strict=True):
-        if np.may_share_memory(out, a):
-            raise ValueError(f"out must not share memory with {name}")
 
 
 def _run(
@@ -174,7 +168,7 @@ def linear_attention(
     if out is None:
         result = np.empty(user_shape, dtype=dtype)
     else:
-        _check_out(out, user_shape, dtype, arrays)
+        check_out(out, user_shape, dtype, arrays)
         result = out
     _run(q4, k4, v4, to_bhsd("out", result, "bhsd"), causal=is_causal, feature_map=fm, eps=eps_f)
     return result
@@ -299,7 +293,7 @@ class LinearAttentionState:
         if out is None:
             result = np.empty(user_shape, dtype=dtype)
         else:
-            _check_out(out, user_shape, dtype, arrays)
+            check_out(out, user_shape, dtype, arrays)
             result = out
         _run(
             q4,
