@@ -307,6 +307,24 @@ def test_variant_decode_split_keys(rng, restore_threads, variant):
     check(q, k, v, causal=True, weights=False, **opts)
 
 
+@pytest.mark.parametrize("Nq", [1, 4, 136], ids=lambda n: f"Nq{n}")
+def test_mask_and_bias_in_whole_tiles(rng, restore_threads, Nq):
+    """Masks and biases that are all-true / all-false / all-zero over whole 128-key tiles of
+    some rows and mixed elsewhere: the per-tile shortcuts must match the reference, also when
+    the keys are split between threads."""
+    ferroattn.set_num_threads(3)
+    B, Hq, Hkv, Nk = 1, 4, 2, 1100
+    q, k, v = inputs(rng, B, Hq, Hkv, Nq, Nk, 24, 16)
+    tile = np.arange(Nk) // 128
+    kind = rng.integers(0, 3, size=(Nq, tile.max() + 1))  # 0 hidden, 1 visible, 2 random
+    mask = np.where(kind[:, tile] == 2, rng.random((Nq, Nk)) < 0.5, kind[:, tile] == 1)
+    bias = np.where(rng.random((Nq, tile.max() + 1))[:, tile] < 0.5, 0.0, rng.standard_normal((Nq, Nk)))
+    bias = bias.astype(np.float32)
+    for opts in ({"mask": mask}, {"bias": bias}, {"mask": mask, "bias": bias}):
+        check(q, k, v, weights=Nq == 4, **opts)
+        check(q, k, v, causal=True, weights=False, **opts)
+
+
 # --------------------------------------------------------------------------
 # Hypothesis over shapes
 # --------------------------------------------------------------------------
