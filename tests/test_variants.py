@@ -318,8 +318,8 @@ def test_mask_and_bias_in_whole_tiles(rng, restore_threads, Nq):
     tile = np.arange(Nk) // 128
     kind = rng.integers(0, 3, size=(Nq, tile.max() + 1))  # 0 hidden, 1 visible, 2 random
     mask = np.where(kind[:, tile] == 2, rng.random((Nq, Nk)) < 0.5, kind[:, tile] == 1)
-    bias = np.where(rng.random((Nq, tile.max() + 1))[:, tile] < 0.5, 0.0, rng.standard_normal((Nq, Nk)))
-    bias = bias.astype(np.float32)
+    zero = rng.random((Nq, tile.max() + 1))[:, tile] < 0.5
+    bias = np.where(zero, 0.0, rng.standard_normal((Nq, Nk))).astype(np.float32)
     for opts in ({"mask": mask}, {"bias": bias}, {"mask": mask, "bias": bias}):
         check(q, k, v, weights=Nq == 4, **opts)
         check(q, k, v, causal=True, weights=False, **opts)
