@@ -1855,7 +1855,11 @@ def write_chart(path: Path, cases: list[Case]) -> str | None:
 
 def save(cfg: Config, md: str, payload: dict[str, Any], cases: list[Case]) -> list[Path]:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"harness-{_dt.date.today().isoformat()}" + ("-quick" if cfg.quick else "")
+    stem = f"harness-{_dt.date.today().isoformat()}"
+    # A run of some cases must not overwrite the day's full run.
+    if sorted(cfg.cases) != sorted(CASES):
+        stem += "-" + "-".join(cfg.cases)
+    stem += "-quick" if cfg.quick else ""
     paths = [cfg.out_dir / f"{stem}.json", cfg.out_dir / f"{stem}.md"]
     payload["chart"] = None
     if cfg.chart:
