@@ -86,15 +86,6 @@ impl Row<'_, f32> {
     }
 }
 
-impl Row<'_, u8> {
-    fn all_nonzero(&self) -> bool {
-        self.fold(u8::MAX, |a, x| a.min(x)) != 0
-    }
-    fn any_nonzero(&self) -> bool {
-        self.fold(0u8, |a, x| a.max(x)) != 0
-    }
-}
-
 /// A learned T5-style relative-position bias: `table[bucket(j − pos), h]`.
 #[derive(Clone, Copy)]
 pub struct RelBias<'a> {
@@ -175,6 +166,27 @@ pub(crate) mod fact {
     pub const ALL: u8 = 2;
     /// The bias adds nothing to the row in this tile.
     pub const ZERO: u8 = 4;
+}
+
+/// [`fact`] bits of every row in every key tile of one key range, made by [`Extras::scan`].
+#[derive(Default)]
+pub(crate) struct TileFacts {
+    bits: Vec<u8>,
+    k0: usize,
+    bc: usize,
+    rows: usize,
+}
+
+impl TileFacts {
+    /// The facts of the tile at `k0`, one per row; empty when there is no dense mask or bias.
+    #[inline(always)]
+    pub(crate) fn tile(&self, k0: usize) -> &[u8] {
+        if self.bits.is_empty() {
+            return &[];
+        }
+        let t = (k0 - self.k0) / self.bc;
+        &self.bits[t * self.rows..(t + 1) * self.rows]
+    }
 }
 
 /// One row of a score tile: query head, query index and position, batch, tensor offsets.
@@ -259,27 +271,26 @@ impl<'a> Extras<'a> {
         Ok(())
     }
 
-    /// Whether a dense mask or bias is there to scan.
-    pub(crate) fn has_dense(&self) -> bool {
-        self.mask.is_some() || self.bias.is_some()
-    }
-
     /// Classifies every row of every key tile of `kmin..kmax` (tiles of `bc` keys from `kmin`)
-    /// into `out[t * rows.len() + r]` ([`fact`] bits).
+    /// into `out` ([`fact`] bits); leaves `out` empty without a dense mask or bias.
     ///
     /// Reading each row once from end to end is a stream the hardware prefetchers follow; the
     /// same checks done tile by tile jump a whole key-length between 128-key pieces of rows and
     /// stalled on memory (an all-true mask cost 8–13% over no mask that way).
-    pub(crate) fn scan(&self, rows: &[RowAt], kmin: usize, kmax: usize, bc: usize, out: &mut Vec<u8>) {
-        let tiles = (kmax - kmin).div_ceil(bc);
+    pub(crate) fn scan(&self, rows: &[RowAt], kmin: usize, kmax: usize, bc: usize, out: &mut TileFacts) {
         let n = rows.len();
-        out.clear();
-        out.resize(tiles * n, fact::LIVE | fact::ALL | fact::ZERO);
+        (out.k0, out.bc, out.rows) = (kmin, bc, n);
+        out.bits.clear();
+        if self.mask.is_none() && self.bias.is_none() {
+            return;
+        }
+        let tiles = (kmax - kmin).div_ceil(bc);
+        out.bits.resize(tiles * n, fact::LIVE | fact::ALL | fact::ZERO);
         for (r, at) in rows.iter().enumerate() {
             for t in 0..tiles {
                 let k0 = kmin + t * bc;
                 let (j0, kn) = (at.k_start + k0, bc.min(kmax - k0));
-                let f = &mut out[t * n + r];
+                let f = &mut out.bits[t * n + r];
                 if let Some(mask) = &self.mask {
                     let row = mask.row(at.batch, at.head, at.qi, j0, kn);
                     let (lo, hi) = row.fold((u8::MAX, 0u8), |(lo, hi), x| (lo.min(x), hi.max(x)));
@@ -300,8 +311,8 @@ impl<'a> Extras<'a> {
     }
 
     /// Whether any row may see any key of `k0..k0 + kn` (keys relative to the sequence); false
-    /// lets the caller skip the tile. `facts`: the tile's rows from [`Extras::scan`], if made.
-    pub(crate) fn tile_live(&self, rows: &[RowAt], k0: usize, kn: usize, facts: Option<&[u8]>) -> bool {
+    /// lets the caller skip the tile. `facts`: the tile's rows from [`Extras::scan`].
+    pub(crate) fn tile_live(&self, rows: &[RowAt], k0: usize, kn: usize, facts: &[u8]) -> bool {
         if let Some(l) = self.blocks {
             let live = rows.iter().any(|r| {
                 let (j0, j1) = (r.k_start + k0, r.k_start + k0 + kn);
@@ -311,19 +322,15 @@ impl<'a> Extras<'a> {
                 return false;
             }
         }
-        if let Some(m) = &self.mask {
-            return match facts {
-                Some(f) => f.iter().any(|&f| f & fact::LIVE != 0),
-                None => rows.iter().any(|r| m.row(r.batch, r.head, r.qi, r.k_start + k0, kn).any_nonzero()),
-            };
+        if self.mask.is_some() {
+            return facts.iter().any(|&f| f & fact::LIVE != 0);
         }
         true
     }
 
     /// Applies biases (times `unit`, the score scale: log2 e) and masks to the score tile
     /// `st` (key `j` of row `r` at `st[j * ld + r]`).
-    /// Returns whether anything was masked. `facts`: the tile's rows from [`Extras::scan`], if
-    /// made (otherwise each row is checked here).
+    /// Returns whether anything was masked. `facts`: the tile's rows from [`Extras::scan`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn apply(
         &self,
@@ -333,7 +340,7 @@ impl<'a> Extras<'a> {
         st: &mut [f32],
         ld: usize,
         unit: f32,
-        facts: Option<&[u8]>,
+        facts: &[u8],
     ) -> bool {
         let mut masked = false;
         if self.is_plain() {
@@ -341,11 +348,9 @@ impl<'a> Extras<'a> {
         }
         // Only a mask and a bias, and the scan found they change nothing in this tile.
         let inert = fact::ALL | fact::ZERO;
-        if let Some(f) = facts {
-            let only_dense = self.alibi_slopes.is_none() && self.rel_bias.is_none() && self.blocks.is_none();
-            if only_dense && f.iter().fold(inert, |a, &x| a & x) == inert {
-                return masked;
-            }
+        let only_dense = self.alibi_slopes.is_none() && self.rel_bias.is_none() && self.blocks.is_none();
+        if only_dense && facts.iter().fold(inert, |a, &x| a & x) == inert {
+            return masked;
         }
         for (r, at) in rows.iter().enumerate() {
             let j0 = at.k_start + k0;
@@ -366,11 +371,7 @@ impl<'a> Extras<'a> {
                 let row = bias.row(at.batch, at.head, at.qi, j0, kn);
                 // An all-zero row adds nothing: checking is a (vectorized, for contiguous rows)
                 // read, adding is a strided write into the transposed tile.
-                let zero = match facts {
-                    Some(f) => f[r] & fact::ZERO != 0,
-                    None => row.all_zero(),
-                };
-                if !zero {
+                if facts[r] & fact::ZERO == 0 {
                     for j in 0..kn {
                         st[j * ld + r] += row.get(j) * unit;
                     }
@@ -378,11 +379,7 @@ impl<'a> Extras<'a> {
             }
             if let Some(mask) = &self.mask {
                 let row = mask.row(at.batch, at.head, at.qi, j0, kn);
-                let all = match facts {
-                    Some(f) => f[r] & fact::ALL != 0,
-                    None => row.all_nonzero(),
-                };
-                if !all {
+                if facts[r] & fact::ALL == 0 {
                     masked = true;
                     for j in 0..kn {
                         if row.get(j) == 0 {

@@ -8,7 +8,7 @@
 
 use super::gemm::gemm;
 use super::{Ctx, Plan, Sinks, Task};
-use crate::extras::RowAt;
+use crate::extras::{RowAt, TileFacts};
 use crate::layout::TypedRows;
 use crate::mask::{position, visible, Vis};
 use crate::simd::{elem::Elem, scalar::Scalar, Isa, Prefetch, Simd};
@@ -49,21 +49,8 @@ pub(crate) struct Scratch {
     pub tile_masked: bool,
     /// One converted input row.
     pub row: Vec<f32>,
-    /// Per key tile and row, what the dense mask and bias hold ([`crate::extras::fact`]), for
-    /// the tiles from `facts_k0` in steps of the plan's tile; empty when not scanned.
-    pub facts: Vec<u8>,
-    pub facts_k0: usize,
-}
-
-/// The scanned facts (`Scratch::facts` from `facts_k0`) of the tile at `k0`, one per row, if
-/// there are any.
-#[inline(always)]
-pub(crate) fn tile_facts(facts: &[u8], facts_k0: usize, k0: usize, bc: usize, rows: usize) -> Option<&[u8]> {
-    if facts.is_empty() {
-        return None;
-    }
-    let t = (k0 - facts_k0) / bc;
-    facts.get(t * rows..(t + 1) * rows)
+    /// What the dense mask and bias hold, per key tile and row, over the current key range.
+    pub facts: TileFacts,
 }
 
 impl Scratch {
@@ -86,8 +73,7 @@ impl Scratch {
             at: vec![RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 }; rows_p],
             tile_masked: false,
             row: vec![0.0; plan.d.max(plan.dv)],
-            facts: Vec::new(),
-            facts_k0: 0,
+            facts: TileFacts::default(),
         }
     }
 }
@@ -408,7 +394,7 @@ pub(crate) fn mask_tile(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, k0: usize, kn:
             }
         }
     }
-    let facts = tile_facts(&sc.facts, sc.facts_k0, k0, ctx.plan.bc, dims.rows);
+    let facts = sc.facts.tile(k0);
     masked |= ctx.extras.apply(&sc.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E, facts);
     sc.tile_masked = masked;
 }
@@ -553,24 +539,12 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
     let (rows_p, dvp, dv) = (dims.rows_p, dims.dvp, plan.dv);
     let seq = &ctx.seqs[task.seq];
     let v_view = ctx.v.expect("attention has values");
-    if ctx.extras.has_dense() {
-        ctx.extras.scan(&sc.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.facts);
-        sc.facts_k0 = kmin;
-    } else {
-        sc.facts.clear();
-    }
+    ctx.extras.scan(&sc.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.facts);
     let mut k0 = kmin;
     while k0 < kmax {
         let kn = plan.bc.min(kmax - k0);
         let first = seq.k_start + k0;
-        if ctx.extras.masks()
-            && !ctx.extras.tile_live(
-                &sc.at[..dims.rows],
-                k0,
-                kn,
-                tile_facts(&sc.facts, sc.facts_k0, k0, plan.bc, dims.rows),
-            )
-        {
+        if ctx.extras.masks() && !ctx.extras.tile_live(&sc.at[..dims.rows], k0, kn, sc.facts.tile(k0)) {
             k0 += kn;
             continue;
         }

@@ -44,8 +44,6 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
     }
     let plan = ctx.plan;
     let dims = load_queries::<S>(ctx, task, sc);
-    // Masks and biases are checked tile by tile here (the two passes would scan twice).
-    sc.facts.clear();
     let rows_p = dims.rows_p;
     let seq = &ctx.seqs[task.seq];
     for pass in 0..2 {
@@ -58,10 +56,11 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
             }
         }
         for &(kmin, kmax) in &ranges {
+            ctx.extras.scan(&sc.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.facts);
             let mut k0 = kmin;
             while k0 < kmax {
                 let kn = plan.bc.min(kmax - k0);
-                if ctx.extras.masks() && !ctx.extras.tile_live(&sc.at[..dims.rows], k0, kn, None) {
+                if ctx.extras.masks() && !ctx.extras.tile_live(&sc.at[..dims.rows], k0, kn, sc.facts.tile(k0)) {
                     k0 += kn;
                     continue;
                 }
