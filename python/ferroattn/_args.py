@@ -201,12 +201,19 @@ def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:
     return [int(v) for v in arr]
 
 
-def check_out(out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]):
-    """Validate a caller's `out=` array: type, dtype, shape, writable, no overlap with inputs."""
+def check_out(
+    out: Any,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    inputs: list[np.ndarray],
+    dtype_note: str = "",
+):
+    """Validate a caller's `out=` array: type, dtype, shape, writable, no overlap with inputs
+    (named q, k, v). `dtype_note` follows the expected dtype in its error message."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}{dtype_note}")
     if out.shape != shape:
         raise ValueError(f"out has shape {out.shape}, expected {shape}")
     if not out.flags.writeable:

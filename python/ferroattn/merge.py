@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ._args import check_out
+
 __all__ = ["merge_partials"]
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -108,14 +110,8 @@ def merge_partials(
                 "the last axis; for layout='bshd' pass lse.swapaxes(-1, -2), for varlen lse.T)"
             )
     if out is not None:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-        if out.dtype != dtype:
-            raise TypeError(f"out has dtype {out.dtype}, expected {dtype} (the outputs' dtype)")
-        if out.shape != shape:
-            raise ValueError(f"out has shape {out.shape}, expected {shape}")
-        if not out.flags.writeable:
-            raise ValueError("out is read-only")
+        # Overlap with the parts is harmless: `out` is written once, after the sum.
+        check_out(out, shape, dtype, [], dtype_note=" (the outputs' dtype)")
 
     lse_dtype = np.float64 if any(x.dtype == np.float64 for x in ls) else np.float32
     acc_dtype = np.float64 if dtype == np.float64 else np.float32
