@@ -185,6 +185,42 @@ def test_low_precision_kernel_is_exact_on_what_is_stored(rng, dtype):
     assert rel_err(got, want) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize(
+    "group,t", [(1, 1), (2, 1), (3, 1), (4, 1), (5, 1), (8, 1), (3, 2), (4, 2)]
+)
+@pytest.mark.parametrize("d,n", [(1, 7), (3, 130), (20, 261), (33, 300), (64, 130), (128, 515)])
+def test_decode_rows_match_reference_on_what_is_stored(rng, dtype, group, t, d, n):
+    # The decode kernel's shapes: 1 to 8 query rows per KV head, key tiles that end inside a
+    # group of four keys, head dims off every vector width; with t = 2 the last tile is
+    # partly hidden from the first query, so both decode tile paths meet in one call.
+    q = rng.standard_normal((1, 2 * group, t, d), dtype=F32)
+    k = rng.standard_normal((1, 2, n, d), dtype=F32)
+    v = rng.standard_normal((1, 2, n, d), dtype=F32)
+    cache = ferroattn.KVCache(1, 2, d, n, dtype=dtype)
+    cache.append(k, v)
+    ks, vs = cache.keys(0)[None].astype(np.float64), cache.values(0)[None].astype(np.float64)
+    for softcap in (None, 3.0):
+        got = cache.attend(q, softcap=softcap)
+        want, _ = reference_attention(q, ks, vs, causal=True, softcap=softcap)
+        assert rel_err(got, want) <= 1e-5, (softcap, rel_err(got, want))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16])
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("d,dv", [(20, 32), (33, 64), (7, 128)])
+def test_decode_rows_with_key_dims_off_the_vector_width(rng, dtype, group, d, dv):
+    # Value rows a whole number of vector pairs wide take the decode kernel, whose key dot
+    # products then end in a tail of columns past the last full vector.
+    q, k, v = (
+        rng.standard_normal(shape, dtype=F32).astype(dtype)
+        for shape in ((1, 2 * group, 1, d), (1, 2, 300, d), (1, 2, 300, dv))
+    )
+    got = ferroattn.attention(q, k, v)
+    want, _ = reference_attention(*(x.astype(np.float64) for x in (q, k, v)))
+    assert rel_err(got.astype(np.float64), want) <= (1e-5 if dtype == np.float32 else 4e-3)
+
+
 def test_int8_quantization_is_per_token_and_head(rng):
     _, k, v = _qkv(rng, b=1, n=5)
     k[0, 1, 3] *= 1000  # one loud token must not coarsen the others

@@ -49,6 +49,8 @@ pub(crate) struct Scratch {
     pub tile_masked: bool,
     /// One converted input row.
     pub row: Vec<f32>,
+    /// The int8 scales of one key tile, gathered.
+    pub keyscale: Vec<f32>,
     /// What the dense mask and bias hold, per key tile and row, over the current key range.
     pub facts: TileFacts,
 }
@@ -73,6 +75,7 @@ impl Scratch {
             at: vec![RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 }; rows_p],
             tile_masked: false,
             row: vec![0.0; plan.d.max(plan.dv)],
+            keyscale: vec![0.0; plan.bc],
             facts: TileFacts::default(),
         }
     }
@@ -174,10 +177,14 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
                 k_start: seq.k_start,
             };
         } else {
-            for dd in 0..d {
-                sc.qt[dd * rows_p + r] = 0.0;
-            }
             sc.vis[r] = Vis::default();
+        }
+    }
+    // Padding columns of Qᵀ are zero, so the score gemm's padding lanes stay finite; written
+    // row by row (contiguous), not column by column.
+    if rows < rows_p {
+        for dd in 0..d {
+            sc.qt[dd * rows_p + rows..(dd + 1) * rows_p].fill(0.0);
         }
     }
     sc.m[..rows_p].fill(f32::NEG_INFINITY);
@@ -207,7 +214,10 @@ unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
     let body = d - d % l;
     // SAFETY: indices stay inside the extents the caller vouched for.
     unsafe {
-        let kr: [*const E; KB] = std::array::from_fn(|t| k.offset((j0 + t) as isize * ldk));
+        let mut kr = [k; KB];
+        for (t, p) in kr.iter_mut().enumerate() {
+            *p = k.offset((j0 + t) as isize * ldk);
+        }
         // Keys are streamed once: ask for the rows a few steps ahead, and for the companion rows
         // (values of the same keys) the caller names.
         let ahead =
@@ -216,7 +226,11 @@ unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
         pf.rows(j0, KB);
         let mut acc = [[S::zero(); R]; KB];
         for c in (0..body).step_by(l) {
-            let kv: [S::V; KB] = std::array::from_fn(|t| E::load::<S>(kr[t].add(c)));
+            // Plain loops, not `array::from_fn` (see `gemm`).
+            let mut kv = [S::zero(); KB];
+            for (x, p) in kv.iter_mut().zip(&kr) {
+                *x = E::load::<S>(p.add(c));
+            }
             for r in 0..R {
                 let qv = S::load(q.add(r * d + c));
                 for (a, &k) in acc.iter_mut().zip(&kv) {

@@ -41,13 +41,22 @@ pub(crate) unsafe fn tile<S: Simd>(
     let first = seq.k_start + k0;
     let v_view = ctx.v.expect("attention has values");
     let (krows, vrows) = (ctx.k.typed_rows(seq.batch, task.kvh, first), v_view.typed_rows(seq.batch, task.kvh, first));
+    if matches!(krows, TypedRows::Unreadable) || matches!(vrows, TypedRows::Unreadable) {
+        return false;
+    }
     let pf = match vrows {
         TypedRows::F32(p, ld) => prefetch_of(p, ld, plan.dv),
         TypedRows::F16(p, ld) => prefetch_of(p, ld, plan.dv),
         TypedRows::BF16(p, ld) => prefetch_of(p, ld, plan.dv),
         TypedRows::I8(p, ld, _, _) => prefetch_of(p, ld, plan.dv),
-        TypedRows::Unreadable => return false,
+        TypedRows::Unreadable => Prefetch::NONE,
     };
+    if ctx.extras.is_plain() && dims.rows * ldr(plan.bc) <= sc.st.len() {
+        // SAFETY: forwarded; the score rows fit in `st` (checked above).
+        unsafe { row_major::<S>(ctx, sc, dims, krows, vrows, kn, pf) };
+        return true;
+    }
+    // Biases: the transposed layout, which the bias folding reads.
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         let ok = match krows {
@@ -67,18 +76,269 @@ pub(crate) unsafe fn tile<S: Simd>(
         mask_tile(ctx, sc, dims, k0, kn);
         softmax_update::<S>(sc, dims, kn);
         rescale_acc(sc, dims);
+        let (st, rs, ks) = (sc.st.as_ptr(), 1, dims.rows_p as isize);
         match vrows {
-            TypedRows::F32(p, ld) => pv::<S, f32>(sc, dims, p, ld, kn),
-            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, p, ld, kn),
-            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, p, ld, kn),
+            TypedRows::F32(p, ld) => pv::<S, f32>(sc, dims, st, rs, ks, p, ld, kn),
+            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn),
+            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn),
             TypedRows::I8(p, ld, s, sld) => {
                 scale_rows(sc, dims, kn, s, sld);
-                pv::<S, i8>(sc, dims, p, ld, kn)
+                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn)
             }
-            TypedRows::Unreadable => unreachable!("attention checked that values are readable"),
+            TypedRows::Unreadable => unreachable!("checked above"),
         }
     }
     true
+}
+
+/// Stride of the row-major score rows: the key tile padded to whole vectors of every ISA.
+fn ldr(bc: usize) -> usize {
+    bc.div_ceil(32) * 32
+}
+
+/// The tile with scores kept row-major (`rows × keys`, `ldr(bc)` apart): four keys' dot
+/// products finish in one shuffle tree, the softmax runs along keys a whole vector at a time,
+/// and int8 scales multiply vectors of keys. Only for plain attention (no mask or bias, which
+/// fold into the transposed layout).
+///
+/// # Safety
+/// As for [`tile`]; `rows · ldr(bc)` floats fit in `sc.st`.
+#[inline(always)]
+unsafe fn row_major<S: Simd>(
+    ctx: &Ctx,
+    sc: &mut Scratch,
+    dims: &Dims,
+    krows: TypedRows,
+    vrows: TypedRows,
+    kn: usize,
+    pf: Prefetch,
+) {
+    let plan = ctx.plan;
+    let ld = ldr(plan.bc);
+    // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
+    unsafe {
+        match krows {
+            TypedRows::F32(p, lk) => scores_rows::<S, f32>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
+            TypedRows::F16(p, lk) => scores_rows::<S, f16>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
+            TypedRows::BF16(p, lk) => scores_rows::<S, bf16>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
+            TypedRows::I8(p, lk, s, sld) => {
+                scores_rows::<S, i8>(p, lk, sc, dims.rows, plan.d, ld, kn, pf);
+                scale_keys::<S>(sc, dims.rows, ld, kn, s, sld);
+            }
+            TypedRows::Unreadable => unreachable!("checked by the caller"),
+        }
+        if let Some(c) = ctx.params.softcap {
+            let (inv, mul) = (1.0 / c, c * std::f32::consts::LOG2_E);
+            for r in 0..dims.rows {
+                sc.st[r * ld..r * ld + kn].iter_mut().for_each(|x| *x = mul * (*x * inv).tanh());
+            }
+        }
+        softmax_rows::<S>(sc, dims.rows, ld, kn);
+        rescale_acc(sc, dims);
+        let st = sc.st.as_ptr();
+        match vrows {
+            TypedRows::F32(p, lv) => pv::<S, f32>(sc, dims, st, ld as isize, 1, p, lv, kn),
+            TypedRows::F16(p, lv) => pv::<S, f16>(sc, dims, st, ld as isize, 1, p, lv, kn),
+            TypedRows::BF16(p, lv) => pv::<S, bf16>(sc, dims, st, ld as isize, 1, p, lv, kn),
+            TypedRows::I8(p, lv, s, sld) => {
+                scale_keys::<S>(sc, dims.rows, ld, kn, s, sld);
+                pv::<S, i8>(sc, dims, st, ld as isize, 1, p, lv, kn)
+            }
+            TypedRows::Unreadable => unreachable!("checked by the caller"),
+        }
+    }
+}
+
+/// `S[r, j] = Q[r]·K[j]` for `rows` rows into `sc.st` (row-major, `ld` apart), in passes of as
+/// many rows as keep their accumulators in registers.
+///
+/// # Safety
+/// `k` holds `kn` rows of `d` elements `ldk` apart; `rows · ld` floats fit in `sc.st`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_rows<S: Simd, E: Elem>(
+    k: *const E,
+    ldk: isize,
+    sc: &mut Scratch,
+    rows: usize,
+    d: usize,
+    ld: usize,
+    kn: usize,
+    pf: Prefetch,
+) {
+    // Four keys of R rows take 4·R accumulators and four key vectors: R = 4 fits the 32
+    // registers of AVX-512, R = 2 the 16 of AVX2.
+    let pass = if S::LANES >= 16 { 4 } else { 2 };
+    let (q, st) = (sc.q.as_ptr(), sc.st.as_mut_ptr());
+    let mut r0 = 0;
+    while r0 < rows {
+        let m = pass.min(rows - r0);
+        // The value rows are requested once, during the first pass.
+        let pf = if r0 == 0 { pf } else { Prefetch::NONE };
+        // SAFETY: rows r0..r0 + m of Q and of S are in range.
+        unsafe {
+            let (q, st) = (q.add(r0 * d), st.add(r0 * ld));
+            match m {
+                1 => dots_rows::<S, E, 1>(k, ldk, q, d, st, ld, kn, pf),
+                2 => dots_rows::<S, E, 2>(k, ldk, q, d, st, ld, kn, pf),
+                3 => dots_rows::<S, E, 3>(k, ldk, q, d, st, ld, kn, pf),
+                _ => dots_rows::<S, E, 4>(k, ldk, q, d, st, ld, kn, pf),
+            }
+        }
+        r0 += m;
+    }
+}
+
+/// [`scores_rows`] for exactly `R` rows: four keys at a time, then one.
+///
+/// # Safety
+/// As for [`scores_rows`], with `R` rows at `q` and `st`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
+    k: *const E,
+    ldk: isize,
+    q: *const f32,
+    d: usize,
+    st: *mut f32,
+    ld: usize,
+    kn: usize,
+    pf: Prefetch,
+) {
+    let l = S::LANES;
+    let body = d - d % l;
+    let ahead =
+        Prefetch { first: k as *const u8, ld_bytes: ldk * size_of::<E>() as isize, row_bytes: d * size_of::<E>() };
+    // Columns past the vector body, in plain arithmetic, added to the stored sums.
+    let tail = |j: usize, r: usize| -> f32 {
+        // SAFETY: key j < kn and row r < R are in range, columns body..d too.
+        unsafe {
+            let kr = k.offset(j as isize * ldk);
+            (body..d).map(|c| *q.add(r * d + c) * (*kr.add(c)).to_f32()).sum()
+        }
+    };
+    let mut j = 0;
+    // SAFETY: every pointer below stays inside the extents the caller vouched for.
+    unsafe {
+        while j + 4 <= kn {
+            // Keys and values are streamed once. While this tile's scores are computed, its
+            // value rows and the next tile's key rows are requested into L2 (the first-level
+            // cache is too small to hold them until use): both streams then stay busy during
+            // the arithmetic instead of waiting for the hardware prefetchers to restart.
+            // Later passes over the same keys (more rows) get `Prefetch::NONE` and skip both.
+            if !pf.first.is_null() {
+                pf.rows_l2(j, 4);
+                ahead.rows_l2(j + kn, 4);
+            }
+            let mut kr = [k; 4];
+            for (t, p) in kr.iter_mut().enumerate() {
+                *p = k.offset((j + t) as isize * ldk);
+            }
+            let mut acc = [[S::zero(); 4]; R];
+            for c in (0..body).step_by(l) {
+                // Plain loops, not `array::from_fn` (see `gemm`).
+                let mut kv = [S::zero(); 4];
+                for (x, p) in kv.iter_mut().zip(&kr) {
+                    *x = E::load::<S>(p.add(c));
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let qv = S::load(q.add(r * d + c));
+                    for (x, &kt) in a.iter_mut().zip(&kv) {
+                        *x = S::fma(qv, kt, *x);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let out = st.add(r * ld + j);
+                S::store_sums4(a[0], a[1], a[2], a[3], out);
+                if body < d {
+                    for t in 0..4 {
+                        *out.add(t) += tail(j + t, r);
+                    }
+                }
+            }
+            j += 4;
+        }
+        while j < kn {
+            let kr = k.offset(j as isize * ldk);
+            let mut acc = [S::zero(); R];
+            for c in (0..body).step_by(l) {
+                let kv = E::load::<S>(kr.add(c));
+                for (r, x) in acc.iter_mut().enumerate() {
+                    *x = S::fma(S::load(q.add(r * d + c)), kv, *x);
+                }
+            }
+            for (r, &x) in acc.iter().enumerate() {
+                *st.add(r * ld + j) = S::reduce_sum(x) + tail(j, r);
+            }
+            j += 1;
+        }
+    }
+}
+
+/// Multiplies column `j` (one key) of the row-major tile by that key's int8 scale: the scales
+/// are gathered once, then applied a vector of keys at a time.
+///
+/// # Safety
+/// `scales` holds `kn` scales `sld` apart; `rows · ld` floats fit in `sc.st`.
+#[inline(always)]
+unsafe fn scale_keys<S: Simd>(sc: &mut Scratch, rows: usize, ld: usize, kn: usize, scales: *const f32, sld: isize) {
+    let l = S::LANES;
+    let body = kn - kn % l;
+    let ks = &mut sc.keyscale[..kn];
+    for (j, x) in ks.iter_mut().enumerate() {
+        // SAFETY: forwarded.
+        *x = unsafe { *scales.offset(j as isize * sld) };
+    }
+    for r in 0..rows {
+        let row = &mut sc.st[r * ld..r * ld + kn];
+        // SAFETY: body ≤ kn floats of both slices.
+        unsafe {
+            for c in (0..body).step_by(l) {
+                let p = row.as_mut_ptr().add(c);
+                S::store(p, S::fma(S::load(p), S::load(ks.as_ptr().add(c)), S::zero()));
+            }
+        }
+        row[body..].iter_mut().zip(&ks[body..]).for_each(|(x, s)| *x *= s);
+    }
+}
+
+/// The online softmax of a row-major (base-2) score tile: each row's max and sum along its
+/// keys, a vector at a time; leaves probabilities in the tile and rescale factors in
+/// `sc.alpha`, as [`super::blocked::softmax_update`] does for the transposed tile.
+///
+/// # Safety
+/// `rows · ld` floats fit in `sc.st`, with `kn` rounded up to `LANES` ≤ `ld`.
+#[inline(always)]
+unsafe fn softmax_rows<S: Simd>(sc: &mut Scratch, rows: usize, ld: usize, kn: usize) {
+    let l = S::LANES;
+    let kp = kn.div_ceil(l) * l;
+    for r in 0..rows {
+        let row = &mut sc.st[r * ld..r * ld + kp];
+        // Padding keys give 2^(−∞) = 0 and never reach P·V.
+        row[kn..].fill(f32::NEG_INFINITY);
+        let p = row.as_mut_ptr();
+        // SAFETY: kp floats at p.
+        unsafe {
+            let mut mx = S::splat(f32::NEG_INFINITY);
+            for c in (0..kp).step_by(l) {
+                mx = S::max(mx, S::load(p.add(c)));
+            }
+            let (m_old, t) = (sc.m[r], S::reduce_max(mx));
+            let m_new = if m_old > t { m_old } else { t };
+            sc.alpha[r] = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp2() };
+            sc.m[r] = m_new;
+            // A row that has seen nothing yet subtracts 0, so 2^(−∞ − 0) = 0, not NaN.
+            let mv = S::splat(if m_new == f32::NEG_INFINITY { 0.0 } else { m_new });
+            let mut sum = S::zero();
+            for c in (0..kp).step_by(l) {
+                let e = S::exp2(S::sub(S::load(p.add(c)), mv));
+                S::store(p.add(c), e);
+                sum = S::add(sum, e);
+            }
+            sc.l[r] = sc.l[r] * sc.alpha[r] + S::reduce_sum(sum);
+        }
+    }
 }
 
 /// The value rows of a tile, to fetch while the scores are computed.
@@ -102,14 +362,15 @@ pub(crate) unsafe fn pv_narrow<S: Simd>(
     first: usize,
     kn: usize,
 ) -> bool {
+    let (st, rs, ks) = (sc.st.as_ptr(), 1, dims.rows_p as isize);
     // SAFETY: forwarded.
     unsafe {
         match v.typed_rows(seq.batch, kvh, first) {
-            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, p, ld, kn),
-            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, p, ld, kn),
+            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn),
+            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn),
             TypedRows::I8(p, ld, s, sld) => {
                 scale_rows(sc, dims, kn, s, sld);
-                pv::<S, i8>(sc, dims, p, ld, kn)
+                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn)
             }
             TypedRows::F32(..) | TypedRows::Unreadable => return false,
         }
@@ -130,29 +391,37 @@ unsafe fn scale_rows(sc: &mut Scratch, dims: &Dims, kn: usize, scales: *const f3
     }
 }
 
-/// `acc += P · V` with V rows read in place.
+/// `acc += P · V` with V rows read in place; P's element `(row, key)` is at `p + row·rs +
+/// key·ks` (the transposed tile or the row-major one).
 ///
 /// # Safety
-/// `v` holds `kn` rows of `dvp` elements `ld` apart.
+/// `v` holds `kn` rows of `dvp` elements `ld` apart; P holds `rows × kn` probabilities.
 #[inline(always)]
-unsafe fn pv<S: Simd, E: Elem>(sc: &mut Scratch, dims: &Dims, v: *const E, ld: isize, kn: usize) {
-    let (rows_p, dvp) = (dims.rows_p, dims.dvp);
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv<S: Simd, E: Elem>(
+    sc: &mut Scratch,
+    dims: &Dims,
+    p: *const f32,
+    rs: isize,
+    ks: isize,
+    v: *const E,
+    ld: isize,
+    kn: usize,
+) {
+    let dvp = dims.dvp;
     // Decoding (few rows): blocks of at most 4 rows, wide strips and no spills. Many rows
     // (prefill): the 6-row block, whose widening loads convert in place.
     if dims.rows > 8 {
         // SAFETY: as below, for all rows at once.
-        unsafe {
-            gemm::<S, E>(sc.st.as_ptr(), 1, rows_p as isize, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true)
-        };
+        unsafe { gemm::<S, E>(p, rs, ks, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true) };
         return;
     }
     for r0 in (0..dims.rows).step_by(4) {
         let m = 4.min(dims.rows - r0);
-        // SAFETY: Pᵀ is kn × rows_p (read as P from column r0), acc rows × dvp (from row r0),
-        // V kn × dvp (dv == dvp checked).
+        // SAFETY: P from row r0, acc rows × dvp (from row r0), V kn × dvp (dv == dvp checked).
         unsafe {
-            let (a, c) = (sc.st.as_ptr().add(r0), sc.acc.as_mut_ptr().add(r0 * dvp));
-            gemm::<S, E>(a, 1, rows_p as isize, v, ld, c, dvp, m, dvp, kn, true)
+            let (a, c) = (p.offset(r0 as isize * rs), sc.acc.as_mut_ptr().add(r0 * dvp));
+            gemm::<S, E>(a, rs, ks, v, ld, c, dvp, m, dvp, kn, true)
         }
     }
 }

@@ -73,7 +73,12 @@ unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
             let mut ap = a;
             let mut bp = b.add(j);
             for _ in 0..k {
-                let bv: [S::V; NV] = std::array::from_fn(|v| E::load::<S>(bp.add(v * l)));
+                // Plain loops, not `array::from_fn`: its closure is not always inlined into the
+                // target-feature function, and an intrinsic called out of line is a slow call.
+                let mut bv = [S::zero(); NV];
+                for (v, x) in bv.iter_mut().enumerate() {
+                    *x = E::load::<S>(bp.add(v * l));
+                }
                 for (r, row) in acc.iter_mut().enumerate() {
                     let av = S::splat(*ap.offset(r as isize * a_rs));
                     for (x, &bx) in row.iter_mut().zip(&bv) {
@@ -128,6 +133,19 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
         // B vectors plus a broadcast stay within AVX2's 16 registers with room for widening a
         // narrow B; one more and an accumulator spills, putting a store and a reload on its
         // dependency chain (measured: int8 decode 2× slower with 4 rows × 3 vectors).
+        if S::LANES >= 16 {
+            // AVX-512's 32 registers: strips of up to 8 vectors (a 128-wide head at once), so
+            // each probability is broadcast once per key for the whole row.
+            match m - i {
+                1 => block::<S, E, 1, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+                2 => block::<S, E, 2, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+                3 => block::<S, E, 3, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+                4 => block::<S, E, 4, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+                5 => block::<S, E, 5, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+                _ => {}
+            }
+            return;
+        }
         match m - i {
             1 => block::<S, E, 1, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
             2 => block::<S, E, 2, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),

@@ -38,6 +38,15 @@ pub(crate) unsafe trait Simd: Copy {
     fn exp2(x: Self::V) -> Self::V;
     /// Sum of the lanes.
     fn reduce_sum(v: Self::V) -> f32;
+    /// Largest lane (NaN lanes may or may not win: callers treat a NaN score as poisoning the
+    /// row either way).
+    fn reduce_max(v: Self::V) -> f32;
+    /// The lane sums of four vectors, stored as four consecutive floats at `p`: one shuffle
+    /// tree shared by four dot products instead of four full horizontal sums.
+    ///
+    /// # Safety
+    /// `p` must be valid for writing 4 floats.
+    unsafe fn store_sums4(a: Self::V, b: Self::V, c: Self::V, d: Self::V, p: *mut f32);
     /// `LANES` IEEE half floats (as bits), widened.
     ///
     /// # Safety
@@ -136,6 +145,15 @@ pub fn cpu_features() -> Vec<&'static str> {
     found
 }
 
+#[cfg(target_arch = "x86_64")]
+const HINT_L1: i32 = std::arch::x86_64::_MM_HINT_T0;
+#[cfg(target_arch = "x86_64")]
+const HINT_L2: i32 = std::arch::x86_64::_MM_HINT_T1;
+#[cfg(not(target_arch = "x86_64"))]
+const HINT_L1: i32 = 0;
+#[cfg(not(target_arch = "x86_64"))]
+const HINT_L2: i32 = 0;
+
 /// Rows to fetch into cache ahead of use: first row, bytes between rows, bytes per row.
 #[derive(Clone, Copy)]
 pub(crate) struct Prefetch {
@@ -154,15 +172,25 @@ impl Prefetch {
     /// the same keys are computed, a few lines per key instead of a burst the CPU would drop.
     #[inline(always)]
     pub(crate) fn rows(&self, j0: usize, n: usize) {
+        self.rows_to::<{ HINT_L1 }>(j0, n)
+    }
+
+    /// As [`Prefetch::rows`], into the second-level cache only: for rows used after a
+    /// first-level cache's worth of other data has streamed by.
+    #[inline(always)]
+    pub(crate) fn rows_l2(&self, j0: usize, n: usize) {
+        self.rows_to::<{ HINT_L2 }>(j0, n)
+    }
+
+    #[inline(always)]
+    fn rows_to<const HINT: i32>(&self, j0: usize, n: usize) {
         #[cfg(target_arch = "x86_64")]
         if !self.first.is_null() {
             for j in j0..j0 + n {
                 let row = self.first.wrapping_offset(j as isize * self.ld_bytes) as *const i8;
                 for off in (0..self.row_bytes).step_by(64) {
                     // SAFETY: prefetch is a hint that never faults; SSE is x86-64 baseline.
-                    unsafe {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(row.wrapping_add(off))
-                    };
+                    unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(row.wrapping_add(off)) };
                 }
             }
         }

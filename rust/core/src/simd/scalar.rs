@@ -63,6 +63,15 @@ unsafe impl Simd for Scalar {
         v
     }
     #[inline(always)]
+    fn reduce_max(v: f32) -> f32 {
+        v
+    }
+    #[inline(always)]
+    unsafe fn store_sums4(a: f32, b: f32, c: f32, d: f32, p: *mut f32) {
+        // SAFETY: the caller guarantees 4 writable floats.
+        unsafe { p.cast::<[f32; 4]>().write_unaligned([a, b, c, d]) }
+    }
+    #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> f32 {
         // SAFETY: the caller guarantees `p` is readable.
         half::f16::from_bits(unsafe { *p }).to_f32()

@@ -103,6 +103,32 @@ unsafe impl Simd for Avx2 {
         }
     }
     #[inline(always)]
+    fn reduce_max(v: __m256) -> f32 {
+        // SAFETY: see the impl's safety note.
+        unsafe {
+            let s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_max_ss(s, _mm_shuffle_ps::<0b01>(s, s));
+            _mm_cvtss_f32(s)
+        }
+    }
+    #[inline(always)]
+    unsafe fn store_sums4(a: __m256, b: __m256, c: __m256, d: __m256, p: *mut f32) {
+        // SAFETY: the caller guarantees 4 writable floats; the ISA as for the impl.
+        unsafe {
+            // Per 128-bit half: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partial sums.
+            let ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+            let cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+            let (ab, cd) = (_mm256_castps_pd(ab), _mm256_castps_pd(cd));
+            let abcd = _mm256_add_ps(
+                _mm256_castpd_ps(_mm256_unpacklo_pd(ab, cd)),
+                _mm256_castpd_ps(_mm256_unpackhi_pd(ab, cd)),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps::<1>(abcd));
+            _mm_storeu_ps(p, s)
+        }
+    }
+    #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> __m256 {
         // SAFETY: the caller guarantees LANES readable values; the ISA as for the impl.
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
@@ -195,6 +221,30 @@ unsafe impl Simd for Avx512 {
     fn reduce_sum(v: __m512) -> f32 {
         // SAFETY: see the impl's safety note.
         unsafe { _mm512_reduce_add_ps(v) }
+    }
+    #[inline(always)]
+    fn reduce_max(v: __m512) -> f32 {
+        // SAFETY: see the impl's safety note.
+        unsafe { _mm512_reduce_max_ps(v) }
+    }
+    #[inline(always)]
+    unsafe fn store_sums4(a: __m512, b: __m512, c: __m512, d: __m512, p: *mut f32) {
+        // SAFETY: the caller guarantees 4 writable floats; the ISA as for the impl.
+        unsafe {
+            // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partial sums;
+            // then the four lanes are added.
+            let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+            let abcd = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)),
+            );
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd)));
+            let h = _mm256_add_ps(_mm512_castps512_ps256(abcd), hi);
+            let s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            _mm_storeu_ps(p, s)
+        }
     }
     #[inline(always)]
     unsafe fn load_f16(p: *const u16) -> __m512 {
