@@ -37,3 +37,10 @@ for isa in $isas; do
     echo "== Python tests, FERROATTN_ISA=$isa"
     FERROATTN_ISA=$isa $PY -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir=. tests
 done
+# AVX-512 with VNNI gives int8 keys integer dot products; run the cache tests once without them,
+# so the float int8 path of AVX-512 CPUs lacking VNNI is exercised here too.
+if [[ " $isas " == *" avx512 "* ]] && grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null; then
+    echo "== Python cache tests, FERROATTN_ISA=avx512 FERROATTN_VNNI=0"
+    FERROATTN_ISA=avx512 FERROATTN_VNNI=0 $PY -m pytest -q -p no:cacheprovider --import-mode=importlib \
+        --rootdir=. tests/test_kv_cache.py
+fi

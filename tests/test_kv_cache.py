@@ -200,10 +200,13 @@ def test_decode_rows_match_reference_on_what_is_stored(rng, dtype, group, t, d, 
     cache = ferroattn.KVCache(1, 2, d, n, dtype=dtype)
     cache.append(k, v)
     ks, vs = cache.keys(0)[None].astype(np.float64), cache.values(0)[None].astype(np.float64)
+    # On AVX-512 CPUs with VNNI, int8 keys meet queries rounded to 16 bits (measured: ~3e-5),
+    # two orders of magnitude below the int8 rounding of the cache itself.
+    tol = 1e-4 if dtype == "int8" else 1e-5
     for softcap in (None, 3.0):
         got = cache.attend(q, softcap=softcap)
         want, _ = reference_attention(q, ks, vs, causal=True, softcap=softcap)
-        assert rel_err(got, want) <= 1e-5, (softcap, rel_err(got, want))
+        assert rel_err(got, want) <= tol, (softcap, rel_err(got, want))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16])

@@ -51,6 +51,12 @@ pub(crate) struct Scratch {
     pub row: Vec<f32>,
     /// The int8 scales of one key tile, gathered.
     pub keyscale: Vec<f32>,
+    /// Queries rounded to 16 bits (`rows × d`) and their per-row scales, for int8 keys.
+    pub q16: Vec<i16>,
+    pub qscale: Vec<f32>,
+    /// Whether `q16` holds this task's queries: `None` until first asked for, then whether
+    /// they could be rounded (finite).
+    pub q16_ready: Option<bool>,
     /// What the dense mask and bias hold, per key tile and row, over the current key range.
     pub facts: TileFacts,
 }
@@ -76,6 +82,9 @@ impl Scratch {
             tile_masked: false,
             row: vec![0.0; plan.d.max(plan.dv)],
             keyscale: vec![0.0; plan.bc],
+            q16: vec![0; plan.d * rows_p],
+            qscale: vec![0.0; rows_p],
+            q16_ready: None,
             facts: TileFacts::default(),
         }
     }
@@ -189,6 +198,7 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
     }
     sc.m[..rows_p].fill(f32::NEG_INFINITY);
     sc.l[..rows_p].fill(0.0);
+    sc.q16_ready = None;
     dims
 }
 

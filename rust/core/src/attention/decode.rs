@@ -122,7 +122,9 @@ unsafe fn row_major<S: Simd>(
             TypedRows::F16(p, lk) => scores_rows::<S, f16>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
             TypedRows::BF16(p, lk) => scores_rows::<S, bf16>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
             TypedRows::I8(p, lk, s, sld) => {
-                scores_rows::<S, i8>(p, lk, sc, dims.rows, plan.d, ld, kn, pf);
+                if !int8_dots::<S>(p, lk, sc, dims.rows, plan.d, ld, kn, pf) {
+                    scores_rows::<S, i8>(p, lk, sc, dims.rows, plan.d, ld, kn, pf);
+                }
                 scale_keys::<S>(sc, dims.rows, ld, kn, s, sld);
             }
             TypedRows::Unreadable => unreachable!("checked by the caller"),
@@ -274,6 +276,44 @@ unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
             j += 1;
         }
     }
+}
+
+/// [`scores_rows`] for int8 keys with integer dot products, where the AVX-512 path runs on a
+/// CPU with VNNI; returns false (nothing written) otherwise.
+///
+/// # Safety
+/// As for [`scores_rows`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn int8_dots<S: Simd>(
+    k: *const i8,
+    ldk: isize,
+    sc: &mut Scratch,
+    rows: usize,
+    d: usize,
+    ld: usize,
+    kn: usize,
+    pf: Prefetch,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::vnni;
+        // LANES == 16 is the AVX-512 path: a forced lower path never reaches these instructions.
+        if S::LANES == 16
+            && d.is_multiple_of(32)
+            && d <= vnni::MAX_D
+            && vnni::available()
+            && *sc.q16_ready.get_or_insert_with(|| vnni::quantize(&sc.q, rows, d, &mut sc.q16, &mut sc.qscale))
+        {
+            let (q16, qs, st) = (sc.q16.as_ptr(), sc.qscale.as_ptr(), sc.st.as_mut_ptr());
+            // SAFETY: the CPU has the features (checked); d is a multiple of 32; Q was rounded
+            // for `rows` rows; the rest is forwarded.
+            unsafe { vnni::scores(k, ldk, q16, qs, rows, d, st, ld, kn, pf) };
+            return true;
+        }
+    }
+    let _ = (k, ldk, sc, rows, d, ld, kn, pf);
+    false
 }
 
 /// Multiplies column `j` (one key) of the row-major tile by that key's int8 scale: the scales

@@ -10,6 +10,8 @@ mod blocked;
 mod decode;
 pub(crate) mod gemm;
 mod softmax;
+#[cfg(target_arch = "x86_64")]
+mod vnni;
 mod weights;
 
 use crate::error::{ensure_shape, Error, Result};

@@ -303,4 +303,49 @@ mod tests {
         assert_eq!(ys[6], 1.0);
         assert_eq!(ys[7], 1.0);
     }
+
+    /// Four vectors of 16 (AVX-512) or 8 (AVX2) lanes, their lane sums by the shuffle tree,
+    /// and their max.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn sums4_512(x: &[f32; 64]) -> ([f32; 4], f32) {
+        let mut out = [0f32; 4];
+        // SAFETY: the array holds 4 × 16 floats; the caller checked the features.
+        unsafe {
+            let v = |i: usize| Avx512::load(x.as_ptr().add(16 * i));
+            Avx512::store_sums4(v(0), v(1), v(2), v(3), out.as_mut_ptr());
+            (out, Avx512::reduce_max(v(1)))
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn sums4_256(x: &[f32; 64]) -> ([f32; 4], f32) {
+        let mut out = [0f32; 4];
+        // SAFETY: the array holds 4 × 8 floats at the front; the caller checked the features.
+        unsafe {
+            let v = |i: usize| Avx2::load(x.as_ptr().add(8 * i));
+            Avx2::store_sums4(v(0), v(1), v(2), v(3), out.as_mut_ptr());
+            (out, Avx2::reduce_max(v(1)))
+        }
+    }
+
+    #[test]
+    fn four_lane_sums_and_max_match_plain_loops() {
+        let x: [f32; 64] = std::array::from_fn(|i| ((i * 37 % 23) as f32 - 11.0) * 0.25 + i as f32 * 1e-3);
+        let check = |lanes: usize, (sums, mx): ([f32; 4], f32)| {
+            for (t, &got) in sums.iter().enumerate() {
+                let want: f32 = x[t * lanes..(t + 1) * lanes].iter().sum();
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "lanes {lanes} vector {t}: {got} vs {want}");
+            }
+            let want = x[lanes..2 * lanes].iter().fold(f32::NEG_INFINITY, |m, &y| m.max(y));
+            assert_eq!(mx, want, "lanes {lanes}");
+        };
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: features checked.
+            check(8, unsafe { sums4_256(&x) });
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: features checked.
+            check(16, unsafe { sums4_512(&x) });
+        }
+    }
 }

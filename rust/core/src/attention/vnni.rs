@@ -1,0 +1,160 @@
+//! int8 keys against 16-bit queries with integer dot products (AVX-512 VNNI).
+//!
+//! Widening int8 keys to f32 costs two instructions per 16 elements before the multiply, and
+//! with a whole GQA group per key that arithmetic, not memory, bounds decoding. `vpdpwssd`
+//! multiplies 32 pairs of 16-bit integers and accumulates into 32-bit lanes in one
+//! instruction, so keys are only sign-extended to 16 bits and each query row is rounded to
+//! 16 bits with its own scale (`max |q| / 32767`: a relative error of ~1.5e-5 per element,
+//! two orders below the int8 rounding of the keys themselves).
+
+use crate::simd::x86::Avx512;
+use crate::simd::{Prefetch, Simd};
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Widest head [`scores`] takes: each 32-bit lane sums `d / 16` products of at most
+/// 127 · 32767, which stays below 2³¹ up to here.
+pub(crate) const MAX_D: usize = 4096;
+
+/// Whether this CPU has the instructions [`scores`] uses (and `FERROATTN_VNNI=0` does not turn
+/// them off: the test suite runs the float int8 path that way too).
+pub(crate) fn available() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::env::var("FERROATTN_VNNI").map_or(true, |v| v.trim() != "0")
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// Rounds `rows` query rows of `d` floats to 16-bit integers, one scale per row; returns false
+/// (leaving the float path to run) when a row holds a NaN or an infinity.
+pub(crate) fn quantize(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mut [f32]) -> bool {
+    for r in 0..rows {
+        let row = &q[r * d..(r + 1) * d];
+        let amax = row.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if !amax.is_finite() || row.iter().any(|x| x.is_nan()) {
+            return false;
+        }
+        let s = amax / 32767.0;
+        let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+        for (o, &x) in q16[r * d..(r + 1) * d].iter_mut().zip(row) {
+            // Half away from zero by truncation (`f32::round` is a libm call on baseline x86-64);
+            // |x · inv| ≤ 32767, so the cast cannot saturate.
+            let y = x * inv;
+            *o = (y + 0.5f32.copysign(y)) as i16;
+        }
+        scales[r] = s;
+    }
+    true
+}
+
+/// `S[r, j] = scale_r · Σ q16[r]·K[j]` for `rows` rows into `st` (row-major, `ld` apart).
+///
+/// # Safety
+/// [`available`] returned true; `d` is a multiple of 32; `k` holds `kn` rows of `d` int8
+/// `ldk` apart; `q16` holds `rows × d` values, `scales` `rows`; `st` holds `rows × ld` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn scores(
+    k: *const i8,
+    ldk: isize,
+    q16: *const i16,
+    scales: *const f32,
+    rows: usize,
+    d: usize,
+    st: *mut f32,
+    ld: usize,
+    kn: usize,
+    pf: Prefetch,
+) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let m = 4.min(rows - r0);
+        let pf = if r0 == 0 { pf } else { Prefetch::NONE };
+        // SAFETY: rows r0..r0 + m of q16, scales and st are in range.
+        unsafe {
+            let (q, s, o) = (q16.add(r0 * d), scales.add(r0), st.add(r0 * ld));
+            match m {
+                1 => rows_of::<1>(k, ldk, q, s, d, o, ld, kn, pf),
+                2 => rows_of::<2>(k, ldk, q, s, d, o, ld, kn, pf),
+                3 => rows_of::<3>(k, ldk, q, s, d, o, ld, kn, pf),
+                _ => rows_of::<4>(k, ldk, q, s, d, o, ld, kn, pf),
+            }
+        }
+        r0 += m;
+    }
+}
+
+/// [`scores`] for exactly `R` rows: four keys at a time (4·R accumulators), then one.
+///
+/// # Safety
+/// As for [`scores`], with `R` rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_of<const R: usize>(
+    k: *const i8,
+    ldk: isize,
+    q: *const i16,
+    scales: *const f32,
+    d: usize,
+    st: *mut f32,
+    ld: usize,
+    kn: usize,
+    pf: Prefetch,
+) {
+    let ahead = Prefetch { first: k as *const u8, ld_bytes: ldk, row_bytes: d };
+    // SAFETY: every pointer stays inside the extents the caller vouched for; the features are
+    // enabled on the calling function.
+    unsafe {
+        let widen = |p: *const i8| _mm512_cvtepi8_epi16(_mm256_loadu_si256(p as *const __m256i));
+        let qv = |r: usize, c: usize| _mm512_loadu_si512(q.add(r * d + c) as *const __m512i);
+        let mut j = 0;
+        while j + 4 <= kn {
+            // As in the float path: this tile's values and the next tile's keys go to L2.
+            if !pf.first.is_null() {
+                pf.rows_l2(j, 4);
+                ahead.rows_l2(j + kn, 4);
+            }
+            let mut kr = [k; 4];
+            for (t, p) in kr.iter_mut().enumerate() {
+                *p = k.offset((j + t) as isize * ldk);
+            }
+            let mut acc = [[_mm512_setzero_si512(); 4]; R];
+            for c in (0..d).step_by(32) {
+                let mut kv = [_mm512_setzero_si512(); 4];
+                for (x, p) in kv.iter_mut().zip(&kr) {
+                    *x = widen(p.add(c));
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let qr = qv(r, c);
+                    for (x, &kt) in a.iter_mut().zip(&kv) {
+                        *x = _mm512_dpwssd_epi32(*x, kt, qr);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                let s = _mm512_set1_ps(*scales.add(r));
+                let f = |x: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(x), s);
+                Avx512::store_sums4(f(a[0]), f(a[1]), f(a[2]), f(a[3]), st.add(r * ld + j));
+            }
+            j += 4;
+        }
+        while j < kn {
+            let kr = k.offset(j as isize * ldk);
+            let mut acc = [_mm512_setzero_si512(); R];
+            for c in (0..d).step_by(32) {
+                let kv = widen(kr.add(c));
+                for (r, x) in acc.iter_mut().enumerate() {
+                    *x = _mm512_dpwssd_epi32(*x, kv, qv(r, c));
+                }
+            }
+            for (r, &x) in acc.iter().enumerate() {
+                // Lanes summed as floats: an integer sum of all 16 could overflow for wide heads.
+                *st.add(r * ld + j) = Avx512::reduce_sum(_mm512_cvtepi32_ps(x)) * *scales.add(r);
+            }
+            j += 1;
+        }
+    }
+}
