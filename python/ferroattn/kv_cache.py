@@ -80,7 +80,8 @@ class KVCache:
         dtype: storage: ``"float32"``, ``"float16"``, ``"bfloat16"`` or ``"int8"`` (symmetric,
             one float32 scale per token and head, quantized on append; on AVX-512 CPUs with
             VNNI the kernel takes integer dot products of int8 keys with queries rounded to
-            16 bits, adding ~3e-5 relative error to the ~1e-2 of the int8 storage).
+            16 bits, and of int8 values with attention probabilities rounded to 16 bits, each
+            adding ~1e-5 to ~1e-4 relative error to the ~1e-2 of the int8 storage).
         value_dim: dimension of values, default ``head_dim``.
         window: keep only what a sliding window of ``window`` tokens sees (the token itself and
             the ``window - 1`` before it), in a ring buffer.

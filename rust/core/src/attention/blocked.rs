@@ -11,7 +11,7 @@ use super::{Ctx, Plan, Sinks, Task};
 use crate::extras::{RowAt, TileFacts};
 use crate::layout::TypedRows;
 use crate::mask::{position, visible, Vis};
-use crate::simd::{elem::Elem, scalar::Scalar, Isa, Prefetch, Simd};
+use crate::simd::{elem::Elem, row_ptrs, scalar::Scalar, Isa, Prefetch, Simd};
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
 const MAX_NR: usize = 32;
@@ -57,6 +57,9 @@ pub(crate) struct Scratch {
     /// Whether `q16` holds this task's queries: `None` until first asked for, then whether
     /// they could be rounded (finite).
     pub q16_ready: Option<bool>,
+    /// Probabilities of up to 8 rows rounded to 16 bits, two keys per word, for int8 values
+    /// (a key tile rounded up to whole vectors per row).
+    pub pairs: Vec<i32>,
     /// What the dense mask and bias hold, per key tile and row, over the current key range.
     pub facts: TileFacts,
 }
@@ -85,6 +88,7 @@ impl Scratch {
             q16: vec![0; plan.d * rows_p],
             qscale: vec![0.0; rows_p],
             q16_ready: None,
+            pairs: vec![0; 8 * plan.bc.div_ceil(32) * 16],
             facts: TileFacts::default(),
         }
     }
@@ -224,15 +228,10 @@ unsafe fn dots_kb<S: Simd, E: Elem, const R: usize, const KB: usize>(
     let body = d - d % l;
     // SAFETY: indices stay inside the extents the caller vouched for.
     unsafe {
-        let mut kr = [k; KB];
-        for (t, p) in kr.iter_mut().enumerate() {
-            *p = k.offset((j0 + t) as isize * ldk);
-        }
+        let kr = row_ptrs::<E, KB>(k, ldk, j0);
         // Keys are streamed once: ask for the rows a few steps ahead, and for the companion rows
         // (values of the same keys) the caller names.
-        let ahead =
-            Prefetch { first: k as *const u8, ld_bytes: ldk * size_of::<E>() as isize, row_bytes: d * size_of::<E>() };
-        ahead.rows(j0 + 8, KB);
+        Prefetch::of(k, ldk, d).rows(j0 + 8, KB);
         pf.rows(j0, KB);
         let mut acc = [[S::zero(); R]; KB];
         for c in (0..body).step_by(l) {

@@ -10,7 +10,7 @@ use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, S
 use super::gemm::gemm;
 use super::{Ctx, Task};
 use crate::layout::TypedRows;
-use crate::simd::{elem::Elem, Prefetch, Simd};
+use crate::simd::{elem::Elem, row_ptrs, Prefetch, Simd};
 use half::{bf16, f16};
 
 /// Runs keys `k0..k0 + kn` of `task` through the typed path when it applies (few rows, every
@@ -45,10 +45,10 @@ pub(crate) unsafe fn tile<S: Simd>(
         return false;
     }
     let pf = match vrows {
-        TypedRows::F32(p, ld) => prefetch_of(p, ld, plan.dv),
-        TypedRows::F16(p, ld) => prefetch_of(p, ld, plan.dv),
-        TypedRows::BF16(p, ld) => prefetch_of(p, ld, plan.dv),
-        TypedRows::I8(p, ld, _, _) => prefetch_of(p, ld, plan.dv),
+        TypedRows::F32(p, ld) => Prefetch::of(p, ld, plan.dv),
+        TypedRows::F16(p, ld) => Prefetch::of(p, ld, plan.dv),
+        TypedRows::BF16(p, ld) => Prefetch::of(p, ld, plan.dv),
+        TypedRows::I8(p, ld, _, _) => Prefetch::of(p, ld, plan.dv),
         TypedRows::Unreadable => Prefetch::NONE,
     };
     if ctx.extras.is_plain() && dims.rows * ldr(plan.bc) <= sc.st.len() {
@@ -144,11 +144,57 @@ unsafe fn row_major<S: Simd>(
             TypedRows::BF16(p, lv) => pv::<S, bf16>(sc, dims, st, ld as isize, 1, p, lv, kn),
             TypedRows::I8(p, lv, s, sld) => {
                 scale_keys::<S>(sc, dims.rows, ld, kn, s, sld);
-                pv::<S, i8>(sc, dims, st, ld as isize, 1, p, lv, kn)
+                if !int8_pv::<S>(sc, dims, ld, p, lv, kn) {
+                    pv::<S, i8>(sc, dims, st, ld as isize, 1, p, lv, kn)
+                }
             }
             TypedRows::Unreadable => unreachable!("checked by the caller"),
         }
     }
+}
+
+/// `acc += P · V` for int8 values with integer dot products, where the AVX-512 path runs on a
+/// CPU with VNNI: each row's probabilities (value scales folded in) are rounded to 16 bits
+/// against the row's largest in the tile. Returns false (nothing written) otherwise.
+///
+/// # Safety
+/// P is the row-major tile (`ld` apart) with value scales applied; `v` holds `kn` rows of
+/// `dims.dvp` int8 `ldv` apart.
+#[inline(always)]
+unsafe fn int8_pv<S: Simd>(sc: &mut Scratch, dims: &Dims, ld: usize, v: *const i8, ldv: isize, kn: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::vnni;
+        if S::LANES == 16 && dims.dvp.is_multiple_of(32) && vnni::available() {
+            // Whole vectors of keys: the softmax left zeros past the last key.
+            let kp = kn.div_ceil(16) * 16;
+            let ldp = kp / 2;
+            let mut scales = [0f32; 8];
+            // Every row is rounded before anything is accumulated, so a row that cannot be
+            // (NaN or ∞) sends the whole tile to the float path untouched.
+            for (r, s) in scales.iter_mut().enumerate().take(dims.rows) {
+                // SAFETY: the CPU has the features (checked); row r holds kp ≤ ld floats and
+                // `pairs` 8 rows of ld / 2 words.
+                match unsafe { vnni::pack_probs(sc.st.as_ptr().add(r * ld), kp, sc.pairs.as_mut_ptr().add(r * ldp)) } {
+                    Some(x) => *s = x,
+                    None => return false,
+                }
+            }
+            let (pairs, acc, dvp) = (sc.pairs.as_ptr(), sc.acc.as_mut_ptr(), dims.dvp);
+            for r0 in (0..dims.rows).step_by(4) {
+                let m = 4.min(dims.rows - r0);
+                // SAFETY: the CPU has the features (checked); rows r0..r0 + m of `ldp` words and
+                // of `dvp` accumulators; V as the caller vouched.
+                unsafe {
+                    let (p, s, c) = (pairs.add(r0 * ldp), scales.as_ptr().add(r0), acc.add(r0 * dvp));
+                    vnni::pv_i8(p, ldp, s, m, v, ldv, dvp, kn, c, dvp)
+                };
+            }
+            return true;
+        }
+    }
+    let _ = (sc, dims, ld, v, ldv, kn);
+    false
 }
 
 /// `S[r, j] = Q[r]·K[j]` for `rows` rows into `sc.st` (row-major, `ld` apart), in passes of as
@@ -172,11 +218,7 @@ unsafe fn scores_rows<S: Simd, E: Elem>(
     // registers of AVX-512, R = 2 the 16 of AVX2.
     let pass = if S::LANES >= 16 { 4 } else { 2 };
     let (q, st) = (sc.q.as_ptr(), sc.st.as_mut_ptr());
-    let mut r0 = 0;
-    while r0 < rows {
-        let m = pass.min(rows - r0);
-        // The value rows are requested once, during the first pass.
-        let pf = if r0 == 0 { pf } else { Prefetch::NONE };
+    for (r0, m, pf) in pf.passes(rows, pass) {
         // SAFETY: rows r0..r0 + m of Q and of S are in range.
         unsafe {
             let (q, st) = (q.add(r0 * d), st.add(r0 * ld));
@@ -187,7 +229,6 @@ unsafe fn scores_rows<S: Simd, E: Elem>(
                 _ => dots_rows::<S, E, 4>(k, ldk, q, d, st, ld, kn, pf),
             }
         }
-        r0 += m;
     }
 }
 
@@ -209,8 +250,7 @@ unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
 ) {
     let l = S::LANES;
     let body = d - d % l;
-    let ahead =
-        Prefetch { first: k as *const u8, ld_bytes: ldk * size_of::<E>() as isize, row_bytes: d * size_of::<E>() };
+    let ahead = Prefetch::of(k, ldk, d);
     // Columns past the vector body, in plain arithmetic, added to the stored sums.
     let tail = |j: usize, r: usize| -> f32 {
         // SAFETY: key j < kn and row r < R are in range, columns body..d too.
@@ -227,15 +267,8 @@ unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
             // value rows and the next tile's key rows are requested into L2 (the first-level
             // cache is too small to hold them until use): both streams then stay busy during
             // the arithmetic instead of waiting for the hardware prefetchers to restart.
-            // Later passes over the same keys (more rows) get `Prefetch::NONE` and skip both.
-            if !pf.first.is_null() {
-                pf.rows_l2(j, 4);
-                ahead.rows_l2(j + kn, 4);
-            }
-            let mut kr = [k; 4];
-            for (t, p) in kr.iter_mut().enumerate() {
-                *p = k.offset((j + t) as isize * ldk);
-            }
+            pf.stream_l2(&ahead, j, 4, kn);
+            let kr = row_ptrs::<E, 4>(k, ldk, j);
             let mut acc = [[S::zero(); 4]; R];
             for c in (0..body).step_by(l) {
                 // Plain loops, not `array::from_fn` (see `gemm`).
@@ -379,12 +412,6 @@ unsafe fn softmax_rows<S: Simd>(sc: &mut Scratch, rows: usize, ld: usize, kn: us
             sc.l[r] = sc.l[r] * sc.alpha[r] + S::reduce_sum(sum);
         }
     }
-}
-
-/// The value rows of a tile, to fetch while the scores are computed.
-fn prefetch_of<E>(p: *const E, ld: isize, dv: usize) -> Prefetch {
-    let size = size_of::<E>();
-    Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes: dv * size }
 }
 
 /// `acc += P · V` for a fully visible tile whose values are f16, bf16 or int8, read in place

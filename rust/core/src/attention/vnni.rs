@@ -8,7 +8,7 @@
 //! two orders below the int8 rounding of the keys themselves).
 
 use crate::simd::x86::Avx512;
-use crate::simd::{Prefetch, Simd};
+use crate::simd::{row_ptrs, Prefetch, Simd};
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
@@ -69,10 +69,7 @@ pub(crate) unsafe fn scores(
     kn: usize,
     pf: Prefetch,
 ) {
-    let mut r0 = 0;
-    while r0 < rows {
-        let m = 4.min(rows - r0);
-        let pf = if r0 == 0 { pf } else { Prefetch::NONE };
+    for (r0, m, pf) in pf.passes(rows, 4) {
         // SAFETY: rows r0..r0 + m of q16, scales and st are in range.
         unsafe {
             let (q, s, o) = (q16.add(r0 * d), scales.add(r0), st.add(r0 * ld));
@@ -83,7 +80,6 @@ pub(crate) unsafe fn scores(
                 _ => rows_of::<4>(k, ldk, q, s, d, o, ld, kn, pf),
             }
         }
-        r0 += m;
     }
 }
 
@@ -104,7 +100,7 @@ unsafe fn rows_of<const R: usize>(
     kn: usize,
     pf: Prefetch,
 ) {
-    let ahead = Prefetch { first: k as *const u8, ld_bytes: ldk, row_bytes: d };
+    let ahead = Prefetch::of(k, ldk, d);
     // SAFETY: every pointer stays inside the extents the caller vouched for; the features are
     // enabled on the calling function.
     unsafe {
@@ -113,14 +109,8 @@ unsafe fn rows_of<const R: usize>(
         let mut j = 0;
         while j + 4 <= kn {
             // As in the float path: this tile's values and the next tile's keys go to L2.
-            if !pf.first.is_null() {
-                pf.rows_l2(j, 4);
-                ahead.rows_l2(j + kn, 4);
-            }
-            let mut kr = [k; 4];
-            for (t, p) in kr.iter_mut().enumerate() {
-                *p = k.offset((j + t) as isize * ldk);
-            }
+            pf.stream_l2(&ahead, j, 4, kn);
+            let kr = row_ptrs::<i8, 4>(k, ldk, j);
             let mut acc = [[_mm512_setzero_si512(); 4]; R];
             for c in (0..d).step_by(32) {
                 let mut kv = [_mm512_setzero_si512(); 4];
@@ -155,6 +145,134 @@ unsafe fn rows_of<const R: usize>(
                 *st.add(r * ld + j) = Avx512::reduce_sum(_mm512_cvtepi32_ps(x)) * *scales.add(r);
             }
             j += 1;
+        }
+    }
+}
+
+/// Rounds a row of probabilities (value scales already folded in) to 16 bits with one scale
+/// per row and tile, packed two keys to a 32-bit word (key `2i` low, `2i + 1` high), as
+/// `vpdpwssd` pairs them in [`pv_i8`]. Returns the scale, or `None` when a probability is NaN
+/// or infinite: the float path then carries it to the output.
+///
+/// # Safety
+/// [`available`] returned true; `p` holds `kp` floats, a multiple of 16 (zeros past the last
+/// key); `pairs` has room for `kp / 2` words.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn pack_probs(p: *const f32, kp: usize, pairs: *mut i32) -> Option<f32> {
+    // SAFETY: kp floats at p and kp / 2 words at pairs (the caller's promise).
+    unsafe {
+        let (mut mx, mut bad) = (_mm512_setzero_ps(), 0u16);
+        for c in (0..kp).step_by(16) {
+            let x = _mm512_loadu_ps(p.add(c));
+            bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+        }
+        let amax = Avx512::reduce_max(mx);
+        if bad != 0 || !amax.is_finite() {
+            return None;
+        }
+        let s = amax / 32767.0;
+        let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+        for c in (0..kp).step_by(16) {
+            // |x · inv| ≤ 32767: the narrowing cannot saturate.
+            let y = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(c)), inv));
+            _mm256_storeu_si256(pairs.add(c / 2) as *mut __m256i, _mm512_cvtepi32_epi16(y));
+        }
+        Some(s)
+    }
+}
+
+/// `acc[r] += scale_r · Σ_j P16[r, j] · V[j]` for `rows` rows (≤ 4) and `kn` int8 value rows
+/// of `dv` elements (a multiple of 32), with `vpdpwssd` on pairs of keys.
+///
+/// # Safety
+/// [`available`] returned true; `pairs` holds `rows` rows of `kn.div_ceil(2)` words `ldp`
+/// apart, `scales` `rows` floats; `v` holds `kn` rows of `dv` int8 `ldv` apart; `acc` holds
+/// `rows` rows of `dv` floats `ldc` apart.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pv_i8(
+    pairs: *const i32,
+    ldp: usize,
+    scales: *const f32,
+    rows: usize,
+    v: *const i8,
+    ldv: isize,
+    dv: usize,
+    kn: usize,
+    acc: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded; each call covers rows inside 0..rows.
+    unsafe {
+        match rows {
+            1 => pv_rows::<1>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
+            2 => pv_rows::<2>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
+            3 => pv_rows::<3>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
+            _ => pv_rows::<4>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
+        }
+    }
+}
+
+/// [`pv_i8`] for exactly `R` rows, 32 value columns at a time.
+///
+/// # Safety
+/// As for [`pv_i8`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_rows<const R: usize>(
+    pairs: *const i32,
+    ldp: usize,
+    scales: *const f32,
+    v: *const i8,
+    ldv: isize,
+    dv: usize,
+    kn: usize,
+    acc: *mut f32,
+    ldc: usize,
+) {
+    let npairs = kn.div_ceil(2);
+    // SAFETY: every pointer stays inside the extents the caller vouched for; the features are
+    // enabled on the calling function.
+    unsafe {
+        let widen = |j: usize, c: usize| {
+            if j < kn {
+                _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.offset(j as isize * ldv).add(c) as *const __m256i))
+            } else {
+                _mm512_setzero_si512()
+            }
+        };
+        for c in (0..dv).step_by(32) {
+            // Per 128-bit lane L, `lo` holds columns 8L..8L+3 and `hi` 8L+4..8L+7, each as
+            // the pair (key 2i, key 2i + 1) that `vpdpwssd` multiplies by P's pair.
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for i in 0..npairs {
+                let (a, b) = (widen(2 * i, c), widen(2 * i + 1, c));
+                let (l, h) = (_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b));
+                for r in 0..R {
+                    let p = _mm512_set1_epi32(*pairs.add(r * ldp + i));
+                    lo[r] = _mm512_dpwssd_epi32(lo[r], l, p);
+                    hi[r] = _mm512_dpwssd_epi32(hi[r], h, p);
+                }
+            }
+            for r in 0..R {
+                let s = _mm512_set1_ps(*scales.add(r));
+                let (l, h) = (_mm512_cvtepi32_ps(lo[r]), _mm512_cvtepi32_ps(hi[r]));
+                // Lanes [l0 l1 l2 l3] and [h0 h1 h2 h3] back into column order:
+                // [l0 h0 l1 h1] (columns 0..15) and [l2 h2 l3 h3] (16..31).
+                let first = _mm512_shuffle_f32x4::<0b11_01_10_00>(
+                    _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
+                    _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
+                );
+                let second = _mm512_shuffle_f32x4::<0b11_01_10_00>(
+                    _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
+                    _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
+                );
+                let out = acc.add(r * ldc + c);
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(first, s, _mm512_loadu_ps(out)));
+                _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(second, s, _mm512_loadu_ps(out.add(16))));
+            }
         }
     }
 }

@@ -145,6 +145,40 @@ pub fn cpu_features() -> Vec<&'static str> {
     found
 }
 
+/// Pointers to rows `j..j + N` of `p`, `ld` elements apart.
+#[inline(always)]
+pub(crate) fn row_ptrs<T, const N: usize>(p: *const T, ld: isize, j: usize) -> [*const T; N] {
+    // A plain loop, not `array::from_fn`, whose closure is not always inlined into the
+    // `#[target_feature]` callers.
+    let mut out = [p; N];
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = p.wrapping_offset((j + t) as isize * ld);
+    }
+    out
+}
+
+/// See [`Prefetch::passes`].
+pub(crate) struct Passes {
+    pf: Prefetch,
+    rows: usize,
+    pass: usize,
+    r0: usize,
+}
+
+impl Iterator for Passes {
+    type Item = (usize, usize, Prefetch);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.r0 >= self.rows {
+            return None;
+        }
+        let (r0, m) = (self.r0, self.pass.min(self.rows - self.r0));
+        self.r0 += m;
+        Some((r0, m, if r0 == 0 { self.pf } else { Prefetch::NONE }))
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 const HINT_L1: i32 = std::arch::x86_64::_MM_HINT_T0;
 #[cfg(target_arch = "x86_64")]
@@ -164,6 +198,31 @@ pub(crate) struct Prefetch {
 
 impl Prefetch {
     pub(crate) const NONE: Prefetch = Prefetch { first: std::ptr::null(), ld_bytes: 0, row_bytes: 0 };
+
+    /// Rows of `row` elements at `p`, `ld` elements apart.
+    pub(crate) fn of<E>(p: *const E, ld: isize, row: usize) -> Prefetch {
+        let size = size_of::<E>();
+        Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes: row * size }
+    }
+
+    /// Decoding's streaming step at keys `j..j + n` of a tile of `kn`: this tile's value rows
+    /// (`self`) and the next tile's key rows (`keys`) are requested into L2, where they wait
+    /// out the arithmetic on the current keys. Nothing when `self` is [`Prefetch::NONE`] (a
+    /// later pass over keys already requested).
+    #[inline(always)]
+    pub(crate) fn stream_l2(&self, keys: &Prefetch, j: usize, n: usize, kn: usize) {
+        if !self.first.is_null() {
+            self.rows_l2(j, n);
+            keys.rows_l2(j + kn, n);
+        }
+    }
+
+    /// `rows` rows split into passes of at most `pass` (as many as keep their accumulators in
+    /// registers), as `(first row, rows, prefetch)`: the prefetch goes with the first pass
+    /// only, since later passes read the same keys again.
+    pub(crate) fn passes(self, rows: usize, pass: usize) -> Passes {
+        Passes { pf: self, rows, pass, r0: 0 }
+    }
 
     /// Rows `j0..j0 + n` of `first` (a hint: never faults, any address allowed).
     ///
