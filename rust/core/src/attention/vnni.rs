@@ -276,3 +276,112 @@ unsafe fn pv_rows<const R: usize>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reproducible numbers in [-1, 1) (xorshift; the crate has no random-number dependency).
+    fn noise(n: usize, mut s: u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn int8(x: &[f32]) -> Vec<i8> {
+        x.iter().map(|v| (v * 127.0) as i8).collect()
+    }
+
+    #[test]
+    fn integer_scores_match_plain_dot_products() {
+        if !available() {
+            return;
+        }
+        // 37 keys: nine groups of four and one single key; 6 rows: a pass of 4 and one of 2.
+        let (d, kn, rows, ld) = (64, 37, 6, 48);
+        let k = int8(&noise(kn * d, 1));
+        let q = noise(rows * d, 2);
+        let (mut q16, mut qs) = (vec![0i16; rows * d], vec![0f32; rows]);
+        assert!(quantize(&q, rows, d, &mut q16, &mut qs));
+        let mut st = vec![f32::NAN; rows * ld];
+        // SAFETY: features checked by `available`; every extent matches the arrays above.
+        unsafe {
+            scores(k.as_ptr(), d as isize, q16.as_ptr(), qs.as_ptr(), rows, d, st.as_mut_ptr(), ld, kn, Prefetch::NONE)
+        };
+        for r in 0..rows {
+            for j in 0..kn {
+                let want: f64 = (0..d).map(|c| q[r * d + c] as f64 * k[j * d + c] as f64).sum();
+                // Each query element is off by at most half its row's scale.
+                let tol = d as f64 * 127.0 * qs[r] as f64 * 0.5 + 1e-4;
+                let got = st[r * ld + j] as f64;
+                assert!((got - want).abs() <= tol, "row {r} key {j}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn integer_pv_matches_plain_sums_in_column_order() {
+        if !available() {
+            return;
+        }
+        // 37 keys (an odd last pair), 64 columns (two strips of 32), 1 to 4 rows.
+        let (dv, kn, kp) = (64, 37, 48);
+        let v = int8(&noise(kn * dv, 3));
+        for rows in 1..=4 {
+            let mut p = vec![0f32; rows * kp];
+            for (r, row) in p.chunks_mut(kp).enumerate() {
+                let x = noise(kn, 10 + r as u64);
+                row[..kn].iter_mut().zip(&x).for_each(|(o, y)| *o = (y + 1.0) * 0.5);
+            }
+            let (mut pairs, mut scales) = (vec![0i32; rows * kp / 2], vec![0f32; rows]);
+            for (r, s) in scales.iter_mut().enumerate() {
+                // SAFETY: features checked; row r holds kp floats, pairs kp / 2 words.
+                *s = unsafe { pack_probs(p[r * kp..].as_ptr(), kp, pairs[r * kp / 2..].as_mut_ptr()) }.unwrap();
+            }
+            let mut acc = vec![1.0f32; rows * dv];
+            // SAFETY: features checked; every extent matches the arrays above.
+            unsafe {
+                pv_i8(
+                    pairs.as_ptr(),
+                    kp / 2,
+                    scales.as_ptr(),
+                    rows,
+                    v.as_ptr(),
+                    dv as isize,
+                    dv,
+                    kn,
+                    acc.as_mut_ptr(),
+                    dv,
+                )
+            };
+            for r in 0..rows {
+                for c in 0..dv {
+                    let want: f64 = 1.0 + (0..kn).map(|j| p[r * kp + j] as f64 * v[j * dv + c] as f64).sum::<f64>();
+                    // Each probability is off by at most half its row's scale.
+                    let tol = kn as f64 * 127.0 * scales[r] as f64 * 0.5 + 1e-4;
+                    let got = acc[r * dv + c] as f64;
+                    assert!((got - want).abs() <= tol, "rows {rows}: row {r} column {c}: {got} vs {want}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn probabilities_that_are_not_finite_are_refused() {
+        if !available() {
+            return;
+        }
+        let mut pairs = [0i32; 8];
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut p = [0.5f32; 16];
+            p[7] = bad;
+            // SAFETY: features checked; 16 floats and 8 words.
+            assert!(unsafe { pack_probs(p.as_ptr(), 16, pairs.as_mut_ptr()) }.is_none());
+        }
+    }
+}
