@@ -7,7 +7,7 @@
 //! value's probabilities before P·V.
 
 use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, Scratch};
-use super::gemm::gemm;
+use super::gemm::{gemm, stream_rows};
 use super::{Ctx, Task};
 use crate::layout::TypedRows;
 use crate::simd::{elem::Elem, row_ptrs, Prefetch, Simd};
@@ -44,18 +44,12 @@ pub(crate) unsafe fn tile<S: Simd>(
     if matches!(krows, TypedRows::Unreadable) || matches!(vrows, TypedRows::Unreadable) {
         return false;
     }
-    let pf = match vrows {
-        TypedRows::F32(p, ld) => Prefetch::of(p, ld, plan.dv),
-        TypedRows::F16(p, ld) => Prefetch::of(p, ld, plan.dv),
-        TypedRows::BF16(p, ld) => Prefetch::of(p, ld, plan.dv),
-        TypedRows::I8(p, ld, _, _) => Prefetch::of(p, ld, plan.dv),
-        TypedRows::Unreadable => Prefetch::NONE,
-    };
     if ctx.extras.is_plain() && dims.rows * ldr(plan.bc) <= sc.st.len() {
         // SAFETY: forwarded; the score rows fit in `st` (checked above).
-        unsafe { row_major::<S>(ctx, sc, dims, krows, vrows, kn, pf) };
+        unsafe { row_major::<S>(ctx, sc, dims, krows, vrows, kn) };
         return true;
     }
+    let pf = prefetch_of(vrows, plan.dv);
     // Biases: the transposed layout, which the bias folding reads.
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
@@ -78,17 +72,28 @@ pub(crate) unsafe fn tile<S: Simd>(
         rescale_acc(sc, dims);
         let (st, rs, ks) = (sc.st.as_ptr(), 1, dims.rows_p as isize);
         match vrows {
-            TypedRows::F32(p, ld) => pv::<S, f32>(sc, dims, st, rs, ks, p, ld, kn),
-            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn),
-            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn),
+            TypedRows::F32(p, ld) => pv::<S, f32>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
+            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
+            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
             TypedRows::I8(p, ld, s, sld) => {
                 scale_rows(sc, dims, kn, s, sld);
-                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn)
+                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE)
             }
             TypedRows::Unreadable => unreachable!("checked above"),
         }
     }
     true
+}
+
+/// Requests for `width` elements of each row of `rows`.
+fn prefetch_of(rows: TypedRows, width: usize) -> Prefetch {
+    match rows {
+        TypedRows::F32(p, ld) => Prefetch::of(p, ld, width),
+        TypedRows::F16(p, ld) => Prefetch::of(p, ld, width),
+        TypedRows::BF16(p, ld) => Prefetch::of(p, ld, width),
+        TypedRows::I8(p, ld, _, _) => Prefetch::of(p, ld, width),
+        TypedRows::Unreadable => Prefetch::NONE,
+    }
 }
 
 /// Stride of the row-major score rows: the key tile padded to whole vectors of every ISA.
@@ -101,20 +106,16 @@ fn ldr(bc: usize) -> usize {
 /// and int8 scales multiply vectors of keys. Only for plain attention (no mask or bias, which
 /// fold into the transposed layout).
 ///
+/// K and V are each read once, in order, and requested ahead while they are read (see
+/// [`Prefetch::ahead`]): the keys during the scores, the values during P·V.
+///
 /// # Safety
 /// As for [`tile`]; `rows · ldr(bc)` floats fit in `sc.st`.
 #[inline(always)]
-unsafe fn row_major<S: Simd>(
-    ctx: &Ctx,
-    sc: &mut Scratch,
-    dims: &Dims,
-    krows: TypedRows,
-    vrows: TypedRows,
-    kn: usize,
-    pf: Prefetch,
-) {
+unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
     let ld = ldr(plan.bc);
+    let (pf, vpf) = (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv));
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         match krows {
@@ -139,13 +140,13 @@ unsafe fn row_major<S: Simd>(
         rescale_acc(sc, dims);
         let st = sc.st.as_ptr();
         match vrows {
-            TypedRows::F32(p, lv) => pv::<S, f32>(sc, dims, st, ld as isize, 1, p, lv, kn),
-            TypedRows::F16(p, lv) => pv::<S, f16>(sc, dims, st, ld as isize, 1, p, lv, kn),
-            TypedRows::BF16(p, lv) => pv::<S, bf16>(sc, dims, st, ld as isize, 1, p, lv, kn),
+            TypedRows::F32(p, lv) => pv::<S, f32>(sc, dims, st, ld as isize, 1, p, lv, kn, vpf),
+            TypedRows::F16(p, lv) => pv::<S, f16>(sc, dims, st, ld as isize, 1, p, lv, kn, vpf),
+            TypedRows::BF16(p, lv) => pv::<S, bf16>(sc, dims, st, ld as isize, 1, p, lv, kn, vpf),
             TypedRows::I8(p, lv, s, sld) => {
                 scale_keys::<S>(sc, dims.rows, ld, kn, s, sld);
-                if !int8_pv::<S>(sc, dims, ld, p, lv, kn) {
-                    pv::<S, i8>(sc, dims, st, ld as isize, 1, p, lv, kn)
+                if !int8_pv::<S>(sc, dims, ld, p, lv, kn, vpf) {
+                    pv::<S, i8>(sc, dims, st, ld as isize, 1, p, lv, kn, vpf)
                 }
             }
             TypedRows::Unreadable => unreachable!("checked by the caller"),
@@ -161,7 +162,15 @@ unsafe fn row_major<S: Simd>(
 /// P is the row-major tile (`ld` apart) with value scales applied; `v` holds `kn` rows of
 /// `dims.dvp` int8 `ldv` apart.
 #[inline(always)]
-unsafe fn int8_pv<S: Simd>(sc: &mut Scratch, dims: &Dims, ld: usize, v: *const i8, ldv: isize, kn: usize) -> bool {
+unsafe fn int8_pv<S: Simd>(
+    sc: &mut Scratch,
+    dims: &Dims,
+    ld: usize,
+    v: *const i8,
+    ldv: isize,
+    kn: usize,
+    pf: Prefetch,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use super::vnni;
@@ -187,18 +196,20 @@ unsafe fn int8_pv<S: Simd>(sc: &mut Scratch, dims: &Dims, ld: usize, v: *const i
                 // of `dvp` accumulators; V as the caller vouched.
                 unsafe {
                     let (p, s, c) = (pairs.add(r0 * ldp), scales.as_ptr().add(r0), acc.add(r0 * dvp));
-                    vnni::pv_i8(p, ldp, s, m, v, ldv, dvp, kn, c, dvp)
+                    let pf = if r0 == 0 { pf } else { Prefetch::NONE };
+                    vnni::pv_i8(p, ldp, s, m, v, ldv, dvp, kn, c, dvp, pf)
                 };
             }
             return true;
         }
     }
-    let _ = (sc, dims, ld, v, ldv, kn);
+    let _ = (sc, dims, ld, v, ldv, kn, pf);
     false
 }
 
 /// `S[r, j] = Q[r]·K[j]` for `rows` rows into `sc.st` (row-major, `ld` apart), in passes of as
-/// many rows as keep their accumulators in registers.
+/// many rows as keep their accumulators in registers; `pf` requests the key rows ahead during
+/// the first pass.
 ///
 /// # Safety
 /// `k` holds `kn` rows of `d` elements `ldk` apart; `rows · ld` floats fit in `sc.st`.
@@ -250,7 +261,6 @@ unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
 ) {
     let l = S::LANES;
     let body = d - d % l;
-    let ahead = Prefetch::of(k, ldk, d);
     // Columns past the vector body, in plain arithmetic, added to the stored sums.
     let tail = |j: usize, r: usize| -> f32 {
         // SAFETY: key j < kn and row r < R are in range, columns body..d too.
@@ -263,11 +273,7 @@ unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
     // SAFETY: every pointer below stays inside the extents the caller vouched for.
     unsafe {
         while j + 4 <= kn {
-            // Keys and values are streamed once. While this tile's scores are computed, its
-            // value rows and the next tile's key rows are requested into L2 (the first-level
-            // cache is too small to hold them until use): both streams then stay busy during
-            // the arithmetic instead of waiting for the hardware prefetchers to restart.
-            pf.stream_l2(&ahead, j, 4, kn);
+            pf.ahead(j, 4);
             let kr = row_ptrs::<E, 4>(k, ldk, j);
             let mut acc = [[S::zero(); 4]; R];
             for c in (0..body).step_by(l) {
@@ -433,11 +439,11 @@ pub(crate) unsafe fn pv_narrow<S: Simd>(
     // SAFETY: forwarded.
     unsafe {
         match v.typed_rows(seq.batch, kvh, first) {
-            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn),
-            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn),
+            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
+            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
             TypedRows::I8(p, ld, s, sld) => {
                 scale_rows(sc, dims, kn, s, sld);
-                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn)
+                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE)
             }
             TypedRows::F32(..) | TypedRows::Unreadable => return false,
         }
@@ -459,7 +465,8 @@ unsafe fn scale_rows(sc: &mut Scratch, dims: &Dims, kn: usize, scales: *const f3
 }
 
 /// `acc += P · V` with V rows read in place; P's element `(row, key)` is at `p + row·rs +
-/// key·ks` (the transposed tile or the row-major one).
+/// key·ks` (the transposed tile or the row-major one); `pf` requests the value rows ahead
+/// ([`Prefetch::NONE`] where they were requested already).
 ///
 /// # Safety
 /// `v` holds `kn` rows of `dvp` elements `ld` apart; P holds `rows × kn` probabilities.
@@ -474,9 +481,10 @@ unsafe fn pv<S: Simd, E: Elem>(
     v: *const E,
     ld: isize,
     kn: usize,
+    pf: Prefetch,
 ) {
     let dvp = dims.dvp;
-    // Decoding (few rows): blocks of at most 4 rows, wide strips and no spills. Many rows
+    // Decoding (few rows): blocks of at most 4 rows, V read in one pass. Many rows
     // (prefill): the 6-row block, whose widening loads convert in place.
     if dims.rows > 8 {
         // SAFETY: as below, for all rows at once.
@@ -488,7 +496,9 @@ unsafe fn pv<S: Simd, E: Elem>(
         // SAFETY: P from row r0, acc rows × dvp (from row r0), V kn × dvp (dv == dvp checked).
         unsafe {
             let (a, c) = (p.offset(r0 as isize * rs), sc.acc.as_mut_ptr().add(r0 * dvp));
-            gemm::<S, E>(a, rs, ks, v, ld, c, dvp, m, dvp, kn, true)
+            // Later blocks read V again, from cache.
+            let pf = if r0 == 0 { pf } else { Prefetch::NONE };
+            stream_rows::<S, E>(a, rs, ks, v, ld, c, dvp, m, dvp, kn, pf)
         }
     }
 }

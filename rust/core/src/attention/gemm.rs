@@ -6,7 +6,7 @@
 //! two B vectors, one broadcast). A is addressed by a row and a column stride, so a transposed
 //! operand (Pᵀ) or rows read straight from the caller's array cost no copy.
 
-use crate::simd::{elem::Elem, Simd};
+use crate::simd::{elem::Elem, Prefetch, Simd};
 
 /// Rows per micro-tile.
 pub(crate) const MR: usize = 6;
@@ -30,12 +30,13 @@ unsafe fn block<S: Simd, E: Elem, const R: usize, const NV: usize>(
     n: usize,
     k: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     let main = n - n % (NV * S::LANES);
     // SAFETY: both calls stay inside the columns 0..n the caller vouched for.
     unsafe {
-        strips::<S, E, R, NV>(a, a_rs, a_ks, b, ldb, c, ldc, 0, main, k, accumulate);
-        strips::<S, E, R, 1>(a, a_rs, a_ks, b, ldb, c, ldc, main, n, k, accumulate);
+        strips::<S, E, R, NV>(a, a_rs, a_ks, b, ldb, c, ldc, 0, main, k, accumulate, pf);
+        strips::<S, E, R, 1>(a, a_rs, a_ks, b, ldb, c, ldc, main, n, k, accumulate, pf);
     }
 }
 
@@ -57,9 +58,12 @@ unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
     j1: usize,
     k: usize,
     accumulate: bool,
+    pf: Prefetch,
 ) {
     let l = S::LANES;
     for j in (j0..j1).step_by(NV * l) {
+        // B streamed from memory (decoding's values) is requested on the first strip only.
+        let prefetch = j == 0 && !pf.first.is_null();
         let mut acc = [[S::zero(); NV]; R];
         // SAFETY: indices stay inside the extents the caller vouched for.
         unsafe {
@@ -72,7 +76,10 @@ unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
             }
             let mut ap = a;
             let mut bp = b.add(j);
-            for _ in 0..k {
+            for kk in 0..k {
+                if prefetch {
+                    pf.ahead(kk, 1);
+                }
                 // Plain loops, not `array::from_fn`: its closure is not always inlined into the
                 // target-feature function, and an intrinsic called out of line is a slow call.
                 let mut bv = [S::zero(); NV];
@@ -124,10 +131,70 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
     unsafe {
         while i + MR <= m {
             let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
-            block::<S, E, MR, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate);
+            block::<S, E, MR, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate, Prefetch::NONE);
             i += MR;
         }
         let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
+        few_rows::<S, E>(ai, a_rs, a_ks, b, ldb, ci, ldc, m - i, n, k, accumulate, Prefetch::NONE, false);
+    }
+}
+
+/// `C[m×n] += A[m×k] · B[k×n]` for `m ≤ 4` rows against a B that is streamed from memory once
+/// (decoding's values): on AVX-512, every row of B is read whole, in order, in one pass, and
+/// requested ahead through `pf` (see [`Prefetch::ahead`]); elsewhere as [`gemm`], with the
+/// requests on its first strip.
+///
+/// Reading B in two strips of half rows (as [`gemm`] does for 3 and 4 rows, to keep its
+/// accumulators in registers) costs a second pass over the tile and breaks the order the
+/// requests run in; one pass, with 4 × 8 accumulators that no longer all fit in registers
+/// next to B's row, measured faster for 4-row GQA groups (`benches/NOTES.md`).
+///
+/// # Safety
+/// As for [`gemm`], with `m ≤ 4` and `accumulate` set.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn stream_rows<S: Simd, E: Elem>(
+    a: *const f32,
+    a_rs: isize,
+    a_ks: isize,
+    b: *const E,
+    ldb: isize,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    pf: Prefetch,
+) {
+    debug_assert!(m <= 4);
+    // SAFETY: forwarded.
+    unsafe { few_rows::<S, E>(a, a_rs, a_ks, b, ldb, c, ldc, m, n, k, true, pf, true) }
+}
+
+/// The last `m < MR` rows of [`gemm`], or the rows of [`stream_rows`] (`one_pass`: B's rows
+/// read whole on AVX-512 even where the accumulators do not all fit in registers).
+///
+/// # Safety
+/// As for [`gemm`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn few_rows<S: Simd, E: Elem>(
+    a: *const f32,
+    a_rs: isize,
+    a_ks: isize,
+    b: *const E,
+    ldb: isize,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    accumulate: bool,
+    pf: Prefetch,
+    one_pass: bool,
+) {
+    // SAFETY: each call covers the m rows the caller vouched for.
+    unsafe {
         // Fewer rows leave registers for wider strips: fewer passes over B, which matters when
         // B (a V tile while decoding) is streamed rather than reused. R·NV accumulators plus NV
         // B vectors plus a broadcast stay within AVX2's 16 registers with room for widening a
@@ -136,22 +203,24 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
         if S::LANES >= 16 {
             // AVX-512's 32 registers: strips of up to 8 vectors (a 128-wide head at once), so
             // each probability is broadcast once per key for the whole row.
-            match m - i {
-                1 => block::<S, E, 1, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-                2 => block::<S, E, 2, 8>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-                3 => block::<S, E, 3, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-                4 => block::<S, E, 4, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-                5 => block::<S, E, 5, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+            match m {
+                1 => block::<S, E, 1, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                2 => block::<S, E, 2, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                3 if one_pass => block::<S, E, 3, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                4 if one_pass => block::<S, E, 4, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                3 => block::<S, E, 3, 6>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                4 => block::<S, E, 4, 4>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                5 => block::<S, E, 5, 4>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
                 _ => {}
             }
             return;
         }
-        match m - i {
-            1 => block::<S, E, 1, 6>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            2 => block::<S, E, 2, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            3 => block::<S, E, 3, 3>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            4 => block::<S, E, 4, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
-            5 => block::<S, E, 5, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate),
+        match m {
+            1 => block::<S, E, 1, 6>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+            2 => block::<S, E, 2, 4>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+            3 => block::<S, E, 3, 3>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+            4 => block::<S, E, 4, 2>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+            5 => block::<S, E, 5, 2>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
             _ => {}
         }
     }

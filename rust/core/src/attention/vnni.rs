@@ -50,7 +50,8 @@ pub(crate) fn quantize(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales
     true
 }
 
-/// `S[r, j] = scale_r · Σ q16[r]·K[j]` for `rows` rows into `st` (row-major, `ld` apart).
+/// `S[r, j] = scale_r · Σ q16[r]·K[j]` for `rows` rows into `st` (row-major, `ld` apart);
+/// `pf` requests the key rows ahead on the first pass.
 ///
 /// # Safety
 /// [`available`] returned true; `d` is a multiple of 32; `k` holds `kn` rows of `d` int8
@@ -100,7 +101,6 @@ unsafe fn rows_of<const R: usize>(
     kn: usize,
     pf: Prefetch,
 ) {
-    let ahead = Prefetch::of(k, ldk, d);
     // SAFETY: every pointer stays inside the extents the caller vouched for; the features are
     // enabled on the calling function.
     unsafe {
@@ -108,8 +108,8 @@ unsafe fn rows_of<const R: usize>(
         let qv = |r: usize, c: usize| _mm512_loadu_si512(q.add(r * d + c) as *const __m512i);
         let mut j = 0;
         while j + 4 <= kn {
-            // As in the float path: this tile's values and the next tile's keys go to L2.
-            pf.stream_l2(&ahead, j, 4, kn);
+            // As in the float path: the keys a few rows on are requested (first pass only).
+            pf.ahead(j, 4);
             let kr = row_ptrs::<i8, 4>(k, ldk, j);
             let mut acc = [[_mm512_setzero_si512(); 4]; R];
             for c in (0..d).step_by(32) {
@@ -183,7 +183,8 @@ pub(crate) unsafe fn pack_probs(p: *const f32, kp: usize, pairs: *mut i32) -> Op
 }
 
 /// `acc[r] += scale_r · Σ_j P16[r, j] · V[j]` for `rows` rows (≤ 4) and `kn` int8 value rows
-/// of `dv` elements (a multiple of 32), with `vpdpwssd` on pairs of keys.
+/// of `dv` elements (a multiple of 32), with `vpdpwssd` on pairs of keys; `pf` requests the
+/// value rows ahead during the first column strip.
 ///
 /// # Safety
 /// [`available`] returned true; `pairs` holds `rows` rows of `kn.div_ceil(2)` words `ldp`
@@ -202,14 +203,15 @@ pub(crate) unsafe fn pv_i8(
     kn: usize,
     acc: *mut f32,
     ldc: usize,
+    pf: Prefetch,
 ) {
     // SAFETY: forwarded; each call covers rows inside 0..rows.
     unsafe {
         match rows {
-            1 => pv_rows::<1>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
-            2 => pv_rows::<2>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
-            3 => pv_rows::<3>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
-            _ => pv_rows::<4>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc),
+            1 => pv_rows::<1>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc, pf),
+            2 => pv_rows::<2>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc, pf),
+            3 => pv_rows::<3>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc, pf),
+            _ => pv_rows::<4>(pairs, ldp, scales, v, ldv, dv, kn, acc, ldc, pf),
         }
     }
 }
@@ -230,6 +232,7 @@ unsafe fn pv_rows<const R: usize>(
     kn: usize,
     acc: *mut f32,
     ldc: usize,
+    pf: Prefetch,
 ) {
     let npairs = kn.div_ceil(2);
     // SAFETY: every pointer stays inside the extents the caller vouched for; the features are
@@ -248,6 +251,11 @@ unsafe fn pv_rows<const R: usize>(
             let mut lo = [_mm512_setzero_si512(); R];
             let mut hi = [_mm512_setzero_si512(); R];
             for i in 0..npairs {
+                // The first strip is the first read of these rows: the values further on are
+                // requested from memory as it goes.
+                if c == 0 {
+                    pf.ahead(2 * i, 2);
+                }
                 let (a, b) = (widen(2 * i, c), widen(2 * i + 1, c));
                 let (l, h) = (_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b));
                 for r in 0..R {
@@ -357,6 +365,7 @@ mod tests {
                     kn,
                     acc.as_mut_ptr(),
                     dv,
+                    Prefetch::NONE,
                 )
             };
             for r in 0..rows {

@@ -188,33 +188,43 @@ const HINT_L1: i32 = 0;
 #[cfg(not(target_arch = "x86_64"))]
 const HINT_L2: i32 = 0;
 
-/// Rows to fetch into cache ahead of use: first row, bytes between rows, bytes per row.
+/// How far ahead of its use a row of a stream read in order is requested: about this many
+/// bytes of the stream (measured on Zen 4 with 128-wide heads: 8 KiB beat 4 and 16 KiB; see
+/// `benches/NOTES.md`).
+const STREAM_AHEAD_BYTES: usize = 8 << 10;
+
+/// Rows to fetch into cache ahead of use: first row, bytes between rows, bytes per row, and
+/// how many rows ahead [`Prefetch::ahead`] requests.
 #[derive(Clone, Copy)]
 pub(crate) struct Prefetch {
     pub first: *const u8,
     pub ld_bytes: isize,
     pub row_bytes: usize,
+    lead: usize,
 }
 
 impl Prefetch {
-    pub(crate) const NONE: Prefetch = Prefetch { first: std::ptr::null(), ld_bytes: 0, row_bytes: 0 };
+    pub(crate) const NONE: Prefetch = Prefetch { first: std::ptr::null(), ld_bytes: 0, row_bytes: 0, lead: 0 };
 
     /// Rows of `row` elements at `p`, `ld` elements apart.
     pub(crate) fn of<E>(p: *const E, ld: isize, row: usize) -> Prefetch {
         let size = size_of::<E>();
-        Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes: row * size }
+        let row_bytes = row * size;
+        let lead = (STREAM_AHEAD_BYTES / row_bytes.max(1)).max(1);
+        Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes, lead }
     }
 
-    /// Decoding's streaming step at keys `j..j + n` of a tile of `kn`: this tile's value rows
-    /// (`self`) and the next tile's key rows (`keys`) are requested into L2, where they wait
-    /// out the arithmetic on the current keys. Nothing when `self` is [`Prefetch::NONE`] (a
-    /// later pass over keys already requested).
+    /// Decoding's streaming step: rows `j..j + n` are about to be read, in order, once; the
+    /// rows a fixed distance further on are requested into L2.
+    ///
+    /// Each stream is requested while it is being read, a few rows per step, so requests to
+    /// memory go out at the pace of the arithmetic, K's during the scores and V's during
+    /// P·V. Requesting a whole tile at a time (the next tile's keys and this tile's values,
+    /// all during the scores) left memory idle during P·V and stalled the scores behind
+    /// requests the core could not yet take. Nothing for [`Prefetch::NONE`].
     #[inline(always)]
-    pub(crate) fn stream_l2(&self, keys: &Prefetch, j: usize, n: usize, kn: usize) {
-        if !self.first.is_null() {
-            self.rows_l2(j, n);
-            keys.rows_l2(j + kn, n);
-        }
+    pub(crate) fn ahead(&self, j: usize, n: usize) {
+        self.rows_l2(j + self.lead, n)
     }
 
     /// `rows` rows split into passes of at most `pass` (as many as keep their accumulators in
