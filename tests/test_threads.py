@@ -11,7 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from reference import F16, F32, assert_lse_close, assert_out_close, random_inputs
+from reference import (
+    F16,
+    F32,
+    assert_lse_close,
+    assert_out_close,
+    random_inputs,
+    reference_attention,
+)
 
 import ferroattn
 
@@ -82,6 +89,19 @@ def test_one_thread_vs_two_threads(rng, restore_threads, dtype):
     assert_out_close(o2, o1.astype(np.float64), dtype)
     assert_lse_close(l2, l1.astype(np.float64))
     assert_out_close(w2, w1.astype(np.float64), dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_decode_matches_reference_at_every_thread_count(rng, restore_threads, threads, kv_heads):
+    # One query token: with few KV heads the keys are split into slices computed on the
+    # caller's thread and the pool's and merged after; with many, whole heads are shared out.
+    q, k, v = random_inputs(rng, (2, 8, 1, 32), (2, kv_heads, 2600, 32), (2, kv_heads, 2600, 16))
+    ferroattn.set_num_threads(threads)
+    out, lse = ferroattn.attention(q, k, v, return_lse=True, kv_lengths=[2600, 1100])
+    want, want_lse = reference_attention(q, k, v, kv_lengths=[2600, 1100])
+    assert_out_close(out, want, F32)
+    assert_lse_close(lse, want_lse)
 
 
 def test_varlen_one_thread_vs_two_threads(rng, restore_threads):

@@ -2,11 +2,13 @@
 //! cache of `L` tokens, calling the core directly: a quick way to compare kernel variants
 //! without building the Python extension.
 //!
-//! `cargo run --release -p ferroattn-core --example decode_loop -- f32|f16|i8 KV_HEADS L [CALLS] [flush]`
+//! `cargo run --release -p ferroattn-core --example decode_loop -- f32|f16|i8 KV_HEADS L [CALLS] [flush] [pause]`
 //!
 //! Prints the median and best time per call and the K/V read rate at those times. With
 //! `flush`, a buffer larger than the last-level cache is read before each call (as
-//! `benches/bench_decode.py` does); without it, consecutive calls run back to back.
+//! `benches/bench_decode.py` does); with `pause`, the program sleeps 10 ms before each call
+//! (the threads go idle, as between the decode steps of a model); without either,
+//! consecutive calls run back to back.
 //! The cache is allocated on 2 MiB boundaries and, on Linux, advised to use huge pages, as
 //! NumPy does for the arrays behind `ferroattn.KVCache`.
 
@@ -41,12 +43,13 @@ fn buffer<T: Copy>(n: usize, fill: T) -> &'static mut [T] {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: decode_loop f32|f16|i8 KV_HEADS L [CALLS] [flush]";
+    let usage = "usage: decode_loop f32|f16|i8 KV_HEADS L [CALLS] [flush] [pause]";
     let dtype = args.first().expect(usage).as_str();
     let hkv: usize = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let len: usize = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
     let calls: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(50);
     let flush = args.iter().any(|a| a == "flush");
+    let pause = args.iter().any(|a| a == "pause");
 
     let n = hkv * len * D;
     let q: Vec<f32> = (0..HQ * D).map(|i| (i as f32 * 0.37).sin()).collect();
@@ -85,6 +88,9 @@ fn main() {
         if flush {
             let s: f32 = sink.iter().step_by(16).sum();
             std::hint::black_box(s);
+        }
+        if pause {
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let mut o = StridedMut::contiguous("out", ElemsMut::F32(&mut out), [1, HQ, 1, D]).unwrap();
         let t = Instant::now();

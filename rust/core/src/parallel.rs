@@ -46,8 +46,55 @@ pub fn forget_pool_after_fork() {
     }
 }
 
+/// Runs `f(state, i)` for every `i` in `0..n`, on the caller's thread and `threads − 1` of
+/// the pool's, each claiming the next index as it becomes free; `init` makes each thread's
+/// state on its first index.
+///
+/// The caller starts at once instead of waiting for a worker: a worker that was idle (between
+/// the decode steps of a model, say) can take a fraction of a millisecond to be scheduled
+/// again, which a short call would otherwise spend waiting, twice (the worker woken to start,
+/// the caller woken at the end).
+pub(crate) fn for_each<T, I, F>(n: usize, init: I, f: F)
+where
+    I: Fn() -> T + Sync,
+    F: Fn(&mut T, usize) + Sync,
+{
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let run = || {
+        let mut state = None;
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= n {
+                break;
+            }
+            f(state.get_or_insert_with(&init), i);
+        }
+    };
+    let helpers = num_threads().min(n).saturating_sub(1);
+    if helpers == 0 {
+        return run();
+    }
+    let Some(pool) = pool() else { return run() };
+    pool.in_place_scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| run());
+        }
+        run();
+    });
+}
+
 /// Runs `f` inside the pool.
 pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match pool() {
+        Some(pool) => pool.install(f),
+        // No threads to be had: run on the caller's thread.
+        None => f(),
+    }
+}
+
+/// The pool, built on first use (and again after [`set_num_threads`]); `None` when no thread
+/// can be started.
+fn pool() -> Option<Arc<rayon::ThreadPool>> {
     let pool = {
         let n = num_threads();
         let mut p = pool_cell().lock().unwrap_or_else(|e| e.into_inner());
@@ -64,11 +111,10 @@ pub(crate) fn install<R: Send>(f: impl FnOnce() -> R + Send) -> R {
                         *p = Some(Arc::clone(&pool));
                         pool
                     }
-                    // No threads to be had: run on the caller's thread.
-                    Err(_) => return f(),
+                    Err(_) => return None,
                 }
             }
         }
     };
-    pool.install(f)
+    Some(pool)
 }

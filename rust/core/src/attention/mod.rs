@@ -21,6 +21,7 @@ use crate::mask::{visible, Params, Sequence, Vis};
 use crate::parallel;
 use crate::simd::Isa;
 use rayon::prelude::*;
+use std::sync::Mutex;
 
 /// Query rows per task (all heads of a group together) and keys per tile. Measured on a 2-core
 /// AVX2 machine (benches/NOTES.md): 64–128 rows and 64–256 keys are within 3% of each other;
@@ -115,6 +116,17 @@ impl Sinks<'_> {
             unsafe { *ptr.0.add(at) = lse };
         }
     }
+}
+
+/// Task indices, the most rows × visible keys first (ties in their order): claimed that way,
+/// the long tasks of a causal prefill start first and the short ones fill in at the end,
+/// instead of a long one left to run alone.
+fn longest_first(ctx: &Ctx, work: &[Task]) -> Vec<usize> {
+    let cost: Vec<usize> =
+        work.iter().map(|t| (t.i1 - t.i0) * ctx.key_ranges(t).iter().map(|(a, b)| b - a).sum::<usize>()).collect();
+    let mut order: Vec<usize> = (0..work.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(cost[i]));
+    order
 }
 
 /// Keys per slice below which splitting a task's keys is not worth the merge.
@@ -296,33 +308,42 @@ pub fn attention_with(
         }
         return Ok(());
     }
-    parallel::install(|| match split_keys(&ctx, &work, rayon::current_num_threads()) {
-        None => work.par_iter().for_each_init(
-            || blocked::Scratch::new(&plan),
-            // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-            |scratch, task| unsafe { blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), task, scratch) },
-        ),
+    // The caller's thread works alongside the pool's (see `parallel::for_each`).
+    let new_scratch = || blocked::Scratch::new(&plan);
+    match split_keys(&ctx, &work, parallel::num_threads()) {
+        None => {
+            let order = longest_first(&ctx, &work);
+            parallel::for_each(work.len(), new_scratch, |scratch, i| {
+                // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
+                unsafe { blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), &work[order[i]], scratch) }
+            })
+        }
         Some(parts) => {
             let rows = plan.group * plan.tq;
             let slot = softmax::partial_len(rows, dv);
             let mut partial = vec![0f32; parts.len() * slot];
-            partial.par_chunks_mut(slot).zip(&parts).for_each_init(
-                || blocked::Scratch::new(&plan),
-                |scratch, (buf, part)| {
-                    let job = blocked::Job::Partial { buf, k0: part.k0, k1: part.k1 };
+            {
+                let bufs: Vec<Mutex<&mut [f32]>> = partial.chunks_mut(slot).map(Mutex::new).collect();
+                parallel::for_each(parts.len(), new_scratch, |scratch, i| {
+                    let part = &parts[i];
+                    // Each index is claimed once: the lock is never contended.
+                    let mut buf = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
+                    let job = blocked::Job::Partial { buf: &mut buf[..], k0: part.k0, k1: part.k1 };
                     // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
                     unsafe { blocked::run(isa, &ctx, job, &work[part.task], scratch) }
-                },
-            );
+                });
+            }
             // Parts of one task are consecutive: merge each task's slices into its rows.
             let mut firsts: Vec<usize> =
                 (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
             firsts.push(parts.len());
-            firsts.par_windows(2).for_each_init(
+            parallel::for_each(
+                firsts.len() - 1,
                 || (vec![0f32; dv], vec![0f32; dv]),
-                |(acc, row), w| {
-                    let task = &work[parts[w[0]].task];
-                    let slices: Vec<&[f32]> = (w[0]..w[1]).map(|i| &partial[i * slot..(i + 1) * slot]).collect();
+                |(acc, row), t| {
+                    let (first, end) = (firsts[t], firsts[t + 1]);
+                    let task = &work[parts[first].task];
+                    let slices: Vec<&[f32]> = (first..end).map(|i| &partial[i * slot..(i + 1) * slot]).collect();
                     let seq = &seqs[task.seq];
                     let rows = plan.group * (task.i1 - task.i0);
                     for r in 0..rows {
@@ -335,7 +356,7 @@ pub fn attention_with(
                 },
             );
         }
-    });
+    }
     Ok(())
 }
 

@@ -106,6 +106,7 @@ unsafe fn rows_of<const R: usize>(
     unsafe {
         let widen = |p: *const i8| _mm512_cvtepi8_epi16(_mm256_loadu_si256(p as *const __m256i));
         let qv = |r: usize, c: usize| _mm512_loadu_si512(q.add(r * d + c) as *const __m512i);
+        let exact = d <= EXACT_D;
         let mut j = 0;
         while j + 4 <= kn {
             // As in the float path: the keys a few rows on are requested (first pass only).
@@ -125,9 +126,14 @@ unsafe fn rows_of<const R: usize>(
                 }
             }
             for (r, a) in acc.iter().enumerate() {
-                let s = _mm512_set1_ps(*scales.add(r));
-                let f = |x: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(x), s);
-                Avx512::store_sums4(f(a[0]), f(a[1]), f(a[2]), f(a[3]), st.add(r * ld + j));
+                if exact {
+                    let sums = _mm_cvtepi32_ps(sums4(a[0], a[1], a[2], a[3]));
+                    _mm_storeu_ps(st.add(r * ld + j), _mm_mul_ps(sums, _mm_set1_ps(*scales.add(r))));
+                } else {
+                    let s = _mm512_set1_ps(*scales.add(r));
+                    let f = |x: __m512i| _mm512_mul_ps(_mm512_cvtepi32_ps(x), s);
+                    Avx512::store_sums4(f(a[0]), f(a[1]), f(a[2]), f(a[3]), st.add(r * ld + j));
+                }
             }
             j += 4;
         }
@@ -146,6 +152,24 @@ unsafe fn rows_of<const R: usize>(
             }
             j += 1;
         }
+    }
+}
+
+/// Widest head whose whole dot product fits an `i32`: `d` products of at most 127 · 32767.
+const EXACT_D: usize = 512;
+
+/// The four sums of the 16 lanes of `a`, `b`, `c` and `d`, in that order, added as integers.
+#[inline(always)]
+unsafe fn sums4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
+    // SAFETY: register-only intrinsics; the features are enabled on the calling function.
+    unsafe {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partial sums;
+        // then the four lanes are added.
+        let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        let abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+        let h = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64::<1>(abcd));
+        _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h))
     }
 }
 
@@ -239,11 +263,7 @@ unsafe fn pv_rows<const R: usize>(
     // enabled on the calling function.
     unsafe {
         let widen = |j: usize, c: usize| {
-            if j < kn {
-                _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.offset(j as isize * ldv).add(c) as *const __m256i))
-            } else {
-                _mm512_setzero_si512()
-            }
+            _mm512_cvtepi8_epi16(_mm256_loadu_si256(v.offset(j as isize * ldv).add(c) as *const __m256i))
         };
         for c in (0..dv).step_by(32) {
             // Per 128-bit lane L, `lo` holds columns 8L..8L+3 and `hi` 8L+4..8L+7, each as
@@ -256,7 +276,9 @@ unsafe fn pv_rows<const R: usize>(
                 if c == 0 {
                     pf.ahead(2 * i, 2);
                 }
-                let (a, b) = (widen(2 * i, c), widen(2 * i + 1, c));
+                // An odd last key pairs with zeros.
+                let a = widen(2 * i, c);
+                let b = if 2 * i + 1 < kn { widen(2 * i + 1, c) } else { _mm512_setzero_si512() };
                 let (l, h) = (_mm512_unpacklo_epi16(a, b), _mm512_unpackhi_epi16(a, b));
                 for r in 0..R {
                     let p = _mm512_set1_epi32(*pairs.add(r * ldp + i));
@@ -310,8 +332,15 @@ mod tests {
         if !available() {
             return;
         }
-        // 37 keys: nine groups of four and one single key; 6 rows: a pass of 4 and one of 2.
-        let (d, kn, rows, ld) = (64, 37, 6, 48);
+        // 37 keys: nine groups of four and one single key; 6 rows: a pass of 4 and one of 2;
+        // a head summed as integers and one too wide for that.
+        for d in [64, EXACT_D + 32] {
+            integer_scores_of_width(d);
+        }
+    }
+
+    fn integer_scores_of_width(d: usize) {
+        let (kn, rows, ld) = (37, 6, 48);
         let k = int8(&noise(kn * d, 1));
         let q = noise(rows * d, 2);
         let (mut q16, mut qs) = (vec![0i16; rows * d], vec![0f32; rows]);
@@ -327,7 +356,7 @@ mod tests {
                 // Each query element is off by at most half its row's scale.
                 let tol = d as f64 * 127.0 * qs[r] as f64 * 0.5 + 1e-4;
                 let got = st[r * ld + j] as f64;
-                assert!((got - want).abs() <= tol, "row {r} key {j}: {got} vs {want}");
+                assert!((got - want).abs() <= tol, "d {d} row {r} key {j}: {got} vs {want}");
             }
         }
     }
