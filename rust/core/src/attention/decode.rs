@@ -190,13 +190,11 @@ unsafe fn int8_pv<S: Simd>(
                 }
             }
             let (pairs, acc, dvp) = (sc.pairs.as_ptr(), sc.acc.as_mut_ptr(), dims.dvp);
-            for r0 in (0..dims.rows).step_by(4) {
-                let m = 4.min(dims.rows - r0);
+            for (r0, m, pf) in pf.passes(dims.rows, 4) {
                 // SAFETY: the CPU has the features (checked); rows r0..r0 + m of `ldp` words and
                 // of `dvp` accumulators; V as the caller vouched.
                 unsafe {
                     let (p, s, c) = (pairs.add(r0 * ldp), scales.as_ptr().add(r0), acc.add(r0 * dvp));
-                    let pf = if r0 == 0 { pf } else { Prefetch::NONE };
                     vnni::pv_i8(p, ldp, s, m, v, ldv, dvp, kn, c, dvp, pf)
                 };
             }
@@ -491,13 +489,11 @@ unsafe fn pv<S: Simd, E: Elem>(
         unsafe { gemm::<S, E>(p, rs, ks, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true) };
         return;
     }
-    for r0 in (0..dims.rows).step_by(4) {
-        let m = 4.min(dims.rows - r0);
+    // Later blocks read V again, from cache: the requests go with the first.
+    for (r0, m, pf) in pf.passes(dims.rows, 4) {
         // SAFETY: P from row r0, acc rows × dvp (from row r0), V kn × dvp (dv == dvp checked).
         unsafe {
             let (a, c) = (p.offset(r0 as isize * rs), sc.acc.as_mut_ptr().add(r0 * dvp));
-            // Later blocks read V again, from cache.
-            let pf = if r0 == 0 { pf } else { Prefetch::NONE };
             stream_rows::<S, E>(a, rs, ks, v, ld, c, dvp, m, dvp, kn, pf)
         }
     }

@@ -229,7 +229,7 @@ impl Prefetch {
 
     /// `rows` rows split into passes of at most `pass` (as many as keep their accumulators in
     /// registers), as `(first row, rows, prefetch)`: the prefetch goes with the first pass
-    /// only, since later passes read the same keys again.
+    /// only, since later passes read the same rows (keys or values) again.
     pub(crate) fn passes(self, rows: usize, pass: usize) -> Passes {
         Passes { pf: self, rows, pass, r0: 0 }
     }
