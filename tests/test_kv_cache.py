@@ -235,6 +235,82 @@ def test_int8_quantization_is_per_token_and_head(rng):
     assert cache.nbytes == 2 * (1 * 2 * 8 * 16) + 2 * (1 * 2 * 8 * 4)
 
 
+def _plain_int8(x):
+    """Per row: scale = max |x| / 127, values rounded half to even, clipped to ±127."""
+    x = np.asarray(x, dtype=F32)
+    scale = (np.abs(x).max(axis=-1) / F32(127)).astype(F32)
+    safe = np.where(scale > 0, scale, F32(1))
+    return np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8), scale
+
+
+@pytest.mark.parametrize("general", [False, True])
+@pytest.mark.parametrize("in_dtype", [F32, np.float16])
+def test_int8_storage_is_plain_rounding(rng, general, in_dtype):
+    _, k, v = _qkv(rng, b=2, n=7, d=40)
+    k[0, 0, 0] = 0.0  # a row of zeros: scale 0, values 0
+    k[1, 1, 2] = 0.0
+    k[1, 1, 2, :8] = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]  # scale 1: exact ties
+    k, v = k.astype(in_dtype), v.astype(in_dtype)
+    cache = ferroattn.KVCache(2, 2, 40, 8, dtype="int8")
+    cache.append(k, v, lengths=[7, 7] if general else None)
+    for stored, scales, x in ((cache._k, cache._ks, k), (cache._v, cache._vs, v)):
+        want_q, want_s = _plain_int8(x)
+        np.testing.assert_array_equal(stored[:, :, :7], want_q)
+        np.testing.assert_array_equal(scales[:, :, :7], want_s)
+    assert cache._k[1, 1, 2, :8].tolist() == [127, 0, 2, 2, 0, -2, -2, 4]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("q_dtype", [F32, np.float16])
+def test_plain_decode_path_equals_general_path(rng, dtype, q_dtype):
+    # Calls without lengths, out or score terms take a short path; passing lengths sends the
+    # same call through the general one. Both must store and return the same bits.
+    q, k, v = _qkv(rng, b=2, hq=4, hk=2, n=9, dv=24)
+    q = q.astype(q_dtype)
+    plain, general = (ferroattn.KVCache(2, 2, 16, 12, value_dim=24, dtype=dtype) for _ in "ab")
+
+    def not_here(*args, **kwargs):
+        pytest.fail("the plain path fell back to the general one")
+
+    plain._run = plain._write = not_here  # proves which path ran
+    plain.append(k[:, :, :5], v[:, :, :5])
+    general.append(k[:, :, :5], v[:, :, :5], lengths=[5, 5])
+    for c in (plain, general):
+        c.rollback(2, seq=1)  # ragged: 5 and 3 tokens
+    for i, opts in zip(range(5, 9), ({}, {"scale": 0.3}, {"softcap": 2.0}, {}), strict=True):
+        t = slice(i, i + 1)
+        got = plain.step(q[:, :, t], k[:, :, t], v[:, :, t], **opts)
+        want = general.step(q[:, :, t], k[:, :, t], v[:, :, t], lengths=[1, 1], **opts)
+        assert got.dtype == want.dtype == q_dtype
+        np.testing.assert_array_equal(got, want)
+    assert plain.lengths.tolist() == general.lengths.tolist() == [9, 7]
+    np.testing.assert_array_equal(
+        plain.attend(q[:, :, :3]), general.attend(q[:, :, :3], lengths=[3, 3])
+    )
+    for name in ("_k", "_v") + (("_ks", "_vs") if dtype == "int8" else ()):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(general, name))
+
+
+def test_plain_path_leaves_other_inputs_to_the_general_one(rng):
+    q, k, v = _qkv(rng, b=1, n=6, d=32)
+    cache = ferroattn.KVCache(1, 2, 32, 8)
+    cache.append(k, v)
+    want = cache.attend(q[:, :, :2])
+    # float64 (computed in float32), a strided last axis, and a list: all converted first.
+    np.testing.assert_array_equal(cache.attend(q[:, :, :2].astype(np.float64)), want)
+    wide = np.zeros((1, 4, 2, 64), F32)
+    wide[..., ::2] = q[:, :, :2]
+    np.testing.assert_array_equal(cache.attend(wide[..., ::2]), want)
+    np.testing.assert_array_equal(cache.attend(q[:, :, :2].tolist()), want)
+    with pytest.raises(TypeError, match="share one dtype"):
+        cache.append(k[:, :, :1], v[:, :, :1].astype(np.float16))
+    with pytest.raises(TypeError, match="scale"):
+        cache.attend(q[:, :, :1], scale="big")
+    with pytest.raises(ValueError, match="softcap"):
+        cache.attend(q[:, :, :1], softcap=-1.0)
+    assert cache.lengths.tolist() == [6]
+
+
 def test_keys_values_views_and_nbytes(rng):
     _, k, v = _qkv(rng, n=5, dv=8)
     cache = ferroattn.KVCache(2, 2, 16, 10, value_dim=8)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import _ferroattn
-from ._args import as_array, check_dtypes, dtype_code, kernel_ready, mask_options
+from ._args import NATIVE_CODES, as_array, check_dtypes, dtype_code, kernel_ready, mask_options
 from .variants import extras_kwargs
 
 __all__ = ["KVCache"]
@@ -60,13 +60,11 @@ def _tensor_among(*xs: Any) -> bool:
 
 
 def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row (last axis): ``x ≈ q · scale``."""
-    x = np.asarray(x, dtype=np.float32)
-    amax = np.max(np.abs(x), axis=-1)
-    scale = (amax / 127.0).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
-    return q, scale
+    """Symmetric int8 per row (last axis): ``x ≈ q · scale``, ``scale = max |x| / 127``,
+    rounded half to even."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    q, scale = _ferroattn.quantize_int8(x.reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
 class KVCache:
@@ -170,6 +168,9 @@ class KVCache:
             self._ks = self._zeros(shape_k[:3], np.dtype(np.float32))
             self._vs = self._zeros(shape_v[:3], np.dtype(np.float32))
         self._len = np.zeros(self.batch, dtype=np.int64)
+        # Decoding calls the same few options every step: see `_plain_call`.
+        self._plain = self._host and window is None
+        self._plain_opts: dict[tuple[Any, Any], dict[str, Any]] = {}
 
     # ----------------------------------------------------------------- facts
 
@@ -313,6 +314,8 @@ class KVCache:
             lengths: ``(batch,)`` number of valid new tokens per sequence (right padding of
                 ``k``/``v``); default ``T`` for all.
         """
+        if lengths is None and self._append_plain(k, v, None):
+            return
         if self._host and _tensor_among(k, v):
             return self._tensor_call(self.append, k, v, lengths=lengths)
         k, v = self._check_kv(k, v)
@@ -415,6 +418,10 @@ class KVCache:
         Returns:
             ``(batch, heads, T, value_dim)`` in q's dtype.
         """
+        if lengths is out is alibi_slopes is sinks is rel_bias is None:
+            plain = self._plain_call(q, scale, softcap)
+            if plain is not None:
+                return self._attend_plain(q, *plain)
         if self._host and _tensor_among(q, out):
             return self._tensor_call(
                 self.attend,
@@ -464,6 +471,10 @@ class KVCache:
         chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype (a torch tensor
         for tensor inputs).
         """
+        if lengths is out is alibi_slopes is sinks is rel_bias is None:
+            plain = self._plain_call(q, scale, softcap)
+            if plain is not None and self._append_plain(k, v, q.shape[2]):
+                return self._attend_plain(q, *plain)
         if self._host and _tensor_among(q, k, v, out):
             return self._tensor_call(
                 self.step,
@@ -503,6 +514,83 @@ class KVCache:
         result = self._attend_gathered(q, counts, gathered, scale, softcap, out, terms)
         self._write(enc_k, enc_v, counts)
         return result
+
+    # -------------------------------------------------------- decoding path
+    # A decode step calls attend/step with the same plain arguments every token. After the
+    # rest of a model has run, little of the general path's Python is still in the CPU
+    # caches, and its cost then rivals the kernel's on a 4k-token step. These methods take
+    # only the common case (NumPy inputs in a native float dtype, no window, lengths, out or
+    # score terms) with a handful of checks, and say "not mine" (None/False, nothing changed)
+    # for everything else, which the general path then validates and runs.
+
+    def _plain_call(self, q: Any, scale: Any, softcap: Any) -> tuple[str, dict[str, Any]] | None:
+        """q's kernel dtype and the binding's options when the plain path takes this call."""
+        if not self._plain or type(q) is not np.ndarray or q.ndim != 4:
+            return None
+        code = NATIVE_CODES.get(q.dtype)
+        b, h, t, d = q.shape
+        if (
+            code is None
+            or b != self.batch
+            or d != self.head_dim
+            or h % self.kv_heads
+            or t == 0
+            or q.strides[3] != q.itemsize
+            or not q.flags.aligned
+        ):
+            return None
+        key = (scale, softcap)
+        if type(scale) not in (float, type(None)) or type(softcap) not in (float, type(None)):
+            return None  # the general path converts (and reports) other kinds
+        opts = self._plain_opts.get(key)
+        if opts is None:
+            every = mask_options(
+                head_dim=self.head_dim, causal=True, window=None, scale=scale, softcap=softcap
+            ).kwargs()
+            # The binding's defaults (None, False) need not be matched by name every call.
+            opts = {name: x for name, x in every.items() if x is not None and x is not False}
+            if self._code == "int8":
+                opts["k_scales"], opts["v_scales"] = self._ks[..., None], self._vs[..., None]
+            if len(self._plain_opts) >= 8:  # a caller that varies the scale every call
+                self._plain_opts.clear()
+            self._plain_opts[key] = opts
+        return code, opts
+
+    def _attend_plain(self, q: np.ndarray, code: str, opts: dict[str, Any]) -> np.ndarray:
+        t = q.shape[2]
+        seqs = [(b, 0, t, 0, n) for b, n in enumerate(self._len.tolist())]
+        result = np.zeros((self.batch, q.shape[1], t, self.value_dim), dtype=q.dtype)
+        _ferroattn.attention(
+            q, self._k, self._v, result, code, kv_dtype=self._code, sink_keys=0, seqs=seqs, **opts
+        )
+        return result
+
+    def _append_plain(self, k: Any, v: Any, t: int | None) -> bool:
+        """Appends ``t`` tokens (any number when None) to every sequence when the plain path
+        takes these inputs and they fit; False, with nothing written, otherwise."""
+        if not self._plain or type(k) is not np.ndarray or type(v) is not np.ndarray:
+            return False
+        if k.dtype not in NATIVE_CODES or v.dtype != k.dtype or k.ndim != 4:
+            return False
+        n = k.shape[2]
+        if (
+            (t is not None and n != t)
+            or k.shape != (self.batch, self.kv_heads, n, self.head_dim)
+            or v.shape != (self.batch, self.kv_heads, n, self.value_dim)
+        ):
+            return False
+        lengths = self._len.tolist()
+        if max(lengths) + n > self.capacity:
+            return False
+        (qk, sk), (qv, sv) = self._encode(k), self._encode(v)
+        for b, start in enumerate(lengths):
+            self._k[b, :, start : start + n] = qk[b]
+            self._v[b, :, start : start + n] = qv[b]
+            if sk is not None:
+                self._ks[b, :, start : start + n] = sk[b]
+                self._vs[b, :, start : start + n] = sv[b]
+        self._len += n
+        return True
 
     # --------------------------------------------------------------- helpers
 

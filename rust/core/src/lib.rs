@@ -27,6 +27,7 @@ mod layout;
 mod linear;
 mod mask;
 mod parallel;
+mod quant;
 mod simd;
 
 pub use attention::{attention, attention_weights, attention_weights_with, attention_with};
@@ -36,4 +37,5 @@ pub use layout::{DType, Elems, ElemsMut, Strided, StridedMut};
 pub use linear::{linear_attention, FeatureMap, LinearParams, LinearState};
 pub use mask::{padded_sequences, varlen_sequences, Align, Params, Sequence};
 pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads};
+pub use quant::quantize_int8;
 pub use simd::{cpu_features, Isa};

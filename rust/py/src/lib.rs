@@ -8,7 +8,7 @@ mod linear;
 
 use arrays::Raw;
 use ferroattn_core as core;
-use numpy::{PyArray1, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -244,6 +244,21 @@ fn attention_weights<'py>(
     Ok(PyArray1::from_vec(py, weights))
 }
 
+/// int8 values and their scales, as `quantize_int8` returns them.
+type Quantized<'py> = (Bound<'py, PyArray1<i8>>, Bound<'py, PyArray1<f32>>);
+
+/// Rounds the rows of a C-contiguous float32 `(rows, d)` array to int8, one scale per row
+/// (`max |x| / 127`, half to even); returns the flat int8 values and the scales.
+#[pyfunction]
+fn quantize_int8<'py>(py: Python<'py>, x: PyReadonlyArray2<'py, f32>) -> PyResult<Quantized<'py>> {
+    let [rows, d] = [x.shape()[0], x.shape()[1]];
+    let data = x.as_slice().map_err(|_| pyo3::exceptions::PyValueError::new_err("x must be C-contiguous"))?;
+    let (mut q, mut scales) = (vec![0i8; rows * d], vec![0f32; rows]);
+    // A prefill chunk can be megabytes: other Python threads may run meanwhile.
+    py.detach(|| errors::catch(|| core::quantize_int8(data, d, &mut q, &mut scales)))?;
+    Ok((PyArray1::from_vec(py, q), PyArray1::from_vec(py, scales)))
+}
+
 /// Sets the number of threads the kernels use.
 #[pyfunction]
 fn set_num_threads(n: usize) {
@@ -280,7 +295,9 @@ mod _ferroattn {
     #[pymodule_export]
     use super::linear::linear_attention;
     #[pymodule_export]
-    use super::{_after_fork_in_child, attention, attention_weights, build_info, get_num_threads, set_num_threads};
+    use super::{
+        _after_fork_in_child, attention, attention_weights, build_info, get_num_threads, quantize_int8, set_num_threads,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
