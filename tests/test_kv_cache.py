@@ -277,7 +277,8 @@ def test_plain_decode_path_equals_general_path(rng, dtype, q_dtype):
     general.append(k[:, :, :5], v[:, :, :5], lengths=[5, 5])
     for c in (plain, general):
         c.rollback(2, seq=1)  # ragged: 5 and 3 tokens
-    for i, opts in zip(range(5, 9), ({}, {"scale": 0.3}, {"softcap": 2.0}, {}), strict=True):
+    options = ({}, {"scale": 0.3}, {"softcap": 2.0}, {"scale": np.float32(0.25)})
+    for i, opts in zip(range(5, 9), options, strict=True):
         t = slice(i, i + 1)
         got = plain.step(q[:, :, t], k[:, :, t], v[:, :, t], **opts)
         want = general.step(q[:, :, t], k[:, :, t], v[:, :, t], lengths=[1, 1], **opts)

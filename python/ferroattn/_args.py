@@ -33,7 +33,7 @@ def as_array(name: str, x: Any) -> np.ndarray:
 
 # A dict lookup: `dtype.name` is slow enough to matter on tiny calls. bfloat16 (ml_dtypes, not
 # imported here) takes the slower check below.
-_CODES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
+_CODES: dict[np.dtype, str] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 # Native byte order only: the kernels read these without conversion.
 NATIVE_CODES = {dt: code for dt, code in _CODES.items() if dt.isnative}
 

@@ -539,9 +539,10 @@ class KVCache:
             or not q.flags.aligned
         ):
             return None
-        key = (scale, softcap)
-        if type(scale) not in (float, type(None)) or type(softcap) not in (float, type(None)):
+        numbers = (float, np.floating, type(None))
+        if not isinstance(scale, numbers) or not isinstance(softcap, numbers):
             return None  # the general path converts (and reports) other kinds
+        key = (scale, softcap)
         opts = self._plain_opts.get(key)
         if opts is None:
             every = mask_options(
