@@ -172,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "0 = no flush (cache-warm timings) [256; 0 with --quick]",
     )
     p.add_argument(
+        "--flush-threads",
+        type=_non_negative,
+        default=1,
+        help="threads that read the flush buffer; 0 = as many as the case uses [1]",
+    )
+    p.add_argument(
         "--resident-mib",
         type=_non_negative,
         default=None,
@@ -312,6 +318,8 @@ def _peer_line(env: dict[str, Any], name: str) -> str:
 
 
 def format_header(env: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    n = cfg.get("flush_threads")
+    flush_on = f"{n} thread(s)" if n else "as many threads as the case"
     fa = env["ferroattn"]
     torch = env["torch"]
     lines = [
@@ -339,7 +347,8 @@ def format_header(env: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         ),
         (
             f"repeats={cfg['repeats']} (median)  warmup={cfg['warmup']}  "
-            f"gap={cfg['gap_ms']:g} ms  cache flush={cfg['flush_mib']} MiB before each call  "
+            f"gap={cfg['gap_ms']:g} ms  cache flush={cfg['flush_mib']} MiB before each call "
+            f"on {flush_on}  "
             f"seed={cfg['seed']}"
         ),
     ]
@@ -419,14 +428,37 @@ class Bandwidth:
 
 
 class Flusher:
-    """Evicts the CPU caches by reading a buffer larger than them (untimed)."""
+    """Evicts the CPU caches by reading a buffer larger than them (untimed), on ``threads``
+    Python threads (NumPy releases the GIL), or on the case's thread count when ``threads``
+    is 0.
 
-    def __init__(self, mib: int) -> None:
+    With one thread the other cores idle through the gap and the flush; on a virtual machine
+    an idle CPU can take milliseconds to run a woken thread again (measured here: 0.7 to 4.8
+    ms), which every multi-threaded candidate pays. Reading on all of them keeps the cores
+    busy right before the call, as the multi-threaded rest of a model would; in full runs on
+    this machine the two gave the same times within the noise (``benches/NOTES.md``), so one
+    thread, the protocol of the earlier results, stays the default.
+    """
+
+    def __init__(self, mib: int, threads: int = 1) -> None:
         self.buf = np.ones((mib << 20) // 4, dtype=np.float32) if mib > 0 else None
+        self.threads = threads
 
-    def __call__(self) -> None:
-        if self.buf is not None:
+    def __call__(self, case_threads: int = 1) -> None:
+        if self.buf is None:
+            return
+        n = self.threads or case_threads
+        if n <= 1:
             np.maximum.reduce(self.buf)
+            return
+        workers = [
+            threading.Thread(target=np.maximum.reduce, args=(part,))
+            for part in np.array_split(self.buf, n)
+        ]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
 
 
 # --------------------------------------------------------------------------- candidates
@@ -818,7 +850,7 @@ def run_case(
             for r in range(cfg["repeats"]):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
-                    flush()
+                    flush(threads)
                     t0 = time.perf_counter()
                     result = cands[name]()
                     dt_s = time.perf_counter() - t0
@@ -1081,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": args.warmup,
         "gap_ms": args.gap_ms,
         "flush_mib": args.flush_mib,
+        "flush_threads": args.flush_threads,
         "bw_mib": args.bw_mib,
         "resident_mib": args.resident_mib,
         "seed": args.seed,
@@ -1106,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
             print("note: ferroattn.KVCache is missing: its rows are reported as not available")
         print(flush=True)
 
-        flush = Flusher(args.flush_mib)
+        flush = Flusher(args.flush_mib, args.flush_threads)
         rng = np.random.default_rng(args.seed)
         for hkv in args.kv_heads:
             for length in args.lengths:
