@@ -43,8 +43,10 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    fn new(group: usize, d: usize, dv: usize) -> Plan {
-        Plan { group, tq: (ROWS / group).max(1), d, dv, bc: KEYS }
+    /// `max_q`: the most queries of any sequence; tasks never hold more, so neither does the
+    /// scratch (a decode step's is then a fraction of a prefill's, zero-filled every call).
+    fn new(group: usize, d: usize, dv: usize, max_q: usize) -> Plan {
+        Plan { group, tq: (ROWS / group).max(1).min(max_q.max(1)), d, dv, bc: KEYS }
     }
 }
 
@@ -295,7 +297,7 @@ pub fn attention_with(
         }
         None => None,
     };
-    let plan = Plan::new(hq / hkv, q.shape()[3], dv);
+    let plan = Plan::new(hq / hkv, q.shape()[3], dv, seqs.iter().map(|s| s.q_len).max().unwrap_or(1));
     let ctx = Ctx { q, k, v: Some(v), seqs, params, extras, plan };
     let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
     let work = tasks(seqs, hkv, &plan, params);
@@ -392,7 +394,7 @@ pub fn attention_weights_with(
         weights.len(),
         b * hq * sq * sk
     );
-    let plan = Plan::new(hq / hkv, d, d);
+    let plan = Plan::new(hq / hkv, d, d, seqs.iter().map(|s| s.q_len).max().unwrap_or(1));
     let ctx = Ctx { q, k, v: None, seqs, params, extras, plan };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
     let work = tasks(seqs, hkv, &plan, params);
