@@ -33,15 +33,18 @@ def as_array(name: str, x: Any) -> np.ndarray:
 
 # A dict lookup: `dtype.name` is slow enough to matter on tiny calls. bfloat16 (ml_dtypes, not
 # imported here) takes the slower check below.
-_CODES: dict[np.dtype, str] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-# Native byte order only: the kernels read these without conversion.
-NATIVE_CODES = {dt: code for dt, code in _CODES.items() if dt.isnative}
+# Native byte order only (a byte-swapped dtype compares unequal): the kernels read these
+# without conversion.
+NATIVE_CODES: dict[np.dtype, str] = {
+    np.dtype(np.float32): "float32",
+    np.dtype(np.float16): "float16",
+}
 
 
 def dtype_code(arr: np.ndarray) -> str | None:
     """The kernel dtype name of ``arr``, or None when it must be converted to float32 first."""
     dt = arr.dtype
-    code = _CODES.get(dt)
+    code = NATIVE_CODES.get(dt)
     if code is not None and dt.isnative:
         return code
     if dt.kind == "V" and dt.itemsize == 2 and dt.name == "bfloat16":
