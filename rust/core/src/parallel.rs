@@ -118,3 +118,61 @@ fn pool() -> Option<Arc<rayon::ThreadPool>> {
     };
     Some(pool)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::panic::catch_unwind;
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+    fn two_threads() {
+        set_num_threads(num_threads().max(2));
+    }
+
+    #[test]
+    fn every_index_runs_once_including_calls_helpers_start_late_for() {
+        two_threads();
+        // Many tiny calls: helpers often start after the caller has taken every index.
+        for n in (1..40).chain([1000]).cycle().take(2000) {
+            let seen: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+            for_each(
+                n,
+                || (),
+                |_, i| {
+                    seen[i].fetch_add(1, Ordering::Relaxed);
+                },
+            );
+            assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn a_panic_on_any_thread_reaches_the_caller() {
+        two_threads();
+        for bad in [0, 5, 63] {
+            let r = catch_unwind(|| {
+                for_each(
+                    64,
+                    || (),
+                    |_, i| {
+                        if i == bad {
+                            panic!("index {i}");
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(50));
+                    },
+                )
+            });
+            assert!(r.is_err(), "index {bad}");
+        }
+        // The pool still works afterwards.
+        let sum = AtomicUsize::new(0);
+        for_each(
+            100,
+            || (),
+            |_, i| {
+                sum.fetch_add(i, Ordering::Relaxed);
+            },
+        );
+        assert_eq!(sum.load(Ordering::Relaxed), 4950);
+    }
+}

@@ -43,10 +43,11 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// `max_q`: the most queries of any sequence; tasks never hold more, so neither does the
-    /// scratch (a decode step's is then a fraction of a prefill's, zero-filled every call).
-    fn new(group: usize, d: usize, dv: usize, max_q: usize) -> Plan {
-        Plan { group, tq: (ROWS / group).max(1).min(max_q.max(1)), d, dv, bc: KEYS }
+    /// Tasks never hold more queries than the longest of `seqs`, so neither does the scratch
+    /// (a decode step's is then a fraction of a prefill's, zero-filled every call).
+    fn new(group: usize, d: usize, dv: usize, seqs: &[Sequence]) -> Plan {
+        let max_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(1).max(1);
+        Plan { group, tq: (ROWS / group).max(1).min(max_q), d, dv, bc: KEYS }
     }
 }
 
@@ -297,7 +298,7 @@ pub fn attention_with(
         }
         None => None,
     };
-    let plan = Plan::new(hq / hkv, q.shape()[3], dv, seqs.iter().map(|s| s.q_len).max().unwrap_or(1));
+    let plan = Plan::new(hq / hkv, q.shape()[3], dv, seqs);
     let ctx = Ctx { q, k, v: Some(v), seqs, params, extras, plan };
     let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
     let work = tasks(seqs, hkv, &plan, params);
@@ -394,7 +395,7 @@ pub fn attention_weights_with(
         weights.len(),
         b * hq * sq * sk
     );
-    let plan = Plan::new(hq / hkv, d, d, seqs.iter().map(|s| s.q_len).max().unwrap_or(1));
+    let plan = Plan::new(hq / hkv, d, d, seqs);
     let ctx = Ctx { q, k, v: None, seqs, params, extras, plan };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
     let work = tasks(seqs, hkv, &plan, params);
