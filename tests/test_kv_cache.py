@@ -272,7 +272,8 @@ def test_plain_decode_path_equals_general_path(rng, dtype, q_dtype):
     def not_here(*args, **kwargs):
         pytest.fail("the plain path fell back to the general one")
 
-    plain._run = plain._write = not_here  # proves which path ran
+    # Only the general path checks its inputs this way or runs through `_run`.
+    plain._run = plain._check_kv = plain._check_q = not_here
     plain.append(k[:, :, :5], v[:, :, :5])
     general.append(k[:, :, :5], v[:, :, :5], lengths=[5, 5])
     for c in (plain, general):

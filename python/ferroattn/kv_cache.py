@@ -284,25 +284,28 @@ class KVCache:
                     f"{int(self._len[b])}) exceeds capacity {self.capacity}"
                 )
 
-    def _write(self, enc_k, enc_v, counts: np.ndarray) -> None:
+    def _write(self, enc_k, enc_v, counts: np.ndarray | int) -> None:
+        """Stores encoded tokens: ``counts`` per sequence (one int: as many in each)."""
         (qk, sk), (qv, sv) = enc_k, enc_v
-        for b in range(self.batch):
-            t = int(counts[b])
+        stored = ((self._k, qk), (self._v, qv))
+        if sk is not None:
+            stored += ((self._ks, sk), (self._vs, sv))
+        each = counts.tolist() if isinstance(counts, np.ndarray) else [counts] * self.batch
+        for b, (start, t) in enumerate(zip(self._len.tolist(), each, strict=True)):
             if t == 0:
                 continue
-            pos = np.arange(self._len[b], self._len[b] + t)
+            if self.window is None:
+                # Consecutive slots: basic slices, no index arrays built.
+                for dst, src in stored:
+                    dst[b, :, start : start + t] = src[b, :, :t]
+                continue
+            pos = np.arange(start, start + t)
             # In a ring only sinks and the last `ring` positions survive; writing just those
             # keeps every slot written once (fancy assignment has no defined order).
-            keep = np.ones(t, dtype=bool)
-            if self.window is not None:
-                keep = (pos < self.sinks) | (pos >= pos[-1] + 1 - self._ring)
-            slots = self._ix(self._slot(pos[keep]))
-            keep = self._ix(keep)
-            self._k[b][:, slots] = qk[b][:, :t][:, keep]
-            self._v[b][:, slots] = qv[b][:, :t][:, keep]
-            if sk is not None:
-                self._ks[b][:, slots] = sk[b][:, :t][:, keep]
-                self._vs[b][:, slots] = sv[b][:, :t][:, keep]
+            keep = (pos < self.sinks) | (pos >= pos[-1] + 1 - self._ring)
+            slots, keep = self._ix(self._slot(pos[keep])), self._ix(keep)
+            for dst, src in stored:
+                dst[b][:, slots] = src[b][:, :t][:, keep]
         self._len += counts
 
     def append(self, k: Any, v: Any, *, lengths: Any = None) -> None:
@@ -580,17 +583,9 @@ class KVCache:
             or v.shape != (self.batch, self.kv_heads, n, self.value_dim)
         ):
             return False
-        lengths = self._len.tolist()
-        if max(lengths) + n > self.capacity:
+        if int(self._len.max()) + n > self.capacity:
             return False
-        (qk, sk), (qv, sv) = self._encode(k), self._encode(v)
-        for b, start in enumerate(lengths):
-            self._k[b, :, start : start + n] = qk[b]
-            self._v[b, :, start : start + n] = qv[b]
-            if sk is not None:
-                self._ks[b, :, start : start + n] = sk[b]
-                self._vs[b, :, start : start + n] = sv[b]
-        self._len += n
+        self._write(self._encode(k), self._encode(v), n)
         return True
 
     # --------------------------------------------------------------- helpers
