@@ -8,7 +8,8 @@ and as a % of it.  The project's target: ferroattn's cache reaches >= 80% of the
 at 2 threads for every cache dtype (PASS/MISS column).
 
 Candidates are interleaved round-robin in one process, warmed up, the caches of the CPU are
-flushed before each timed call, and the median of the repeats is reported.  Before timing,
+flushed before each timed call, the cores are kept busy between calls (as the rest of a model
+would), and the median of the repeats is reported.  Before timing,
 every output is checked against a float64 NumPy reference.  Each ferroattn cache row also gets
 an in-cache time (the call over caches small enough to stay in the last-level cache, scaled to
 L): the rate it could reach if memory were free, which tells a memory-bound miss from an
@@ -165,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         "threads do not steal cores from the next candidate [100; 0 with --quick]",
     )
     p.add_argument(
+        "--gap-mode",
+        choices=("busy", "idle"),
+        default="busy",
+        help="busy: the pause is spent reading memory on as many threads as the case, as "
+        "the rest of a model would run between decode steps; idle: the threads sleep "
+        "(the protocol of results before 2026-11-24 noon) [busy]",
+    )
+    p.add_argument(
         "--flush-mib",
         type=_non_negative,
         default=None,
@@ -174,8 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--flush-threads",
         type=_non_negative,
-        default=1,
-        help="threads that read the flush buffer; 0 = as many as the case uses [1]",
+        default=None,
+        help="threads that read the flush buffer; 0 = as many as the case uses "
+        "[0 with --gap-mode busy, 1 with idle]",
     )
     p.add_argument(
         "--resident-mib",
@@ -218,6 +228,8 @@ def _resolve(args: argparse.Namespace) -> None:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.flush_threads is None:
+        args.flush_threads = 0 if args.gap_mode == "busy" else 1
     bad = [h for h in args.kv_heads if args.heads % h]
     if bad:
         raise BenchError(f"--kv-heads {bad} do not divide --heads {args.heads}")
@@ -347,7 +359,8 @@ def format_header(env: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         ),
         (
             f"repeats={cfg['repeats']} (median)  warmup={cfg['warmup']}  "
-            f"gap={cfg['gap_ms']:g} ms  cache flush={cfg['flush_mib']} MiB before each call "
+            f"gap={cfg['gap_ms']:g} ms {cfg.get('gap_mode', 'idle')}  "
+            f"cache flush={cfg['flush_mib']} MiB before each call "
             f"on {flush_on}  "
             f"seed={cfg['seed']}"
         ),
@@ -432,12 +445,11 @@ class Flusher:
     Python threads (NumPy releases the GIL), or on the case's thread count when ``threads``
     is 0.
 
-    With one thread the other cores idle through the gap and the flush; on a virtual machine
-    an idle CPU can take milliseconds to run a woken thread again (measured here: 0.7 to 4.8
-    ms), which every multi-threaded candidate pays. Reading on all of them keeps the cores
-    busy right before the call, as the multi-threaded rest of a model would; in full runs on
-    this machine the two gave the same times within the noise (``benches/NOTES.md``), so one
-    thread, the protocol of the earlier results, stays the default.
+    With one thread the other cores idle through the flush (and through an idle gap); on a
+    virtual machine an idle CPU can take milliseconds to run a woken thread again (measured
+    here: 0.7 to 4.8 ms), which every multi-threaded candidate pays. Reading on all of them
+    keeps the cores busy up to the call, as the multi-threaded rest of a model would: the
+    default with the busy gap; one thread with the idle gap, the earlier protocol.
     """
 
     def __init__(self, mib: int, threads: int = 1) -> None:
@@ -457,6 +469,33 @@ class Flusher:
         ]
         for w in workers:
             w.start()
+        for w in workers:
+            w.join()
+
+    def busy(self, ms: float, case_threads: int) -> None:
+        """Reads memory on ``case_threads`` threads for ``ms`` milliseconds (at least one pass).
+
+        A decode step follows the rest of a model's layer, which keeps the cores busy; an
+        idle pause instead lets the virtual CPUs of a VM go idle, and on this development
+        machine an idle one then came back to ferroattn's helper thread milliseconds late,
+        or not within the call at all (``benches/NOTES.md``). The peers' worker threads,
+        which spin after a call (torch ~9 ms, ORT ~49 ms here), have stopped by the end of a
+        100 ms gap either way. Without a flush buffer (cache-warm runs) a 256 KiB one is read,
+        which leaves the last-level cache mostly as it was.
+        """
+        buf = self.buf if self.buf is not None else np.ones(1 << 16, dtype=np.float32)
+        end = time.perf_counter() + ms / 1e3
+
+        def read(part: np.ndarray) -> None:
+            np.maximum.reduce(part)
+            while time.perf_counter() < end:
+                np.maximum.reduce(part)
+
+        parts = np.array_split(buf, max(case_threads, 1))
+        workers = [threading.Thread(target=read, args=(part,)) for part in parts[1:]]
+        for w in workers:
+            w.start()
+        read(parts[0])
         for w in workers:
             w.join()
 
@@ -857,7 +896,10 @@ def run_case(
                     del result
                     samples[name].append(dt_s * 1e3)
                     if cfg["gap_ms"] > 0:
-                        time.sleep(cfg["gap_ms"] / 1e3)
+                        if cfg.get("gap_mode") == "busy":
+                            flush.busy(cfg["gap_ms"], threads)
+                        else:
+                            time.sleep(cfg["gap_ms"] / 1e3)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -1112,6 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "gap_ms": args.gap_ms,
+        "gap_mode": args.gap_mode,
         "flush_mib": args.flush_mib,
         "flush_threads": args.flush_threads,
         "bw_mib": args.bw_mib,
