@@ -26,9 +26,11 @@ pub(crate) struct Scratch {
     pub qt: Vec<f32>,
     /// The same, row-major (`rows × d`), for the few-rows (decode) score path.
     pub q: Vec<f32>,
-    /// Key tile converted to f32 (when it cannot be read in place): `bc × d`.
+    /// Key tile converted to f32 (when it cannot be read in place): `bc × d`. Empty until
+    /// [`tile_buffer`] first needs it: decode steps, and calls with f32 K and V, read tiles in
+    /// place, and zeroing 2 × 64 KiB per worker per call showed in short calls.
     pub k: Vec<f32>,
-    /// Value tile converted and padded: `bc × dvp`.
+    /// Value tile converted and padded: `bc × dvp`; made on first use, as `k`.
     pub v: Vec<f32>,
     /// Scores, then probabilities, transposed: `bc × rows_p`.
     pub st: Vec<f32>,
@@ -71,8 +73,8 @@ impl Scratch {
         Scratch {
             qt: vec![0.0; plan.d * rows_p],
             q: vec![0.0; plan.d * rows_p],
-            k: vec![0.0; plan.bc * plan.d],
-            v: vec![0.0; plan.bc * dvp],
+            k: Vec::new(),
+            v: Vec::new(),
             st: vec![0.0; plan.bc * rows_p],
             acc: vec![0.0; rows_p * dvp],
             m: vec![0.0; rows_p],
@@ -92,6 +94,14 @@ impl Scratch {
             facts: TileFacts::default(),
         }
     }
+}
+
+/// `buf`, made `len` zeros on first use (padding columns are never written, so stay zero).
+fn tile_buffer(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+    if buf.len() < len {
+        *buf = vec![0.0; len];
+    }
+    buf.as_mut_ptr()
 }
 
 /// Padded sizes for one ISA.
@@ -333,8 +343,9 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
     let (a, lda) = match ctx.k.f32_rows(seq.batch, task.kvh, first) {
         Some(direct) => direct,
         None => {
-            // SAFETY: sc.k holds bc × d floats; the rows come from the validated view.
-            unsafe { widen_rows::<S>(ctx.k.typed_rows(seq.batch, task.kvh, first), kn, d, sc.k.as_mut_ptr(), d) };
+            let buf = tile_buffer(&mut sc.k, plan.bc * d);
+            // SAFETY: the buffer holds bc × d floats; the rows come from the validated view.
+            unsafe { widen_rows::<S>(ctx.k.typed_rows(seq.batch, task.kvh, first), kn, d, buf, d) };
             (sc.k.as_ptr(), d as isize)
         }
     };
@@ -597,10 +608,9 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
         let (b, ldb) = match in_place {
             Some(direct) => direct,
             None => {
-                // SAFETY: sc.v holds bc × dvp floats; the rows come from the validated view.
-                unsafe {
-                    widen_rows::<S>(v_view.typed_rows(seq.batch, task.kvh, first), kn, dv, sc.v.as_mut_ptr(), dvp)
-                };
+                let buf = tile_buffer(&mut sc.v, plan.bc * dvp);
+                // SAFETY: the buffer holds bc × dvp floats; the rows come from the validated view.
+                unsafe { widen_rows::<S>(v_view.typed_rows(seq.batch, task.kvh, first), kn, dv, buf, dvp) };
                 (sc.v.as_ptr(), dvp as isize)
             }
         };
