@@ -457,20 +457,8 @@ class Flusher:
         self.threads = threads
 
     def __call__(self, case_threads: int = 1) -> None:
-        if self.buf is None:
-            return
-        n = self.threads or case_threads
-        if n <= 1:
-            np.maximum.reduce(self.buf)
-            return
-        workers = [
-            threading.Thread(target=np.maximum.reduce, args=(part,))
-            for part in np.array_split(self.buf, n)
-        ]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        if self.buf is not None:
+            self._read(self.buf, self.threads or case_threads, 0.0)
 
     def busy(self, ms: float, case_threads: int) -> None:
         """Reads memory on ``case_threads`` threads for ``ms`` milliseconds (at least one pass).
@@ -484,6 +472,12 @@ class Flusher:
         which leaves the last-level cache mostly as it was.
         """
         buf = self.buf if self.buf is not None else np.ones(1 << 16, dtype=np.float32)
+        self._read(buf, case_threads, ms)
+
+    @staticmethod
+    def _read(buf: np.ndarray, threads: int, ms: float) -> None:
+        """Reads ``buf`` split over ``threads`` threads (the caller's one of them), each its
+        part once and then again until ``ms`` milliseconds have passed."""
         end = time.perf_counter() + ms / 1e3
 
         def read(part: np.ndarray) -> None:
@@ -491,7 +485,7 @@ class Flusher:
             while time.perf_counter() < end:
                 np.maximum.reduce(part)
 
-        parts = np.array_split(buf, max(case_threads, 1))
+        parts = np.array_split(buf, max(threads, 1))
         workers = [threading.Thread(target=read, args=(part,)) for part in parts[1:]]
         for w in workers:
             w.start()
