@@ -182,6 +182,25 @@ def test_mask_options_multi_tile(rng, causal, window, Nk):
     )
 
 
+@pytest.mark.parametrize("dtype", [F32, F16, BF16], ids=str)
+@pytest.mark.parametrize("Nk", [2047, 2052, 5000])
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"softcap": 5.0}, {"window": 3001}, {"kv_lengths": [4099, 2]}, {"Dv": 48}],
+    ids=["plain", "softcap", "window", "kvlen", "dv48"],
+)
+def test_one_query_per_kv_head_over_long_keys(rng, dtype, Nk, opts):
+    # A task of one row (no GQA, one query) with float keys reads them in runs of 2048: runs
+    # that end inside the keys, a short last run, a window start inside a run, a key width
+    # that is not a multiple of the vector, keys cut short by kv_lengths, and a value width
+    # the path does not take (48: the tiles of the general path).
+    opts = dict(opts)
+    Dv = opts.pop("Dv", 64)
+    if "kv_lengths" in opts:
+        opts["kv_lengths"] = [min(n, Nk) for n in opts["kv_lengths"]]
+    check_case(rng, B=2, Hq=3, Nq=1, Nk=Nk, D=72, Dv=Dv, dtype=dtype, **opts)
+
+
 @pytest.mark.parametrize("softcap", [None, 0.5, 5.0, 30.0], ids=str)
 @pytest.mark.parametrize("scale", [None, 0.05, 1.7, 0.0, -0.5], ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=str)

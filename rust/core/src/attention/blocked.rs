@@ -574,6 +574,7 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
     let seq = &ctx.seqs[task.seq];
     let v_view = ctx.v.expect("attention has values");
     ctx.extras.scan(&sc.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.facts);
+    let step = super::decode::keys_per_step(ctx, sc, dims, kmin, kmax);
     let mut k0 = kmin;
     while k0 < kmax {
         let kn = plan.bc.min(kmax - k0);
@@ -582,9 +583,10 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
             k0 += kn;
             continue;
         }
+        let wide = step.min(kmax - k0);
         // SAFETY: buffers sized by Scratch::new for this plan.
-        if unsafe { super::decode::tile::<S>(ctx, task, sc, dims, k0, kn) } {
-            k0 += kn;
+        if unsafe { super::decode::tile::<S>(ctx, task, sc, dims, k0, wide) } {
+            k0 += wide;
             continue;
         }
         // SAFETY: as above.

@@ -9,13 +9,33 @@
 use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, Scratch};
 use super::gemm::{gemm, stream_rows};
 use super::{Ctx, Task};
-use crate::layout::TypedRows;
+use crate::layout::{DType, TypedRows};
 use crate::simd::{elem::Elem, row_ptrs, Prefetch, Simd};
 use half::{bf16, f16};
 
+/// Keys per step for a task of one row (a decode step without GQA) whose keys are stored as
+/// floats: K and V are read in runs this long, one row after another and without software
+/// requests, so that the hardware prefetchers see two long streams. With 128-key tiles and
+/// requests ahead (the scheme of the GQA rows, where each key feeds several rows' arithmetic)
+/// one core read 21–23 GB/s; this way 26–28 (`benches/NOTES.md`). int8 keys keep the tiles:
+/// their VNNI path was level or slower with long runs.
+pub(crate) const ONE_ROW_KEYS: usize = 2048;
+
+/// How many keys `accumulate` hands to [`tile`] at a time: [`ONE_ROW_KEYS`] for a plain task
+/// of one float row that sees all of `kmin..kmax`, the plan's tile otherwise.
+pub(crate) fn keys_per_step(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, kmax: usize) -> usize {
+    let one_row = dims.rows == 1 && ctx.extras.is_plain() && ctx.k.dtype() != DType::I8;
+    if one_row && sc.vis[0].sees_all(kmin, kmax) && ldr(ONE_ROW_KEYS) <= sc.st.len() {
+        ONE_ROW_KEYS
+    } else {
+        ctx.plan.bc
+    }
+}
+
 /// Runs keys `k0..k0 + kn` of `task` through the typed path when it applies (few rows, every
 /// row sees the whole tile, the value width a multiple of the vector pair); returns false
-/// otherwise, leaving everything untouched.
+/// otherwise, leaving everything untouched. `kn` may exceed the plan's tile only where the
+/// row-major layout holds it.
 ///
 /// # Safety
 /// The scratch is sized for the plan; the views were validated.
@@ -44,10 +64,14 @@ pub(crate) unsafe fn tile<S: Simd>(
     if matches!(krows, TypedRows::Unreadable) || matches!(vrows, TypedRows::Unreadable) {
         return false;
     }
-    if ctx.extras.is_plain() && dims.rows * ldr(plan.bc) <= sc.st.len() {
+    if ctx.extras.is_plain() && dims.rows * ldr(kn.max(plan.bc)) <= sc.st.len() {
         // SAFETY: forwarded; the score rows fit in `st` (checked above).
         unsafe { row_major::<S>(ctx, sc, dims, krows, vrows, kn) };
         return true;
+    }
+    // The transposed layout holds one tile.
+    if kn > plan.bc {
+        return false;
     }
     let pf = prefetch_of(vrows, plan.dv);
     // Biases: the transposed layout, which the bias folding reads.
@@ -101,21 +125,27 @@ fn ldr(bc: usize) -> usize {
     bc.div_ceil(32) * 32
 }
 
-/// The tile with scores kept row-major (`rows × keys`, `ldr(bc)` apart): four keys' dot
-/// products finish in one shuffle tree, the softmax runs along keys a whole vector at a time,
-/// and int8 scales multiply vectors of keys. Only for plain attention (no mask or bias, which
-/// fold into the transposed layout).
+/// The tile with scores kept row-major (`rows × keys`, rows `ldr` of the keys at hand apart):
+/// four keys' dot products finish in one shuffle tree, the softmax runs along keys a whole
+/// vector at a time, and int8 scales multiply vectors of keys. Only for plain attention (no
+/// mask or bias, which fold into the transposed layout).
 ///
-/// K and V are each read once, in order, and requested ahead while they are read (see
-/// [`Prefetch::ahead`]): the keys during the scores, the values during P·V.
+/// K and V are each read once, in order. With several rows they are requested ahead while
+/// they are read (see [`Prefetch::ahead`]): the keys during the scores, the values during
+/// P·V. One row of float keys and values does too little arithmetic per key for that to pay:
+/// the hardware prefetchers follow its long runs of rows read one after another (see
+/// [`ONE_ROW_KEYS`]). int8 keeps its requests (without them its VNNI path ran 1.5× slower).
 ///
 /// # Safety
-/// As for [`tile`]; `rows · ldr(bc)` floats fit in `sc.st`.
+/// As for [`tile`]; `rows · ldr(max(kn, bc))` floats fit in `sc.st`.
 #[inline(always)]
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
-    let ld = ldr(plan.bc);
-    let (pf, vpf) = (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv));
+    let ld = ldr(kn.max(plan.bc));
+    let (pf, vpf) = match (dims.rows, krows) {
+        (1, TypedRows::F32(..) | TypedRows::F16(..) | TypedRows::BF16(..)) => (Prefetch::NONE, Prefetch::NONE),
+        _ => (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv)),
+    };
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         match krows {
@@ -274,16 +304,27 @@ unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
             pf.ahead(j, 4);
             let kr = row_ptrs::<E, 4>(k, ldk, j);
             let mut acc = [[S::zero(); 4]; R];
-            for c in (0..body).step_by(l) {
-                // Plain loops, not `array::from_fn` (see `gemm`).
-                let mut kv = [S::zero(); 4];
-                for (x, p) in kv.iter_mut().zip(&kr) {
-                    *x = E::load::<S>(p.add(c));
+            if R == 1 {
+                // One row has no query vector to share between keys: read each key row whole,
+                // in address order, which the hardware prefetchers follow (reading four rows
+                // a column at a time halved what they fetched on Zen 4).
+                for (t, p) in kr.iter().enumerate() {
+                    for c in (0..body).step_by(l) {
+                        acc[0][t] = S::fma(S::load(q.add(c)), E::load::<S>(p.add(c)), acc[0][t]);
+                    }
                 }
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let qv = S::load(q.add(r * d + c));
-                    for (x, &kt) in a.iter_mut().zip(&kv) {
-                        *x = S::fma(qv, kt, *x);
+            } else {
+                for c in (0..body).step_by(l) {
+                    // Plain loops, not `array::from_fn` (see `gemm`).
+                    let mut kv = [S::zero(); 4];
+                    for (x, p) in kv.iter_mut().zip(&kr) {
+                        *x = E::load::<S>(p.add(c));
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qv = S::load(q.add(r * d + c));
+                        for (x, &kt) in a.iter_mut().zip(&kv) {
+                            *x = S::fma(qv, kt, *x);
+                        }
                     }
                 }
             }
