@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole ferroattn test suite, from a fresh clone:
 #   builds and installs the package (with its test extras) into a virtualenv (.venv, unless one is
-#   already active), runs the lints (cargo fmt/clippy, ruff), then the Rust tests and the Python
-#   suite once per SIMD path this CPU can run (FERROATTN_ISA), and the benchmark's smoke mode.
+#   already active), runs the lints (cargo fmt/clippy, ruff, mypy), then the Rust tests and the
+#   Python suite once per SIMD path this CPU can run (FERROATTN_ISA), and the benchmark's smoke mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +22,7 @@ cargo fmt --all --check
 cargo clippy --locked --all-targets --release -- -D warnings
 $PY -m ruff check python tests benches
 $PY -m ruff format --check python tests benches
+$PY -m mypy python/ferroattn  # also checks the calls into the binding against its .pyi stub
 
 # Run from outside the source tree so the installed package (with its compiled module) is used.
 echo "== benchmark smoke runs (the harnesses run and write well-formed JSON; no timing asserts)"

@@ -39,6 +39,7 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -1009,11 +1010,9 @@ def case_prefill(fa: Any, peers: Peers, cfg: Config, causal: bool) -> Case:
         q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
         flops = 4.0 * h * n * n * d * (0.5 if causal else 1.0)
         with thread_limits(t, fa, peers):
-            cands = [Cand(FA, lambda q=q, k=k, v=v: fa.attention(q, k, v, causal=causal))]
+            cands = [Cand(FA, partial(fa.attention, q, k, v, causal=causal))]
             if causal:
-                cands.append(
-                    Cand(f"{FA} non-causal", lambda q=q, k=k, v=v: fa.attention(q, k, v), ref=None)
-                )
+                cands.append(Cand(f"{FA} non-causal", partial(fa.attention, q, k, v), ref=None))
             cands.append(torch_cand(peers, q, k, v, causal=causal))
             cands.append(ort_mha_cand(peers, t, q, k, v, causal))
             if causal:
@@ -1100,7 +1099,7 @@ def case_small(fa: Any, peers: Peers, cfg: Config) -> Case:
     fa_us = statistics.median(us[FA])
     for name, vals in us.items():
         med = statistics.median(vals)
-        r = {
+        stats = {
             "status": "ok",
             "median_ms": med / 1e3,
             "min_ms": min(vals) / 1e3,
@@ -1109,7 +1108,7 @@ def case_small(fa: Any, peers: Peers, cfg: Config) -> Case:
             "per_call_us": med,
             "calls_per_repeat": calls,
         }
-        row = case.add(label, name, r, threads=t, fa_ms=fa_us / 1e3)
+        row = case.add(label, name, stats, threads=t, fa_ms=fa_us / 1e3)
         if name == FA:
             target(row, "per call < 10 us", med, med < 10.0, "us")
     if torch is None:
@@ -1131,7 +1130,7 @@ def case_lowp(fa: Any, peers: Peers, cfg: Config) -> Case:
         label = f"B=1 H={h} N={n} D={d}"
         q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
         flops = 4.0 * h * n * n * d
-        cands = [Cand(FA + " fp32", lambda q=q, k=k, v=v: fa.attention(q, k, v), ref=None)]
+        cands = [Cand(FA + " fp32", partial(fa.attention, q, k, v), ref=None)]
         if mld is None:
             cands.append(Cand(FA + " bf16", status=f"ml_dtypes {peers.status('ml_dtypes')}"))
         else:
@@ -1139,7 +1138,7 @@ def case_lowp(fa: Any, peers: Peers, cfg: Config) -> Case:
             cands.append(
                 Cand(
                     FA + " bf16",
-                    lambda qb=qb, kb=kb, vb=vb: fa.attention(qb, kb, vb),
+                    partial(fa.attention, qb, kb, vb),
                     ref=FA + " fp32",
                     tol=RTOL["bfloat16"],
                 )
@@ -1148,7 +1147,7 @@ def case_lowp(fa: Any, peers: Peers, cfg: Config) -> Case:
         cands.append(
             Cand(
                 FA + " fp16",
-                lambda qh=qh, kh=kh, vh=vh: fa.attention(qh, kh, vh),
+                partial(fa.attention, qh, kh, vh),
                 ref=FA + " fp32",
                 tol=RTOL["float16"],
             )
@@ -1218,7 +1217,7 @@ def case_window(fa: Any, peers: Peers, cfg: Config) -> Case:
         q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
         flops = 4.0 * h * d * visible_pairs(n, w, True)
         with thread_limits(t, fa, peers):
-            cands = [Cand(FA, lambda q=q, k=k, v=v: fa.attention(q, k, v, causal=True, window=w))]
+            cands = [Cand(FA, partial(fa.attention, q, k, v, causal=True, window=w))]
             if n * n > TORCH_MAX_MASK:
                 cands.append(
                     Cand(
@@ -1319,7 +1318,7 @@ def case_decode(fa: Any, peers: Peers, cfg: Config, ceil: Ceilings) -> Case:
                 cands.append(Cand(name, status=f"failed: {_short(exc)}"))
                 continue
             caches.append(cache)
-            cands.append(Cand(name, lambda c=cache: c.attend(q), ref="past", tol=RTOL[dt]))
+            cands.append(Cand(name, partial(cache.attend, q), ref="past", tol=RTOL[dt]))
             nbytes[name] = _kv_bytes(dt, hkv, length, d)
         cands.append(torch_cand(peers, q, k, v, gqa=True))
         cands[-1].ref = "past"
@@ -1424,7 +1423,7 @@ def case_variants(fa: Any, cfg: Config) -> Case:
         cands.append(
             Cand(
                 name,
-                lambda lay=layout: fa.attention(q, k, v, block_layout=lay, block_size=bs),
+                partial(fa.attention, q, k, v, block_layout=layout, block_size=bs),
                 ref=None,
             )
         )
@@ -1432,8 +1431,8 @@ def case_variants(fa: Any, cfg: Config) -> Case:
     case.accuracy_ok &= ok
     label = f"block-sparse H={h} N={n} D={d} bs={bs}"
     rows = [case.add(label, c.name, res[c.name], threads=nt) for c in cands]
-    times = [r.get("median_ms") for r in rows]
-    if all(times):
+    times = [float(r["median_ms"]) for r in rows if r.get("median_ms")]
+    if len(times) == len(rows):
         for r, t in zip(rows, times, strict=True):
             r["time_over_dense"] = t / times[0]
         falling = all(a > b for a, b in zip(times, times[1:], strict=False))
@@ -1447,14 +1446,14 @@ def case_variants(fa: Any, cfg: Config) -> Case:
         q, k, v = (_rand(rng, 1, h, n, d) for _ in range(3))
         c = Cand(
             f"{FA} linear causal",
-            lambda q=q, k=k, v=v: fa.linear_attention(q, k, v, causal=True),
+            partial(fa.linear_attention, q, k, v, causal=True),
             ref=None,
         )
         res, ok = check_and_time([c], {}, cfg)
         case.accuracy_ok &= ok
         lin_rows.append(case.add(f"linear H={h} N={n} D={d}", c.name, res[c.name], threads=nt))
-    lt = [r.get("median_ms") for r in lin_rows]
-    if all(lt):
+    lt = [float(r["median_ms"]) for r in lin_rows if r.get("median_ms")]
+    if len(lt) == len(lin_rows):
         growth = lt[-1] / lt[0]
         expected = lengths[-1] / lengths[0]
         lin_rows[-1]["time_over_first"] = growth

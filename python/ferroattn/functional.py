@@ -156,7 +156,7 @@ def attention(
     softcap: float | None = None,
     layout: Literal["bhsd", "bshd"] = "bhsd",
     return_lse: bool = False,
-    out: np.ndarray | None = None,
+    out: Any = None,
     mask: Any = None,
     bias: Any = None,
     alibi_slopes: Any = None,
@@ -322,7 +322,7 @@ def attention_varlen(
     scale: float | None = None,
     softcap: float | None = None,
     return_lse: bool = False,
-    out: np.ndarray | None = None,
+    out: Any = None,
     backend: Backend = "auto",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over packed sequences of different lengths (flash-attn's varlen API).
@@ -365,7 +365,7 @@ def attention_varlen(
     for name, a in named.items():
         if a.ndim != 3:
             raise ValueError(f"{name} must be 3-D (total_tokens, heads, dim), got shape {a.shape}")
-    arrays, (q4, k4, v4), dtype, _ = _prepare(*named.values(), layout="bshd")
+    arrays, (q4, k4, v4), dtype, _ = _prepare(named["q"], named["k"], named["v"], layout="bshd")
     opts = mask_options(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
     )
@@ -479,6 +479,6 @@ def attention_weights(
     flat = _ferroattn.attention_weights(
         q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs(), **extras
     )
-    w = flat.reshape(b, hq, nq, nk)
+    w: np.ndarray = flat.reshape(b, hq, nq, nk)
     w = w.reshape(w.shape[4 - ndim :])
     return w if w.dtype == dtype else w.astype(dtype)

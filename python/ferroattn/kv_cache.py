@@ -287,7 +287,7 @@ class KVCache:
     def _write(self, enc_k, enc_v, counts: np.ndarray | int) -> None:
         """Stores encoded tokens: ``counts`` per sequence (one int: as many in each)."""
         (qk, sk), (qv, sv) = enc_k, enc_v
-        stored = ((self._k, qk), (self._v, qv))
+        stored: tuple[tuple[np.ndarray, np.ndarray], ...] = ((self._k, qk), (self._v, qv))
         if sk is not None:
             stored += ((self._ks, sk), (self._vs, sv))
         each = counts.tolist() if isinstance(counts, np.ndarray) else [counts] * self.batch
@@ -625,24 +625,24 @@ class KVCache:
             first_query = length - t
         end = length  # stored positions end here; new tokens (if any) follow
         sinks = min(end, self.sinks)
+        assert self.window is not None  # only window caches gather
         lo = max(self.sinks, first_query - (self.window - 1))
         pos = np.concatenate([np.arange(sinks), np.arange(lo, end)]).astype(np.int64)
         slots = self._ix(self._slot(pos))
         parts_k, parts_v = [self._k[b][:, slots]], [self._v[b][:, slots]]
-        scale_k = scale_v = None
-        if self._code == "int8":
-            scale_k, scale_v = [self._ks[b][:, slots]], [self._vs[b][:, slots]]
+        int8 = self._code == "int8"
+        parts_sk = [self._ks[b][:, slots]] if int8 else []
+        parts_sv = [self._vs[b][:, slots]] if int8 else []
         if new is not None and t:
             parts_k.append(qk[b][:, :t])
             parts_v.append(qv[b][:, :t])
-            if scale_k is not None:
-                scale_k.append(sk[b][:, :t])
-                scale_v.append(sv[b][:, :t])
+            if int8:
+                parts_sk.append(sk[b][:, :t])
+                parts_sv.append(sv[b][:, :t])
         gk, gv = self._cat(parts_k), self._cat(parts_v)
-        if scale_k is not None:
-            scale_k = self._cat(scale_k)
-            scale_v = self._cat(scale_v)
-        return gk, gv, scale_k, scale_v
+        if not int8:
+            return gk, gv, None, None
+        return gk, gv, self._cat(parts_sk), self._cat(parts_sv)
 
     def _attend_gathered(self, q, counts, gathered, scale, softcap, out, terms) -> np.ndarray:
         """One kernel call over the per-sequence gathered keys, padded into one array."""
@@ -668,6 +668,7 @@ class KVCache:
                 "alibi_slopes and rel_bias need contiguous positions: not available with the "
                 "sinks of a window cache"
             )
+        assert self.window is not None  # only window caches gather
         return self._run(
             q, k, v, scales, seqs, self.sinks, scale, softcap, out, terms, window=self.window - 1
         )

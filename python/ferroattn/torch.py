@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -438,12 +439,11 @@ def _sdpa(q4: Any, k4: Any, v4: Any, terms: _Terms) -> Any | None:
             attn_mask = torch.arange(nk, device=q4.device)[None, :] <= i + (nk - nq)
         else:
             return None  # the first Nq − Nk queries see nothing: SDPA would give NaN
-    args = [q4, k4, v4]
     if q4.device.type == "cpu" and q4.dtype in _HALF:
-        args = [t.float() for t in args]  # accumulate in float32
-    kwargs = {"enable_gqa": True} if hq != k4.shape[1] else {}
+        q4, k4, v4 = (t.float() for t in (q4, k4, v4))  # accumulate in float32
+    kwargs: dict[str, Any] = {"enable_gqa": True} if hq != k4.shape[1] else {}
     return torch.nn.functional.scaled_dot_product_attention(
-        *args, attn_mask=attn_mask, is_causal=is_causal, scale=o.scale, **kwargs
+        q4, k4, v4, attn_mask=attn_mask, is_causal=is_causal, scale=o.scale, **kwargs
     )
 
 
@@ -648,7 +648,7 @@ def attention_weights(
     return w.to(dtype)
 
 
-_TORCH_FUNCS = {
+_TORCH_FUNCS: dict[str, Callable[..., Any]] = {
     "attention": attention,
     "attention_varlen": attention_varlen,
     "attention_weights": attention_weights,
