@@ -24,12 +24,18 @@ pub(crate) const ONE_ROW_KEYS: usize = 2048;
 /// How many keys `accumulate` hands to [`tile`] at a time: [`ONE_ROW_KEYS`] for a plain task
 /// of one float row that sees all of `kmin..kmax`, the plan's tile otherwise.
 pub(crate) fn keys_per_step(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, kmax: usize) -> usize {
-    let one_row = dims.rows == 1 && ctx.extras.is_plain() && ctx.k.dtype() != DType::I8;
+    let one_row = one_float_row(ctx, dims) && ctx.extras.is_plain();
     if one_row && sc.vis[0].sees_all(kmin, kmax) && ldr(ONE_ROW_KEYS) <= sc.st.len() {
         ONE_ROW_KEYS
     } else {
         ctx.plan.bc
     }
+}
+
+/// A task of one row whose keys are stored as floats: the streamed case of [`ONE_ROW_KEYS`],
+/// read in long runs and without software requests.
+fn one_float_row(ctx: &Ctx, dims: &Dims) -> bool {
+    dims.rows == 1 && ctx.k.dtype() != DType::I8
 }
 
 /// Runs keys `k0..k0 + kn` of `task` through the typed path when it applies (few rows, every
@@ -142,9 +148,10 @@ fn ldr(bc: usize) -> usize {
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
     let ld = ldr(kn.max(plan.bc));
-    let (pf, vpf) = match (dims.rows, krows) {
-        (1, TypedRows::F32(..) | TypedRows::F16(..) | TypedRows::BF16(..)) => (Prefetch::NONE, Prefetch::NONE),
-        _ => (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv)),
+    let (pf, vpf) = if one_float_row(ctx, dims) {
+        (Prefetch::NONE, Prefetch::NONE)
+    } else {
+        (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv))
     };
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
