@@ -209,6 +209,26 @@ def test_decode_rows_match_reference_on_what_is_stored(rng, dtype, group, t, d, 
         assert rel_err(got, want) <= tol, (softcap, rel_err(got, want))
 
 
+@pytest.mark.parametrize("n", [2047, 2052, 5001])
+@pytest.mark.parametrize("d,dv", [(64, 32), (32, 96), (128, 288), (20, 64)])
+def test_int8_one_row_over_long_keys(rng, n, d, dv):
+    # One query row per KV head over an int8 cache reads K and V in runs of 2048 keys, each
+    # value row whole, 256 columns at a time: runs that end inside the keys, a short last run
+    # with an odd last key, value widths of one, three and nine 32-column strips, and a key
+    # width the integer dot products do not take (20).
+    q = rng.standard_normal((1, 2, 1, d), dtype=F32)
+    k = rng.standard_normal((1, 2, n, d), dtype=F32)
+    v = rng.standard_normal((1, 2, n, dv), dtype=F32)
+    cache = ferroattn.KVCache(1, 2, d, n, dtype="int8", value_dim=dv)
+    cache.append(k, v)
+    ks, vs = cache.keys(0)[None].astype(np.float64), cache.values(0)[None].astype(np.float64)
+    for softcap in (None, 3.0):
+        got = cache.attend(q, softcap=softcap)
+        want, _ = reference_attention(q, ks, vs, causal=True, softcap=softcap)
+        # As in the test above: queries and probabilities rounded to 16 bits on VNNI CPUs.
+        assert rel_err(got, want) <= 1e-4, (softcap, rel_err(got, want))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16])
 @pytest.mark.parametrize("group", [1, 3, 4, 8])
 @pytest.mark.parametrize("d,dv", [(20, 32), (33, 64), (7, 128)])

@@ -574,7 +574,7 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
     let seq = &ctx.seqs[task.seq];
     let v_view = ctx.v.expect("attention has values");
     ctx.extras.scan(&sc.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.facts);
-    let step = super::decode::keys_per_step(ctx, sc, dims, kmin, kmax);
+    let step = super::decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
     let mut k0 = kmin;
     while k0 < kmax {
         let kn = plan.bc.min(kmax - k0);

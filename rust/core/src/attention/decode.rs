@@ -13,18 +13,17 @@ use crate::layout::{DType, TypedRows};
 use crate::simd::{elem::Elem, row_ptrs, Prefetch, Simd};
 use half::{bf16, f16};
 
-/// Keys per step for a task of one row (a decode step without GQA) whose keys are stored as
-/// floats: K and V are read in runs this long, one row after another and without software
-/// requests, so that the hardware prefetchers see two long streams. With 128-key tiles and
-/// requests ahead (the scheme of the GQA rows, where each key feeds several rows' arithmetic)
-/// one core read 21–23 GB/s; this way 26–28 (`benches/NOTES.md`). int8 keys keep the tiles:
-/// their VNNI path was level or slower with long runs.
+/// Keys per step for a streamed row (see [`streamed_row`]): K and V are read in runs this
+/// long, one row after another and without software requests, so that the hardware
+/// prefetchers see two long streams. With 128-key tiles and requests ahead (the scheme of the
+/// GQA rows, where each key feeds several rows' arithmetic) one core read 21–23 GB/s of fp32;
+/// this way 26–28, and int8 on the VNNI path 19 → 28 (`benches/NOTES.md`).
 pub(crate) const ONE_ROW_KEYS: usize = 2048;
 
-/// How many keys `accumulate` hands to [`tile`] at a time: [`ONE_ROW_KEYS`] for a plain task
-/// of one float row that sees all of `kmin..kmax`, the plan's tile otherwise.
-pub(crate) fn keys_per_step(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, kmax: usize) -> usize {
-    let one_row = one_float_row(ctx, dims) && ctx.extras.is_plain();
+/// How many keys `accumulate` hands to [`tile`] at a time: [`ONE_ROW_KEYS`] for a plain
+/// streamed row that sees all of `kmin..kmax`, the plan's tile otherwise.
+pub(crate) fn keys_per_step<S: Simd>(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, kmax: usize) -> usize {
+    let one_row = streamed_row::<S>(ctx, dims) && ctx.extras.is_plain();
     if one_row && sc.vis[0].sees_all(kmin, kmax) && ldr(ONE_ROW_KEYS) <= sc.st.len() {
         ONE_ROW_KEYS
     } else {
@@ -32,10 +31,20 @@ pub(crate) fn keys_per_step(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, k
     }
 }
 
-/// A task of one row whose keys are stored as floats: the streamed case of [`ONE_ROW_KEYS`],
-/// read in long runs and without software requests.
-fn one_float_row(ctx: &Ctx, dims: &Dims) -> bool {
-    dims.rows == 1 && ctx.k.dtype() != DType::I8
+/// A task of one row (a decode step without GQA) whose keys are read as a plain stream: in
+/// [`ONE_ROW_KEYS`] runs, each row whole and in address order, without software requests.
+/// Float keys on every path; int8 keys on the AVX-512 path only, whose integer (VNNI) or
+/// widening arithmetic keeps up with the stream. The AVX2 path's int8 arithmetic does not
+/// (measured 1.26× slower this way), and there the requests ahead pay.
+fn streamed_row<S: Simd>(ctx: &Ctx, dims: &Dims) -> bool {
+    dims.rows == 1 && (ctx.k.dtype() != DType::I8 || S::LANES == 16)
+}
+
+/// `buf` holding at least `len` elements (grown, zero-filled, on first need).
+fn at_least<T: Copy + Default>(buf: &mut Vec<T>, len: usize) {
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
 }
 
 /// Runs keys `k0..k0 + kn` of `task` through the typed path when it applies (few rows, every
@@ -138,9 +147,8 @@ fn ldr(bc: usize) -> usize {
 ///
 /// K and V are each read once, in order. With several rows they are requested ahead while
 /// they are read (see [`Prefetch::ahead`]): the keys during the scores, the values during
-/// P·V. One row of float keys and values does too little arithmetic per key for that to pay:
-/// the hardware prefetchers follow its long runs of rows read one after another (see
-/// [`ONE_ROW_KEYS`]). int8 keeps its requests (without them its VNNI path ran 1.5× slower).
+/// P·V. A streamed row does too little arithmetic per key for that to pay: the hardware
+/// prefetchers follow its long runs of rows read one after another (see [`streamed_row`]).
 ///
 /// # Safety
 /// As for [`tile`]; `rows · ldr(max(kn, bc))` floats fit in `sc.st`.
@@ -148,11 +156,16 @@ fn ldr(bc: usize) -> usize {
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
     let ld = ldr(kn.max(plan.bc));
-    let (pf, vpf) = if one_float_row(ctx, dims) {
+    let (pf, vpf) = if streamed_row::<S>(ctx, dims) {
         (Prefetch::NONE, Prefetch::NONE)
     } else {
         (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv))
     };
+    if matches!(krows, TypedRows::I8(..)) || matches!(vrows, TypedRows::I8(..)) {
+        // int8 scales and rounded probabilities, per key: a streamed run is longer than a tile.
+        at_least(&mut sc.keyscale, kn);
+        at_least(&mut sc.pairs, dims.rows * ld / 2);
+    }
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         match krows {
@@ -214,6 +227,26 @@ unsafe fn int8_pv<S: Simd>(
         if S::LANES == 16 && dims.dvp.is_multiple_of(32) && vnni::available() {
             // Whole vectors of keys: the softmax left zeros past the last key.
             let kp = kn.div_ceil(16) * 16;
+            if dims.rows == 1 && kp <= vnni::PV_BLOCK * 64 {
+                // One scale per block of keys, as a tile has: a whole run rounded against its
+                // largest probability would round the small ones coarser.
+                let mut scales = [0f32; 64];
+                for (b, s) in scales.iter_mut().enumerate().take(kp.div_ceil(vnni::PV_BLOCK)) {
+                    let (k0, n) = (b * vnni::PV_BLOCK, vnni::PV_BLOCK.min(kp - b * vnni::PV_BLOCK));
+                    // SAFETY: the CPU has the features (checked); the row holds kp ≤ ld floats
+                    // and `pairs` ld / 2 words.
+                    match unsafe { vnni::pack_probs(sc.st.as_ptr().add(k0), n, sc.pairs.as_mut_ptr().add(k0 / 2)) } {
+                        Some(x) => *s = x,
+                        None => return false,
+                    }
+                }
+                // SAFETY: the CPU has the features (checked); one row of kp / 2 words and of `dvp`
+                // accumulators; V as the caller vouched.
+                unsafe {
+                    vnni::pv_one(sc.pairs.as_ptr(), scales.as_ptr(), v, ldv, dims.dvp, kn, sc.acc.as_mut_ptr(), pf)
+                };
+                return true;
+            }
             let ldp = kp / 2;
             let mut scales = [0f32; 8];
             // Every row is rounded before anything is accumulated, so a row that cannot be

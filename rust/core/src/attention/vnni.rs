@@ -288,22 +288,128 @@ unsafe fn pv_rows<const R: usize>(
             }
             for r in 0..R {
                 let s = _mm512_set1_ps(*scales.add(r));
-                let (l, h) = (_mm512_cvtepi32_ps(lo[r]), _mm512_cvtepi32_ps(hi[r]));
-                // Lanes [l0 l1 l2 l3] and [h0 h1 h2 h3] back into column order:
-                // [l0 h0 l1 h1] (columns 0..15) and [l2 h2 l3 h3] (16..31).
-                let first = _mm512_shuffle_f32x4::<0b11_01_10_00>(
-                    _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
-                    _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
-                );
-                let second = _mm512_shuffle_f32x4::<0b11_01_10_00>(
-                    _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
-                    _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
-                );
+                let (first, second) = column_order(_mm512_cvtepi32_ps(lo[r]), _mm512_cvtepi32_ps(hi[r]));
                 let out = acc.add(r * ldc + c);
                 _mm512_storeu_ps(out, _mm512_fmadd_ps(first, s, _mm512_loadu_ps(out)));
                 _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(second, s, _mm512_loadu_ps(out.add(16))));
             }
         }
+    }
+}
+
+/// Keys per probability scale in [`pv_one`]: a tile's worth.
+pub(crate) const PV_BLOCK: usize = 128;
+
+/// [`pv_i8`] for one row, keys outer: each value row is read whole and in address order, the
+/// order the hardware prefetchers follow, and every column of a 256-wide strip stays in
+/// registers across a block of keys. Keys `PV_BLOCK · b ..` were rounded with `scales[b]`.
+///
+/// # Safety
+/// As for [`pv_i8`] with one row, and one scale per [`PV_BLOCK`] keys.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pv_one(
+    pairs: *const i32,
+    scales: *const f32,
+    v: *const i8,
+    ldv: isize,
+    dv: usize,
+    kn: usize,
+    acc: *mut f32,
+    pf: Prefetch,
+) {
+    let mut c0 = 0;
+    while c0 < dv {
+        let pf = if c0 == 0 { pf } else { Prefetch::NONE };
+        // SAFETY: columns c0.. of V and of acc; the caller's extents.
+        unsafe {
+            let (v, acc) = (v.add(c0), acc.add(c0));
+            match (dv - c0).min(256) / 32 {
+                1 => pv_cols::<1>(pairs, scales, v, ldv, kn, acc, pf),
+                2 => pv_cols::<2>(pairs, scales, v, ldv, kn, acc, pf),
+                3 => pv_cols::<3>(pairs, scales, v, ldv, kn, acc, pf),
+                4 => pv_cols::<4>(pairs, scales, v, ldv, kn, acc, pf),
+                5 => pv_cols::<5>(pairs, scales, v, ldv, kn, acc, pf),
+                6 => pv_cols::<6>(pairs, scales, v, ldv, kn, acc, pf),
+                7 => pv_cols::<7>(pairs, scales, v, ldv, kn, acc, pf),
+                _ => pv_cols::<8>(pairs, scales, v, ldv, kn, acc, pf),
+            }
+        }
+        c0 += 256;
+    }
+}
+
+/// [`pv_one`] over `32 · W` columns.
+///
+/// # Safety
+/// As for [`pv_one`], with `32 · W` columns at `v` and `acc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn pv_cols<const W: usize>(
+    pairs: *const i32,
+    scales: *const f32,
+    v: *const i8,
+    ldv: isize,
+    kn: usize,
+    acc: *mut f32,
+    pf: Prefetch,
+) {
+    // SAFETY: every pointer stays inside the extents the caller vouched for; the features are
+    // enabled on the calling function.
+    unsafe {
+        let widen = |row: *const i8, c: usize| _mm512_cvtepi8_epi16(_mm256_loadu_si256(row.add(c) as *const __m256i));
+        for k0 in (0..kn).step_by(PV_BLOCK) {
+            let k1 = kn.min(k0 + PV_BLOCK);
+            let mut lo = [_mm512_setzero_si512(); W];
+            let mut hi = [_mm512_setzero_si512(); W];
+            for j in (k0..k1).step_by(2) {
+                pf.ahead(j, 2);
+                let a = v.offset(j as isize * ldv);
+                let p = _mm512_set1_epi32(*pairs.add(j / 2));
+                if j + 1 < k1 {
+                    let b = a.offset(ldv);
+                    for s in 0..W {
+                        let (x, y) = (widen(a, 32 * s), widen(b, 32 * s));
+                        lo[s] = _mm512_dpwssd_epi32(lo[s], _mm512_unpacklo_epi16(x, y), p);
+                        hi[s] = _mm512_dpwssd_epi32(hi[s], _mm512_unpackhi_epi16(x, y), p);
+                    }
+                } else {
+                    // An odd last key pairs with zeros.
+                    let z = _mm512_setzero_si512();
+                    for s in 0..W {
+                        let x = widen(a, 32 * s);
+                        lo[s] = _mm512_dpwssd_epi32(lo[s], _mm512_unpacklo_epi16(x, z), p);
+                        hi[s] = _mm512_dpwssd_epi32(hi[s], _mm512_unpackhi_epi16(x, z), p);
+                    }
+                }
+            }
+            let s = _mm512_set1_ps(*scales.add(k0 / PV_BLOCK));
+            for c in 0..W {
+                let out = acc.add(32 * c);
+                let (first, second) = column_order(_mm512_cvtepi32_ps(lo[c]), _mm512_cvtepi32_ps(hi[c]));
+                _mm512_storeu_ps(out, _mm512_fmadd_ps(first, s, _mm512_loadu_ps(out)));
+                _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(second, s, _mm512_loadu_ps(out.add(16))));
+            }
+        }
+    }
+}
+
+/// Lanes `[l0 l1 l2 l3]` and `[h0 h1 h2 h3]` (128-bit lanes of the unpacked low and high
+/// halves) back into column order: `[l0 h0 l1 h1]` (columns 0..15) and `[l2 h2 l3 h3]`
+/// (16..31).
+#[inline(always)]
+unsafe fn column_order(l: __m512, h: __m512) -> (__m512, __m512) {
+    // SAFETY: register-only intrinsics; the features are enabled on the calling function.
+    unsafe {
+        let first = _mm512_shuffle_f32x4::<0b11_01_10_00>(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
+        );
+        let second = _mm512_shuffle_f32x4::<0b11_01_10_00>(
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
+        );
+        (first, second)
     }
 }
 
@@ -405,6 +511,52 @@ mod tests {
                     let got = acc[r * dv + c] as f64;
                     assert!((got - want).abs() <= tol, "rows {rows}: row {r} column {c}: {got} vs {want}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn one_row_pv_matches_plain_sums_in_column_order() {
+        if !available() {
+            return;
+        }
+        // One row, keys outer: odd and even key counts, more than one block of keys (each
+        // with its own scale), value widths of one strip, of a whole 256-column chunk, and of
+        // a chunk plus three strips (two calls of the chunk loop).
+        for (dv, kn) in [(32usize, 5usize), (256, 37), (352, 300), (96, 1), (64, 129)] {
+            let kp = kn.div_ceil(16) * 16;
+            let v = int8(&noise(kn * dv, 7));
+            let mut p = vec![0f32; kp];
+            p[..kn].iter_mut().zip(&noise(kn, 11)).for_each(|(o, y)| *o = (y + 1.0) * 0.5);
+            // Blocks of very different size, so a wrong block's scale shows.
+            p.iter_mut().skip(PV_BLOCK).for_each(|x| *x *= 1e-3);
+            let mut pairs = vec![0i32; kp / 2];
+            let scales: Vec<f32> = (0..kp.div_ceil(PV_BLOCK))
+                .map(|b| {
+                    let (k0, n) = (b * PV_BLOCK, PV_BLOCK.min(kp - b * PV_BLOCK));
+                    // SAFETY: features checked; p holds kp floats, pairs kp / 2 words.
+                    unsafe { pack_probs(p[k0..].as_ptr(), n, pairs[k0 / 2..].as_mut_ptr()) }.unwrap()
+                })
+                .collect();
+            let mut acc = vec![1.0f32; dv];
+            // SAFETY: features checked; every extent matches the arrays above.
+            unsafe {
+                pv_one(
+                    pairs.as_ptr(),
+                    scales.as_ptr(),
+                    v.as_ptr(),
+                    dv as isize,
+                    dv,
+                    kn,
+                    acc.as_mut_ptr(),
+                    Prefetch::NONE,
+                )
+            };
+            for c in 0..dv {
+                let want: f64 = 1.0 + (0..kn).map(|j| p[j] as f64 * v[j * dv + c] as f64).sum::<f64>();
+                let tol: f64 = (0..kn).map(|j| 127.0 * scales[j / PV_BLOCK] as f64 * 0.5).sum::<f64>() + 1e-4;
+                let got = acc[c] as f64;
+                assert!((got - want).abs() <= tol, "dv {dv}, {kn} keys: column {c}: {got} vs {want}");
             }
         }
     }
