@@ -43,6 +43,20 @@ from typing import Any
 
 import numpy as np
 
+# Helpers shared with the harness (`ferroattn.bench`); the script needs ferroattn anyway.
+try:
+    from ferroattn.bench import (
+        _cpu_model,
+        _loadavg,
+        _non_negative,
+        _positive,
+        _short,
+        rel_frobenius,
+    )
+except Exception as exc:  # noqa: BLE001 (any failure of the import is reported)
+    print(f"bench_decode: error: cannot import ferroattn: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
 SCHEMA = "ferroattn-bench-decode/1"
 CACHE_DTYPES = ("float32", "float16", "int8")
 # relative Frobenius error allowed vs the float64 reference, by the narrowest K/V storage
@@ -108,26 +122,6 @@ def _parse_dtypes(text: str) -> list[str]:
             f"dtypes must be a comma-separated subset of {','.join(CACHE_DTYPES)}, got {text!r}"
         )
     return list(dict.fromkeys(values))
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,34 +250,11 @@ def _import_optional(name: str) -> tuple[Any, str | None]:
     return module, None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _l3_size() -> str | None:
     try:
         return Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
     except OSError:
         return None
-
-
-def _loadavg() -> str | None:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except (OSError, AttributeError):  # not on this platform
-        return None
-
-
-def _short(exc: BaseException, limit: int = 160) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def collect_env(fa: Any, peers: dict[str, tuple[Any, str | None]]) -> dict[str, Any]:
@@ -682,14 +653,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().float().numpy()
     return np.asarray(x)
-
-
-def rel_frobenius(x: np.ndarray, ref: np.ndarray) -> float:
-    x64 = x.astype(np.float64, copy=False)
-    r64 = ref.astype(np.float64, copy=False)
-    denom = float(np.linalg.norm(r64))
-    num = float(np.linalg.norm(x64 - r64))
-    return num / denom if denom > 0 else num
 
 
 # --------------------------------------------------------------------------- running
@@ -1214,12 +1177,12 @@ def main(argv: list[str] | None = None) -> int:
                 for threads in args.threads:
                     case = run_case(fa, peers, cfg, hkv, length, threads, flush, rng)
                     results.append(case)
-                    summary = "  ".join(
+                    done = "  ".join(
                         f"{c['kind']} {c['dtype']} {c['median_ms']:.2f} ms"
                         for c in case["candidates"].values()
                         if c.get("status") == "ok"
                     )
-                    print(f"  done Hkv={hkv} L={length} threads={threads}: {summary}", flush=True)
+                    print(f"  done Hkv={hkv} L={length} threads={threads}: {done}", flush=True)
                     for note in case["notes"]:
                         print(f"  note: {note}")
                     bandwidth.measure(threads)

@@ -33,6 +33,19 @@ from typing import Any
 
 import numpy as np
 
+# Helpers shared with the harness (`ferroattn.bench`); the script needs ferroattn anyway.
+try:
+    from ferroattn.bench import (
+        _cpu_model,
+        _loadavg,
+        _non_negative,
+        _positive,
+        rel_frobenius,
+    )
+except Exception as exc:  # noqa: BLE001 (any failure of the import is reported)
+    print(f"bench_prefill: error: cannot import ferroattn: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
+
 SCHEMA = "ferroattn-bench-prefill/1"
 RTOL = 1e-4  # relative Frobenius error allowed vs ferroattn
 NUMPY_MAX_BLOCK_BYTES = 256 << 20  # NumPy scores computed for this many bytes at a time
@@ -67,26 +80,6 @@ def _parse_threads(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {text!r}")
     return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,24 +158,6 @@ def _import_torch() -> tuple[Any, str | None]:
     except Exception as exc:  # noqa: BLE001 (broken install: report, don't crash)
         return None, f"import failed: {type(exc).__name__}: {exc}"
     return torch, None
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> str | None:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except (OSError, AttributeError):  # not on this platform
-        return None
 
 
 def collect_env(fa: Any, torch: Any, torch_status: str | None) -> dict[str, Any]:
@@ -334,14 +309,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def rel_frobenius(x: np.ndarray, ref: np.ndarray) -> float:
-    x64 = x.astype(np.float64, copy=False)
-    r64 = ref.astype(np.float64, copy=False)
-    denom = float(np.linalg.norm(r64))
-    num = float(np.linalg.norm(x64 - r64))
-    return num / denom if denom > 0 else num
 
 
 # --------------------------------------------------------------------------- running

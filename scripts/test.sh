@@ -22,7 +22,7 @@ cargo fmt --all --check
 cargo clippy --locked --all-targets --release -- -D warnings
 $PY -m ruff check python tests benches
 $PY -m ruff format --check python tests benches
-$PY -m mypy python/ferroattn  # also checks the calls into the binding against its .pyi stub
+$PY -m mypy python/ferroattn benches  # also checks the calls into the binding against its .pyi stub
 
 # Run from outside the source tree so the installed package (with its compiled module) is used.
 echo "== benchmark smoke runs (the harnesses run and write well-formed JSON; no timing asserts)"
