@@ -548,12 +548,8 @@ def save(out_dir: Path, quick: bool, md: str, payload: dict[str, Any]) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _resolve(args)
-    try:
-        import ferroattn as fa
-    except Exception as exc:  # noqa: BLE001
-        print(f"bench_prefill: error: cannot import ferroattn: {exc}", file=sys.stderr)
-        # (any failure of the import is reported, not only ImportError)
-        return 2
+    import ferroattn as fa  # importable: the helpers above came from it
+
     torch, torch_status = _import_torch()
 
     cfg = {

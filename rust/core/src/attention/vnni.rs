@@ -287,11 +287,7 @@ unsafe fn pv_rows<const R: usize>(
                 }
             }
             for r in 0..R {
-                let s = _mm512_set1_ps(*scales.add(r));
-                let (first, second) = column_order(_mm512_cvtepi32_ps(lo[r]), _mm512_cvtepi32_ps(hi[r]));
-                let out = acc.add(r * ldc + c);
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(first, s, _mm512_loadu_ps(out)));
-                _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(second, s, _mm512_loadu_ps(out.add(16))));
+                add_scaled(lo[r], hi[r], *scales.add(r), acc.add(r * ldc + c));
             }
         }
     }
@@ -364,43 +360,37 @@ unsafe fn pv_cols<const W: usize>(
             let mut hi = [_mm512_setzero_si512(); W];
             for j in (k0..k1).step_by(2) {
                 pf.ahead(j, 2);
+                // `b` is read only when key j + 1 exists.
                 let a = v.offset(j as isize * ldv);
+                let b = a.wrapping_offset(ldv);
                 let p = _mm512_set1_epi32(*pairs.add(j / 2));
-                if j + 1 < k1 {
-                    let b = a.offset(ldv);
-                    for s in 0..W {
-                        let (x, y) = (widen(a, 32 * s), widen(b, 32 * s));
-                        lo[s] = _mm512_dpwssd_epi32(lo[s], _mm512_unpacklo_epi16(x, y), p);
-                        hi[s] = _mm512_dpwssd_epi32(hi[s], _mm512_unpackhi_epi16(x, y), p);
-                    }
-                } else {
+                for s in 0..W {
                     // An odd last key pairs with zeros.
-                    let z = _mm512_setzero_si512();
-                    for s in 0..W {
-                        let x = widen(a, 32 * s);
-                        lo[s] = _mm512_dpwssd_epi32(lo[s], _mm512_unpacklo_epi16(x, z), p);
-                        hi[s] = _mm512_dpwssd_epi32(hi[s], _mm512_unpackhi_epi16(x, z), p);
-                    }
+                    let x = widen(a, 32 * s);
+                    let y = if j + 1 < k1 { widen(b, 32 * s) } else { _mm512_setzero_si512() };
+                    lo[s] = _mm512_dpwssd_epi32(lo[s], _mm512_unpacklo_epi16(x, y), p);
+                    hi[s] = _mm512_dpwssd_epi32(hi[s], _mm512_unpackhi_epi16(x, y), p);
                 }
             }
-            let s = _mm512_set1_ps(*scales.add(k0 / PV_BLOCK));
             for c in 0..W {
-                let out = acc.add(32 * c);
-                let (first, second) = column_order(_mm512_cvtepi32_ps(lo[c]), _mm512_cvtepi32_ps(hi[c]));
-                _mm512_storeu_ps(out, _mm512_fmadd_ps(first, s, _mm512_loadu_ps(out)));
-                _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(second, s, _mm512_loadu_ps(out.add(16))));
+                add_scaled(lo[c], hi[c], *scales.add(k0 / PV_BLOCK), acc.add(32 * c));
             }
         }
     }
 }
 
-/// Lanes `[l0 l1 l2 l3]` and `[h0 h1 h2 h3]` (128-bit lanes of the unpacked low and high
-/// halves) back into column order: `[l0 h0 l1 h1]` (columns 0..15) and `[l2 h2 l3 h3]`
-/// (16..31).
+/// `out[0..32] += scale · sums`, where `lo` and `hi` hold the integer sums of 32 columns as
+/// the unpacked pairs leave them: per 128-bit lane L, `lo` columns 8L..8L+3 and `hi`
+/// 8L+4..8L+7. The lanes `[l0 l1 l2 l3]` and `[h0 h1 h2 h3]` go back into column order as
+/// `[l0 h0 l1 h1]` (columns 0..15) and `[l2 h2 l3 h3]` (16..31).
+///
+/// # Safety
+/// `out` holds 32 floats; the features are enabled on the calling function.
 #[inline(always)]
-unsafe fn column_order(l: __m512, h: __m512) -> (__m512, __m512) {
-    // SAFETY: register-only intrinsics; the features are enabled on the calling function.
+unsafe fn add_scaled(lo: __m512i, hi: __m512i, scale: f32, out: *mut f32) {
+    // SAFETY: 32 floats at out (the caller's promise); the rest works on registers.
     unsafe {
+        let (l, h, s) = (_mm512_cvtepi32_ps(lo), _mm512_cvtepi32_ps(hi), _mm512_set1_ps(scale));
         let first = _mm512_shuffle_f32x4::<0b11_01_10_00>(
             _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
             _mm512_shuffle_f32x4::<0b01_00_01_00>(l, h),
@@ -409,7 +399,8 @@ unsafe fn column_order(l: __m512, h: __m512) -> (__m512, __m512) {
             _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
             _mm512_shuffle_f32x4::<0b11_10_11_10>(l, h),
         );
-        (first, second)
+        _mm512_storeu_ps(out, _mm512_fmadd_ps(first, s, _mm512_loadu_ps(out)));
+        _mm512_storeu_ps(out.add(16), _mm512_fmadd_ps(second, s, _mm512_loadu_ps(out.add(16))));
     }
 }
 
