@@ -6,6 +6,8 @@
 //! whole group, and tasks are independent, so rayon balances causal and windowed work by
 //! stealing.
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod blocked;
 mod decode;
 pub(crate) mod gemm;
