@@ -59,8 +59,6 @@ pub(crate) struct Scratch {
     /// Whether `q16` holds this task's queries: `None` until first asked for, then whether
     /// they could be rounded (finite).
     pub q16_ready: Option<bool>,
-    /// The same queries laid out as AMX query tiles, where the int8 scores use them.
-    pub q_tiles: Vec<i8>,
     /// Probabilities of up to 8 rows rounded to 16 bits, two keys per word, for int8 values
     /// (a key tile rounded up to whole vectors per row).
     pub pairs: Vec<i32>,
@@ -92,7 +90,6 @@ impl Scratch {
             q16: vec![0; plan.d * rows_p],
             qscale: vec![0.0; rows_p],
             q16_ready: None,
-            q_tiles: Vec::new(),
             pairs: vec![0; 8 * plan.bc.div_ceil(32) * 16],
             facts: TileFacts::default(),
         }
@@ -216,7 +213,6 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
     sc.m[..rows_p].fill(f32::NEG_INFINITY);
     sc.l[..rows_p].fill(0.0);
     sc.q16_ready = None;
-    sc.q_tiles.clear();
     dims
 }
 

@@ -415,7 +415,7 @@ unsafe fn int8_dots<S: Simd>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::{amx, vnni};
+        use super::vnni;
         // LANES == 16 is the AVX-512 path: a forced lower path never reaches these instructions.
         if S::LANES == 16
             && d.is_multiple_of(32)
@@ -423,25 +423,10 @@ unsafe fn int8_dots<S: Simd>(
             && vnni::available()
             && *sc.q16_ready.get_or_insert_with(|| vnni::quantize(&sc.q, rows, d, &mut sc.q16, &mut sc.qscale))
         {
-            let mut done = 0;
-            if amx::fits(rows, d) {
-                if sc.q_tiles.is_empty() {
-                    sc.q_tiles.resize(amx::query_bytes(rows, d), 0);
-                    amx::split_queries(&sc.q16, rows, d, &mut sc.q_tiles);
-                }
-                // SAFETY: `fits` checked; the query tiles were laid out for these rows; the rest
-                // is forwarded.
-                done = unsafe {
-                    let (qt, qs, st) = (sc.q_tiles.as_ptr(), sc.qscale.as_ptr(), sc.st.as_mut_ptr());
-                    amx::scores(k, ldk, qt, qs, rows, d, st, ld, kn, pf)
-                };
-            }
             let (q16, qs, st) = (sc.q16.as_ptr(), sc.qscale.as_ptr(), sc.st.as_mut_ptr());
             // SAFETY: the CPU has the features (checked); d is a multiple of 32; Q was rounded
-            // for `rows` rows; the keys past `done` are rows the caller vouched for.
-            unsafe {
-                vnni::scores(k.offset(done as isize * ldk), ldk, q16, qs, rows, d, st.add(done), ld, kn - done, pf)
-            };
+            // for `rows` rows; the rest is forwarded.
+            unsafe { vnni::scores(k, ldk, q16, qs, rows, d, st, ld, kn, pf) };
             return true;
         }
     }

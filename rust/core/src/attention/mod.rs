@@ -6,8 +6,6 @@
 //! whole group, and tasks are independent, so rayon balances causal and windowed work by
 //! stealing.
 
-#[cfg(target_arch = "x86_64")]
-mod amx;
 mod blocked;
 mod decode;
 pub(crate) mod gemm;

@@ -4,9 +4,8 @@
 //! with a whole GQA group per key that arithmetic, not memory, bounds decoding. `vpdpwssd`
 //! multiplies 32 pairs of 16-bit integers and accumulates into 32-bit lanes in one
 //! instruction, so keys are only sign-extended to 16 bits and each query row is rounded to
-//! 16 bits with its own scale (`max |q| / 32639`: a relative error of ~1.5e-5 per element,
-//! two orders below the int8 rounding of the keys themselves). 32639 rather than 32767 so that
-//! every rounded query also splits into two signed bytes for the AMX path.
+//! 16 bits with its own scale (`max |q| / 32767`: a relative error of ~1.5e-5 per element,
+//! two orders below the int8 rounding of the keys themselves).
 
 use crate::simd::x86::Avx512;
 use crate::simd::{row_ptrs, Prefetch, Simd};
@@ -29,10 +28,6 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// Largest rounded query: `256·127 + 127`, the most whose halves (`amx::split_queries`) are
-/// both signed bytes.
-pub(crate) const Q_MAX: f32 = 32639.0;
-
 /// Rounds `rows` query rows of `d` floats to 16-bit integers, one scale per row; returns false
 /// (leaving the float path to run) when a row holds a NaN or an infinity.
 pub(crate) fn quantize(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mut [f32]) -> bool {
@@ -42,11 +37,11 @@ pub(crate) fn quantize(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales
         if !amax.is_finite() || row.iter().any(|x| x.is_nan()) {
             return false;
         }
-        let s = amax / Q_MAX;
+        let s = amax / 32767.0;
         let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
         for (o, &x) in q16[r * d..(r + 1) * d].iter_mut().zip(row) {
             // Half away from zero by truncation (`f32::round` is a libm call on baseline x86-64);
-            // |x · inv| ≤ 32639 (to rounding), so the result stays in range.
+            // |x · inv| ≤ 32767, so the cast cannot saturate.
             let y = x * inv;
             *o = (y + 0.5f32.copysign(y)) as i16;
         }
