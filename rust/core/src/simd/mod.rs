@@ -188,10 +188,27 @@ const HINT_L1: i32 = 0;
 #[cfg(not(target_arch = "x86_64"))]
 const HINT_L2: i32 = 0;
 
-/// How far ahead of its use a row of a stream read in order is requested: about this many
-/// bytes of the stream (measured on Zen 4 with 128-wide heads: 8 KiB beat 4 and 16 KiB; see
-/// `benches/NOTES.md`).
-const STREAM_AHEAD_BYTES: usize = 8 << 10;
+/// How far ahead of its use a row of a stream read in order is requested, in bytes of the
+/// stream. The best distance depends on the core's prefetchers, so it is picked by vendor from
+/// measurements with 128-wide heads (`benches/NOTES.md`): on Zen 4, 8 KiB beat 4 and 16 KiB;
+/// on a Xeon with AVX-512 and AMX, 3 KiB beat 2, 4 and 8 KiB (GQA float caches 11–17% faster
+/// than at 8 KiB, int8 level).
+fn stream_ahead_bytes() -> usize {
+    static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *AHEAD.get_or_init(|| if intel() { 3 << 10 } else { 8 << 10 })
+}
+
+/// Whether the CPU is an Intel one (CPUID's vendor string).
+fn intel() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        // "GenuineIntel", in the order EBX, EDX, ECX.
+        (id.ebx, id.edx, id.ecx) == (0x756e_6547, 0x4965_6e69, 0x6c65_746e)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// Rows to fetch into cache ahead of use: first row, bytes between rows, bytes per row, and
 /// how many rows ahead [`Prefetch::ahead`] requests.
@@ -210,7 +227,7 @@ impl Prefetch {
     pub(crate) fn of<E>(p: *const E, ld: isize, row: usize) -> Prefetch {
         let size = size_of::<E>();
         let row_bytes = row * size;
-        let lead = (STREAM_AHEAD_BYTES / row_bytes.max(1)).max(1);
+        let lead = (stream_ahead_bytes() / row_bytes.max(1)).max(1);
         Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes, lead }
     }
 
@@ -265,5 +282,17 @@ impl Prefetch {
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (j0, n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    fn vendor_check_agrees_with_the_kernel() {
+        let info = std::fs::read_to_string("/proc/cpuinfo").expect("/proc/cpuinfo");
+        let vendor = info.lines().find_map(|l| l.strip_prefix("vendor_id")).expect("a vendor_id line");
+        let vendor = vendor.trim_start_matches([' ', '\t', ':']).trim();
+        assert_eq!(super::intel(), vendor == "GenuineIntel", "vendor_id {vendor:?}");
     }
 }
