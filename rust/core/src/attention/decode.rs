@@ -10,14 +10,15 @@ use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, S
 use super::gemm::{gemm, stream_rows};
 use super::{Ctx, Task};
 use crate::layout::{DType, TypedRows};
-use crate::simd::{elem::Elem, row_ptrs, Prefetch, Simd};
+use crate::simd::{elem::Elem, request_one_row_streams, row_ptrs, Prefetch, Simd};
 use half::{bf16, f16};
 
 /// Keys per step for a streamed row (see [`streamed_row`]): K and V are read in runs this
-/// long, one row after another and without software requests, so that the hardware
-/// prefetchers see two long streams. With 128-key tiles and requests ahead (the scheme of the
-/// GQA rows, where each key feeds several rows' arithmetic) one core read 21–23 GB/s of fp32;
-/// this way 26–28, and int8 on the VNNI path 19 → 28 (`benches/NOTES.md`).
+/// long, one row after another, so that the hardware prefetchers see two long streams. On
+/// Zen 4, with 128-key tiles and requests ahead (the scheme of the GQA rows, where each key
+/// feeds several rows' arithmetic) one core read 21–23 GB/s of fp32; this way, without
+/// requests, 26–28, and int8 on the VNNI path 19 → 28 (`benches/NOTES.md`). Where the runs are
+/// also requested ahead, see [`request_one_row_streams`].
 pub(crate) const ONE_ROW_KEYS: usize = 2048;
 
 /// How many keys `accumulate` hands to [`tile`] at a time: [`ONE_ROW_KEYS`] for a plain
@@ -32,7 +33,9 @@ pub(crate) fn keys_per_step<S: Simd>(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin:
 }
 
 /// A task of one row (a decode step without GQA) whose keys are read as a plain stream: in
-/// [`ONE_ROW_KEYS`] runs, each row whole and in address order, without software requests.
+/// [`ONE_ROW_KEYS`] runs, each row whole and in address order (with software requests only
+/// where [`request_one_row_streams`] says so, on the AVX-512 path: on the Xeon's AVX2 path
+/// they made fp32 10% slower).
 /// Float keys on every path; int8 keys on the AVX-512 path only, whose integer (VNNI) or
 /// widening arithmetic keeps up with the stream. The AVX2 path's int8 arithmetic does not
 /// (measured 1.26× slower this way), and there the requests ahead pay.
@@ -147,8 +150,9 @@ fn ldr(bc: usize) -> usize {
 ///
 /// K and V are each read once, in order. With several rows they are requested ahead while
 /// they are read (see [`Prefetch::ahead`]): the keys during the scores, the values during
-/// P·V. A streamed row does too little arithmetic per key for that to pay: the hardware
-/// prefetchers follow its long runs of rows read one after another (see [`streamed_row`]).
+/// P·V. A streamed row is requested only where that measured faster
+/// ([`request_one_row_streams`]); elsewhere the hardware prefetchers follow its long runs of
+/// rows read one after another (see [`streamed_row`]).
 ///
 /// # Safety
 /// As for [`tile`]; `rows · ldr(max(kn, bc))` floats fit in `sc.st`.
@@ -156,7 +160,7 @@ fn ldr(bc: usize) -> usize {
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
     let ld = ldr(kn.max(plan.bc));
-    let (pf, vpf) = if streamed_row::<S>(ctx, dims) {
+    let (pf, vpf) = if streamed_row::<S>(ctx, dims) && !(S::LANES == 16 && request_one_row_streams()) {
         (Prefetch::NONE, Prefetch::NONE)
     } else {
         (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv))
