@@ -312,7 +312,9 @@ def format_header(env: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         f"python {env['python']}  numpy {env['numpy']}  {env['platform']}",
         (
             f"ferroattn {fa.get('version')}  isa={fa.get('isa')}  "
-            f"KVCache={'yes' if fa.get('kv_cache') else 'MISSING'}"
+            f"KVCache={'yes' if fa.get('kv_cache') else 'MISSING'}  "
+            f"prefetch={fa.get('stream_prefetch_bytes')} B ahead"
+            + (" (one-row streams too)" if fa.get("one_row_stream_prefetch") else "")
             + (f"  error={fa['error']}" if "error" in fa else "")
         ),
         (

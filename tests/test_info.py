@@ -24,6 +24,24 @@ def test_info_keys_and_types():
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
 
 
+def test_info_stream_prefetch_follows_the_cpu_vendor():
+    info = ferroattn.info()
+    ahead, one_row = info["stream_prefetch_bytes"], info["one_row_stream_prefetch"]
+    assert isinstance(ahead, int) and ahead > 0
+    assert isinstance(one_row, bool)
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendors = {ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU vendor from")
+    if not vendors:
+        pytest.skip("/proc/cpuinfo names no vendor (not x86)")
+    intel = vendors == {"GenuineIntel"}
+    # Intel: a shorter distance, and one row's streams requested too on the AVX-512 path.
+    assert (ahead < 8192) == intel
+    assert one_row == (intel and info["isa"] == "avx512")
+
+
 def test_info_isa_is_known_and_available():
     info = ferroattn.info()
     assert info["isa"] in ISAS
@@ -75,3 +93,20 @@ def test_forced_isa_is_used_and_agrees(isa):
     assert forced["isa"] == isa
     default = _probe(None)
     assert rel_err(np.array(forced["out"]), np.array(default["out"])) <= 1e-5
+
+
+def test_cli_info_names_the_decode_prefetch():
+    from ferroattn.cli import _format_info
+
+    text = _format_info(
+        {"torch": {}, "stream_prefetch_bytes": 3072, "one_row_stream_prefetch": True}
+    )
+    assert (
+        "decode prefetch" in text
+        and "3072 B of each K/V stream ahead (one-row streams too)" in text
+    )
+    text = _format_info(
+        {"torch": {}, "stream_prefetch_bytes": 8192, "one_row_stream_prefetch": False}
+    )
+    assert "8192 B of each K/V stream ahead" in text and "one-row" not in text
+    assert "stream_prefetch_bytes" not in text  # shown once, by its label

@@ -76,6 +76,9 @@ def get_num_threads() -> int:
 def info() -> dict[str, Any]:
     """Version, SIMD path in use, paths this CPU can run, CPU features, threads.
 
+    ``stream_prefetch_bytes`` and ``one_row_stream_prefetch`` say how decoding requests its
+    K and V streams ahead on this CPU (picked by CPU vendor; see ``benches/NOTES.md``).
+
     Never imports torch (``ferroattn info`` on the command line reports torch as well).
     """
     return dict(_ferroattn.build_info())

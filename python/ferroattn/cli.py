@@ -107,6 +107,14 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
+def _prefetch(data: dict[str, Any]) -> str | None:
+    ahead = data.get("stream_prefetch_bytes")
+    if ahead is None:
+        return None
+    one_row = " (one-row streams too)" if data.get("one_row_stream_prefetch") else ""
+    return f"{ahead} B of each K/V stream ahead{one_row}"
+
+
 def _format_info(data: dict[str, Any]) -> str:
     known = (
         "version",
@@ -114,6 +122,8 @@ def _format_info(data: dict[str, Any]) -> str:
         "isa_available",
         "cpu_features",
         "num_threads",
+        "stream_prefetch_bytes",
+        "one_row_stream_prefetch",
         "python",
         "numpy",
         "platform",
@@ -126,6 +136,7 @@ def _format_info(data: dict[str, Any]) -> str:
         ("SIMD paths", data.get("isa_available")),
         ("CPU features", data.get("cpu_features")),
         ("threads", data.get("num_threads")),
+        ("decode prefetch", _prefetch(data)),
     ]
     rows += [(k, v) for k, v in data.items() if k not in known]  # future keys
     rows += [

@@ -38,4 +38,4 @@ pub use linear::{linear_attention, FeatureMap, LinearParams, LinearState};
 pub use mask::{padded_sequences, varlen_sequences, Align, Params, Sequence};
 pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads};
 pub use quant::quantize_int8;
-pub use simd::{cpu_features, Isa};
+pub use simd::{cpu_features, stream_requests, Isa};

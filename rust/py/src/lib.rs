@@ -280,6 +280,9 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("isa_available", core::Isa::available().iter().map(|i| i.name()).collect::<Vec<_>>())?;
     d.set_item("cpu_features", core::cpu_features())?;
     d.set_item("num_threads", core::num_threads())?;
+    let (ahead, one_row) = core::stream_requests();
+    d.set_item("stream_prefetch_bytes", ahead)?;
+    d.set_item("one_row_stream_prefetch", one_row)?;
     d.set_item("arch", std::env::consts::ARCH)?;
     Ok(d)
 }

@@ -192,7 +192,8 @@ const HINT_L2: i32 = 0;
 /// stream. The best distance depends on the core's prefetchers, so it is picked by vendor from
 /// measurements with 128-wide heads (`benches/NOTES.md`): on Zen 4, 8 KiB beat 4 and 16 KiB;
 /// on a Xeon with AVX-512 and AMX, 3 KiB beat 2, 4 and 8 KiB (GQA float caches 11–17% faster
-/// than at 8 KiB, int8 level; one-row streams 6 KiB and more were 8–15% slower).
+/// than at 8 KiB, int8 level; one-row fp32 and fp16 streams 12–20% slower at 6–8 KiB, int8 up to
+/// 4% faster).
 fn stream_ahead_bytes() -> usize {
     static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *AHEAD.get_or_init(|| if intel() { 3 << 10 } else { 8 << 10 })
@@ -200,11 +201,19 @@ fn stream_ahead_bytes() -> usize {
 
 /// Whether a single query row's K and V streams (a decode step without GQA), read in long
 /// runs of whole rows on the AVX-512 path, are also requested ahead. On the Xeon they read
-/// 17–27% faster with the requests (fp32, fp16 and int8, 4096 and 32768 keys); on Zen 4 the
-/// hardware prefetchers alone beat the tiles with requests, so it keeps them alone.
+/// 17–27% faster with the requests (fp32, fp16 and int8, 4096 and 32768 keys). On Zen 4 the
+/// runs without requests beat 128-key tiles with them (runs with requests were not measured
+/// there), so other CPUs keep the runs without.
 pub(crate) fn request_one_row_streams() -> bool {
     static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *YES.get_or_init(intel)
+}
+
+/// How decoding requests its K and V streams ahead on this CPU, for reports such as
+/// `ferroattn.info()`: bytes of a stream requested ahead, and whether one query row's streams
+/// (a decode step without GQA) are requested too, on the SIMD path in use.
+pub fn stream_requests() -> (usize, bool) {
+    (stream_ahead_bytes(), request_one_row_streams() && Isa::active() == Isa::Avx512)
 }
 
 /// Whether the CPU is an Intel one (CPUID's vendor string).
