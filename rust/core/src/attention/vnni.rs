@@ -63,6 +63,40 @@ fn quantize_plain(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mu
     true
 }
 
+/// The lanes of a 16-float vector at element `c` of a run of `n`.
+#[inline(always)]
+fn lanes(n: usize, c: usize) -> __mmask16 {
+    if n - c >= 16 {
+        0xffff
+    } else {
+        (1u16 << (n - c)) - 1
+    }
+}
+
+/// The 16-bit rounding scale of `n` floats at `p` (their largest magnitude over 32767) and its
+/// inverse in every lane; `None` when one of them is NaN or infinite.
+///
+/// # Safety
+/// [`available`] returned true; `n` floats readable at `p`.
+#[inline(always)]
+unsafe fn scale_of(p: *const f32, n: usize) -> Option<(f32, __m512)> {
+    // SAFETY: loads masked to the n floats; the features are enabled on the calling function.
+    unsafe {
+        let (mut mx, mut bad) = (_mm512_setzero_ps(), 0u16);
+        for c in (0..n).step_by(16) {
+            let x = _mm512_maskz_loadu_ps(lanes(n, c), p.add(c));
+            bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+            mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
+        }
+        let amax = Avx512::reduce_max(mx);
+        if bad != 0 || !amax.is_finite() {
+            return None;
+        }
+        let s = amax / 32767.0;
+        Some((s, _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 })))
+    }
+}
+
 /// [`quantize`] 16 elements at a time, with the same operations in the same order as
 /// [`quantize_plain`] (so the same results).
 ///
@@ -70,32 +104,16 @@ fn quantize_plain(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mu
 /// [`available`] returned true; `q` and `q16` hold `rows × d` elements, `scales` `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn quantize_rows(q: *const f32, rows: usize, d: usize, q16: *mut i16, scales: *mut f32) -> bool {
-    let lanes = |c: usize| -> __mmask16 {
-        if d - c >= 16 {
-            0xffff
-        } else {
-            (1u16 << (d - c)) - 1
-        }
-    };
     // SAFETY: every load is masked to the row's d elements; every store writes inside q16.
     unsafe {
         for r in 0..rows {
             let row = q.add(r * d);
-            let (mut mx, mut bad) = (_mm512_setzero_ps(), 0u16);
-            for c in (0..d).step_by(16) {
-                let x = _mm512_maskz_loadu_ps(lanes(c), row.add(c));
-                bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-                mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
-            }
-            let amax = Avx512::reduce_max(mx);
-            if bad != 0 || !amax.is_finite() {
+            let Some((s, inv)) = scale_of(row, d) else {
                 return false;
-            }
-            let s = amax / 32767.0;
-            let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+            };
             let (half, sign) = (_mm512_set1_epi32(0.5f32.to_bits() as i32), _mm512_set1_epi32(i32::MIN));
             for c in (0..d).step_by(16) {
-                let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(c), row.add(c)), inv);
+                let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(d, c), row.add(c)), inv);
                 let h = _mm512_or_si512(half, _mm512_and_si512(_mm512_castps_si512(y), sign));
                 let w = _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(y, _mm512_castsi512_ps(h))));
                 let out = q16.add(r * d + c);
@@ -248,18 +266,7 @@ unsafe fn sums4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
 pub(crate) unsafe fn pack_probs(p: *const f32, kp: usize, pairs: *mut i32) -> Option<f32> {
     // SAFETY: kp floats at p and kp / 2 words at pairs (the caller's promise).
     unsafe {
-        let (mut mx, mut bad) = (_mm512_setzero_ps(), 0u16);
-        for c in (0..kp).step_by(16) {
-            let x = _mm512_loadu_ps(p.add(c));
-            bad |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-            mx = _mm512_max_ps(mx, _mm512_abs_ps(x));
-        }
-        let amax = Avx512::reduce_max(mx);
-        if bad != 0 || !amax.is_finite() {
-            return None;
-        }
-        let s = amax / 32767.0;
-        let inv = _mm512_set1_ps(if s > 0.0 { 1.0 / s } else { 0.0 });
+        let (s, inv) = scale_of(p, kp)?;
         for c in (0..kp).step_by(16) {
             // |x · inv| ≤ 32767: the narrowing cannot saturate.
             let y = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p.add(c)), inv));
