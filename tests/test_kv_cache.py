@@ -343,6 +343,19 @@ def test_keys_values_views_and_nbytes(rng):
     assert cache.nbytes == 2 * 2 * 10 * (16 + 8) * 4
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("capacity", [3, 4096])
+def test_storage_starts_on_a_page_or_huge_page(dtype, capacity):
+    # NumPy's own arrays start 16 bytes past a page: every row load would span two lines.
+    cache = ferroattn.KVCache(1, 2, 128, capacity, dtype=dtype, value_dim=96)
+    arrays = [cache._k, cache._v] + ([cache._ks, cache._vs] if dtype == "int8" else [])
+    for a in arrays:
+        align = 2 << 20 if a.nbytes >= 4 << 20 else 4096
+        assert a.ctypes.data % align == 0, (a.shape, a.dtype, a.ctypes.data % align)
+        assert a.flags.c_contiguous and a.flags.writeable and not a.any()
+    assert cache.nbytes == sum(a.nbytes for a in arrays)
+
+
 def test_bfloat16_queries_keep_their_dtype(rng):
     q, k, v = _qkv(rng, b=1, n=6)
     cache = ferroattn.KVCache(1, 2, 16, 8, dtype="bfloat16")

@@ -53,6 +53,23 @@ class _Terms:
         return self.alibi_slopes is not None or self.rel_bias is not None
 
 
+# Where a cache array starts: on a huge-page boundary once it is large enough for NumPy to
+# ask the kernel for huge pages (4 MiB), on a page boundary otherwise. NumPy's own arrays
+# start 16 bytes past a page, so every 64-byte vector load of a row spans two cache lines;
+# decoding over such rows measured 2-5% slower than over aligned ones (benches/NOTES.md).
+_HUGE_ALIGN, _PAGE_ALIGN, _HUGE_FROM = 2 << 20, 4096, 4 << 20
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros of ``shape`` and ``dtype``, their first byte on a page or huge-page boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    align = _HUGE_ALIGN if nbytes >= _HUGE_FROM else _PAGE_ALIGN
+    # The pages of the unused head are never written, so they are never given memory.
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 def _tensor_among(*xs: Any) -> bool:
     """Whether a torch tensor is among ``xs`` (never imports torch)."""
     torch = sys.modules.get("torch")
@@ -203,7 +220,7 @@ class KVCache:
     # NumPy here; ferroattn.torch.TorchKVCache keeps the same logic over torch tensors.
 
     def _zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        return np.zeros(shape, dtype=dtype)
+        return _aligned_zeros(shape, dtype)
 
     def _ix(self, index: np.ndarray) -> Any:
         """An index array in the storage's kind."""

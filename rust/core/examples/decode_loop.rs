@@ -5,12 +5,12 @@
 //! `cargo run --release -p ferroattn-core --example decode_loop -- f32|f16|i8 KV_HEADS L [CALLS] [flush] [pause]`
 //!
 //! Prints the median and best time per call and the K/V read rate at those times. With
-//! `flush`, a buffer larger than the last-level cache is read before each call (as
-//! `benches/bench_decode.py` does); with `pause`, the program sleeps 10 ms before each call
-//! (the threads go idle, as between the decode steps of a model); without either,
-//! consecutive calls run back to back.
+//! `flush`, a 256 MiB buffer (`FLUSH_MIB` in the environment for another size) is read
+//! before each call (as `benches/bench_decode.py` does); with `pause`, the program sleeps
+//! 10 ms before each call (the threads go idle, as between the decode steps of a model);
+//! without either, consecutive calls run back to back.
 //! The cache is allocated on 2 MiB boundaries and, on Linux, advised to use huge pages, as
-//! NumPy does for the arrays behind `ferroattn.KVCache`.
+//! `ferroattn.KVCache` allocates its arrays.
 
 use ferroattn_core::{attention, padded_sequences, Elems, ElemsMut, Params, Strided, StridedMut};
 use half::f16;
@@ -77,12 +77,15 @@ fn main() {
             let st = [(hkv * len) as isize, len as isize, 1];
             let k = Strided::contiguous("k", Elems::I8(k8), [1, hkv, len, D]).unwrap();
             let v = Strided::contiguous("v", Elems::I8(v8), [1, hkv, len, D]).unwrap();
-            let (k, v) = (k.with_scales("k", scales, 0, st).unwrap(), v.with_scales("v", scales, 0, st).unwrap());
+            // Separate key and value scales, as `ferroattn.KVCache` keeps them.
+            let vscales = buffer(hkv * len, 0.02f32);
+            let (k, v) = (k.with_scales("k", scales, 0, st).unwrap(), v.with_scales("v", vscales, 0, st).unwrap());
             (k, v, 2 * n + 8 * hkv * len)
         }
         _ => panic!("{usage}"),
     };
-    let sink = buffer(if flush { 64 << 20 } else { 0 }, 1.0f32);
+    let flush_mib: usize = std::env::var("FLUSH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let sink = buffer(if flush { flush_mib << 18 } else { 0 }, 1.0f32);
     let mut times = Vec::with_capacity(calls);
     for _ in 0..calls {
         if flush {
