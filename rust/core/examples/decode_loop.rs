@@ -16,30 +16,11 @@ use ferroattn_core::{attention, padded_sequences, Elems, ElemsMut, Params, Strid
 use half::f16;
 use std::time::Instant;
 
+mod support;
+use support::buffer;
+
 const HQ: usize = 32;
 const D: usize = 128;
-
-/// A zeroed buffer of `n` elements, 2 MiB aligned, with huge pages requested where possible.
-fn buffer<T: Copy>(n: usize, fill: T) -> &'static mut [T] {
-    let layout = std::alloc::Layout::from_size_align(n.max(1) * size_of::<T>(), 2 << 20).expect("layout");
-    // SAFETY: the layout is non-zero in size; the memory is initialised before the slice is made.
-    unsafe {
-        let p = std::alloc::alloc(layout) as *mut T;
-        assert!(!p.is_null(), "out of memory");
-        #[cfg(target_os = "linux")]
-        {
-            extern "C" {
-                fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
-            }
-            const MADV_HUGEPAGE: i32 = 14;
-            madvise(p as *mut u8, layout.size(), MADV_HUGEPAGE);
-        }
-        for i in 0..n {
-            p.add(i).write(fill);
-        }
-        std::slice::from_raw_parts_mut(p, n)
-    }
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -16,7 +16,11 @@
 //! the larger of arithmetic alone and reads alone: 1.00 is perfect overlap, 2.00 none at all.
 
 #[cfg(target_arch = "x86_64")]
+mod support;
+
+#[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::support::buffer;
     use std::arch::x86_64::*;
     use std::time::Instant;
 
@@ -40,25 +44,6 @@ mod x86 {
         ahead: bool,
         /// Offsets wrap inside this window (all ones: the whole buffer).
         window: usize,
-    }
-
-    /// A buffer on 2 MiB boundaries, huge pages requested, every page written.
-    fn buffer(bytes: usize) -> &'static mut [u8] {
-        let layout = std::alloc::Layout::from_size_align(bytes, 2 * MIB).expect("layout");
-        // SAFETY: non-zero size; the memory is written before the slice is made.
-        unsafe {
-            let p = std::alloc::alloc(layout);
-            assert!(!p.is_null(), "out of memory");
-            #[cfg(target_os = "linux")]
-            {
-                extern "C" {
-                    fn madvise(addr: *mut u8, len: usize, advice: i32) -> i32;
-                }
-                madvise(p, bytes, 14); // MADV_HUGEPAGE
-            }
-            std::ptr::write_bytes(p, 1, bytes);
-            std::slice::from_raw_parts_mut(p, bytes)
-        }
     }
 
     /// Requests the 4 lines of the chunk at `p` into L2.
@@ -140,7 +125,7 @@ mod x86 {
         lanes.iter().sum()
     }
 
-    /// Best of 3 runs over `threads` threads, each with its share of both buffers.
+    /// Best of 5 runs over `threads` threads, each with its share of both buffers.
     fn time(k: &[u8], v: &[u8], threads: usize, run: Run, flush: &[u8]) -> f64 {
         let share = k.len() / threads;
         (0..5)
@@ -168,7 +153,7 @@ mod x86 {
         let threads = args.first().copied().unwrap_or(2).max(1);
         let works = if args.len() > 1 { args[1..].to_vec() } else { vec![2, 4, 8] };
         let bytes = 128 * MIB;
-        let (k, v, flush) = (buffer(bytes), buffer(bytes), buffer(1024 * MIB));
+        let (k, v, flush) = (buffer(bytes, 1u8), buffer(bytes, 1u8), buffer(1024 * MIB, 1u8));
         let all = usize::MAX;
         let read = time(k, v, threads, Run { work: 0, order: Order::Chunks, ahead: false, window: all }, flush);
         println!(

@@ -34,8 +34,7 @@ pub(crate) fn keys_per_step<S: Simd>(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin:
 
 /// A task of one row (a decode step without GQA) whose keys are read as a plain stream: in
 /// [`ONE_ROW_KEYS`] runs, each row whole and in address order (with software requests only
-/// where [`request_one_row_streams`] says so, on the AVX-512 path: on the Xeon's AVX2 path
-/// they made fp32 10% slower).
+/// where [`request_one_row_streams`] says so).
 /// Float keys on every path; int8 keys on the AVX-512 path only, whose integer (VNNI) or
 /// widening arithmetic keeps up with the stream. The AVX2 path's int8 arithmetic does not
 /// (measured 1.26× slower this way), and there the requests ahead pay.
@@ -160,7 +159,7 @@ fn ldr(bc: usize) -> usize {
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
     let ld = ldr(kn.max(plan.bc));
-    let (pf, vpf) = if streamed_row::<S>(ctx, dims) && !(S::LANES == 16 && request_one_row_streams()) {
+    let (pf, vpf) = if streamed_row::<S>(ctx, dims) && !request_one_row_streams(S::LANES == 16) {
         (Prefetch::NONE, Prefetch::NONE)
     } else {
         (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv))

@@ -3,8 +3,9 @@
 //!
 //! `MR` rows of A are broadcast against two vectors of B (four on AVX-512), so 2·MR (4·MR)
 //! accumulators stay in registers while one row of B streams from L1; `MR = 6` fills the 16
-//! registers of AVX2 (12 accumulators, two B vectors, one broadcast) and most of AVX-512's 32. A is addressed by a row and a column stride, so a transposed
-//! operand (Pᵀ) or rows read straight from the caller's array cost no copy.
+//! registers of AVX2 (12 accumulators, two B vectors, one broadcast) and most of AVX-512's 32.
+//! A is addressed by a row and a column stride, so a transposed operand (Pᵀ) or rows read
+//! straight from the caller's array cost no copy.
 
 use crate::simd::{elem::Elem, Prefetch, Simd};
 

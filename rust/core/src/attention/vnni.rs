@@ -28,21 +28,18 @@ pub(crate) fn available() -> bool {
     })
 }
 
-/// Rounds `rows` query rows of `d` floats to 16-bit integers, one scale per row; returns false
-/// (leaving the float path to run) when a row holds a NaN or an infinity. Vectorized where
-/// [`available`] holds: once per task, it was a third of a short decode call (16 cached
-/// tokens) done one element at a time.
+/// Rounds `rows` query rows of `d` floats to 16-bit integers, one scale per row, 16 lanes at
+/// a time (once per task, one element at a time it was a third of a short decode call);
+/// returns false (leaving the float path to run) when a row holds a NaN or an infinity, or
+/// where [`available`] does not hold.
 pub(crate) fn quantize(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mut [f32]) -> bool {
     assert!(q.len() >= rows * d && q16.len() >= rows * d && scales.len() >= rows, "query buffers too short");
-    if available() {
-        // SAFETY: the CPU has the features (checked); the lengths were checked above.
-        unsafe { quantize_rows(q.as_ptr(), rows, d, q16.as_mut_ptr(), scales.as_mut_ptr()) }
-    } else {
-        quantize_plain(q, rows, d, q16, scales)
-    }
+    // SAFETY: the CPU has the features (checked); the lengths were checked above.
+    available() && unsafe { quantize_rows(q.as_ptr(), rows, d, q16.as_mut_ptr(), scales.as_mut_ptr()) }
 }
 
 /// [`quantize`] one element at a time: the rounding the vector version reproduces.
+#[cfg(test)]
 fn quantize_plain(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mut [f32]) -> bool {
     for r in 0..rows {
         let row = &q[r * d..(r + 1) * d];
@@ -97,14 +94,14 @@ unsafe fn scale_of(p: *const f32, n: usize) -> Option<(f32, __m512)> {
     }
 }
 
-/// [`quantize`] 16 elements at a time, with the same operations in the same order as
-/// [`quantize_plain`] (so the same results).
+/// [`quantize`]'s work, with the same operations in the same order as the plain loop the
+/// tests compare it with (`quantize_plain`), so the same results.
 ///
 /// # Safety
 /// [`available`] returned true; `q` and `q16` hold `rows × d` elements, `scales` `rows`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn quantize_rows(q: *const f32, rows: usize, d: usize, q16: *mut i16, scales: *mut f32) -> bool {
-    // SAFETY: every load is masked to the row's d elements; every store writes inside q16.
+    // SAFETY: every load and store is masked to the row's d elements.
     unsafe {
         for r in 0..rows {
             let row = q.add(r * d);
@@ -115,15 +112,8 @@ unsafe fn quantize_rows(q: *const f32, rows: usize, d: usize, q16: *mut i16, sca
             for c in (0..d).step_by(16) {
                 let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes(d, c), row.add(c)), inv);
                 let h = _mm512_or_si512(half, _mm512_and_si512(_mm512_castps_si512(y), sign));
-                let w = _mm512_cvtsepi32_epi16(_mm512_cvttps_epi32(_mm512_add_ps(y, _mm512_castsi512_ps(h))));
-                let out = q16.add(r * d + c);
-                if d - c >= 16 {
-                    _mm256_storeu_si256(out as *mut __m256i, w);
-                } else {
-                    let mut tail = [0i16; 16];
-                    _mm256_storeu_si256(tail.as_mut_ptr() as *mut __m256i, w);
-                    std::ptr::copy_nonoverlapping(tail.as_ptr(), out, d - c);
-                }
+                let w = _mm512_cvttps_epi32(_mm512_add_ps(y, _mm512_castsi512_ps(h)));
+                _mm512_mask_cvtsepi32_storeu_epi16(q16.add(r * d + c), lanes(d, c), w);
             }
             *scales.add(r) = s;
         }

@@ -200,20 +200,21 @@ fn stream_ahead_bytes() -> usize {
 }
 
 /// Whether a single query row's K and V streams (a decode step without GQA), read in long
-/// runs of whole rows on the AVX-512 path, are also requested ahead. On the Xeon they read
-/// 17–27% faster with the requests (fp32, fp16 and int8, 4096 and 32768 keys). On Zen 4 the
-/// runs without requests beat 128-key tiles with them (runs with requests were not measured
-/// there), so other CPUs keep the runs without.
-pub(crate) fn request_one_row_streams() -> bool {
-    static YES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *YES.get_or_init(intel)
+/// runs of whole rows, are also requested ahead, on the AVX-512 path (`avx512`) or another.
+/// On the Xeon's AVX-512 path they read 17–27% faster with the requests (fp32, fp16 and int8,
+/// 4096 and 32768 keys); on its AVX2 path fp32 read 10% slower. On Zen 4 the runs without
+/// requests beat 128-key tiles with them (runs with requests were not measured there), so
+/// other CPUs keep the runs without.
+pub(crate) fn request_one_row_streams(avx512: bool) -> bool {
+    static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    avx512 && *INTEL.get_or_init(intel)
 }
 
 /// How decoding requests its K and V streams ahead on this CPU, for reports such as
 /// `ferroattn.info()`: bytes of a stream requested ahead, and whether one query row's streams
 /// (a decode step without GQA) are requested too, on the SIMD path in use.
 pub fn stream_requests() -> (usize, bool) {
-    (stream_ahead_bytes(), request_one_row_streams() && Isa::active() == Isa::Avx512)
+    (stream_ahead_bytes(), request_one_row_streams(Isa::active() == Isa::Avx512))
 }
 
 /// Whether the CPU is an Intel one (CPUID's vendor string).
