@@ -333,6 +333,74 @@ def test_plain_path_leaves_other_inputs_to_the_general_one(rng):
     assert cache.lengths.tolist() == [6]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_out_receives_the_result(rng, dtype, window):
+    q, k, v = _qkv(rng, n=9, dv=24)
+    a, b = (ferroattn.KVCache(2, 2, 16, 12, value_dim=24, dtype=dtype, window=window) for _ in "ab")
+    for c in (a, b):
+        c.append(k[:, :, :5], v[:, :, :5])
+    # One token (the short path), then a chunk with ragged lengths (the general path), whose
+    # rows past a sequence's length must come back as zeros, not as what out held.
+    for t, opts in ((slice(5, 6), {}), (slice(6, 8), {"lengths": [2, 1]})):
+        out = np.full((2, 4, t.stop - t.start, 24), np.nan, F32)
+        got = a.step(q[:, :, t], k[:, :, t], v[:, :, t], out=out, **opts)
+        assert got is out
+        np.testing.assert_array_equal(got, b.step(q[:, :, t], k[:, :, t], v[:, :, t], **opts))
+    out = np.full((2, 4, 1, 24), np.nan, F32)
+    assert a.attend(q[:, :, 8:9], out=out) is out
+    np.testing.assert_array_equal(out, b.attend(q[:, :, 8:9]))
+
+
+def test_out_keeps_the_plain_path(rng):
+    q, k, v = _qkv(rng, n=4)
+    cache, ref = ferroattn.KVCache(2, 2, 16, 8), ferroattn.KVCache(2, 2, 16, 8)
+
+    def not_here(*args, **kwargs):
+        pytest.fail("a plain call with out= fell back to the general path")
+
+    cache._run = cache._check_kv = cache._check_q = not_here
+    for i in range(4):
+        t = slice(i, i + 1)
+        out = np.empty((2, 4, 1, 16), F32)
+        assert cache.step(q[:, :, t], k[:, :, t], v[:, :, t], out=out) is out
+        np.testing.assert_array_equal(out, ref.step(q[:, :, t], k[:, :, t], v[:, :, t]))
+
+
+def _read_only(shape):
+    a = np.zeros(shape, F32)
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize(
+    "bad,err,match",
+    [
+        (lambda q: np.zeros(q.shape, np.float64), TypeError, "dtype float64"),
+        (lambda q: np.zeros((2, 4, 2, 16), F32), ValueError, "shape"),
+        (lambda q: q.tolist(), TypeError, "NumPy array"),
+        (lambda q: _read_only(q.shape), ValueError, "read-only"),
+        (lambda q: q, ValueError, "share memory with q"),
+    ],
+    ids=["dtype", "shape", "list", "read_only", "is_q"],
+)
+@pytest.mark.parametrize("window", [None, 6])
+def test_bad_out_raises_before_anything_is_stored(rng, bad, err, match, window):
+    q, k, v = _qkv(rng, n=3)
+    cache = ferroattn.KVCache(2, 2, 16, 8, window=window)
+    cache.append(k[:, :, :2], v[:, :, :2])
+    storage = (cache._k.copy(), cache._v.copy())
+    q1 = q[:, :, 2:3].copy()
+    with pytest.raises(err, match=match):
+        cache.step(q1, k[:, :, 2:3], v[:, :, 2:3], out=bad(q1))
+    with pytest.raises(err, match=match):
+        cache.attend(q1, out=bad(q1))
+    assert cache.lengths.tolist() == [2, 2]
+    np.testing.assert_array_equal(cache._k, storage[0])
+    np.testing.assert_array_equal(cache._v, storage[1])
+    np.testing.assert_array_equal(q1, q[:, :, 2:3])  # the failed calls wrote nothing
+
+
 def test_keys_values_views_and_nbytes(rng):
     _, k, v = _qkv(rng, n=5, dv=8)
     cache = ferroattn.KVCache(2, 2, 16, 10, value_dim=8)

@@ -307,6 +307,24 @@ def test_kv_cache_with_tensors(kw):
     assert dev.nbytes == host.nbytes
 
 
+def test_torch_kv_cache_bad_out_leaves_it_unchanged():
+    g = torch.Generator().manual_seed(7)
+    cache = fa_torch.TorchKVCache(2, 2, 8, 8, device="cpu")
+    cache.step(_randn(g, 2, 4, 2, 8), _randn(g, 2, 2, 2, 8), _randn(g, 2, 2, 2, 8))
+    keys = cache._k.clone()
+    q, k, v = _randn(g, 2, 4, 1, 8), _randn(g, 2, 2, 1, 8), _randn(g, 2, 2, 1, 8)
+    for bad, err in (
+        (np.zeros((2, 4, 1, 8), np.float32), TypeError),
+        (torch.zeros(2, 4, 1, 8, dtype=torch.float64), TypeError),
+        (torch.zeros(2, 4, 2, 8), ValueError),
+    ):
+        with pytest.raises(err, match="out"):
+            cache.step(q, k, v, out=bad)
+    assert cache.lengths.tolist() == [2, 2] and torch.equal(cache._k, keys)
+    out = torch.full((2, 4, 1, 8), float("nan"))
+    assert cache.step(q, k, v, out=out) is out and not out.isnan().any()
+
+
 def test_kv_cache_device_argument_picks_torch_storage():
     cache = ferroattn.KVCache(1, 2, 8, capacity=8, device="meta")
     assert isinstance(cache, fa_torch.TorchKVCache) and cache._k.device.type == "meta"

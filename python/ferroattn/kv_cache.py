@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from . import _ferroattn
-from ._args import NATIVE_CODES, as_array, check_dtypes, dtype_code, kernel_ready, mask_options
+from ._args import (
+    NATIVE_CODES,
+    as_array,
+    check_dtypes,
+    check_out,
+    dtype_code,
+    kernel_ready,
+    mask_options,
+)
 from .variants import extras_kwargs
 
 __all__ = ["KVCache"]
@@ -438,10 +446,10 @@ class KVCache:
         Returns:
             ``(batch, heads, T, value_dim)`` in q's dtype.
         """
-        if lengths is out is alibi_slopes is sinks is rel_bias is None:
+        if lengths is alibi_slopes is sinks is rel_bias is None:
             plain = self._plain_call(q, scale, softcap)
-            if plain is not None:
-                return self._attend_plain(q, *plain)
+            if plain is not None and self._plain_out(out, q):
+                return self._attend_plain(q, *plain, out)
         if self._host and _tensor_among(q, out):
             return self._tensor_call(
                 self.attend,
@@ -455,6 +463,7 @@ class KVCache:
                 rel_bias=rel_bias,
             )
         q = self._check_q(q)
+        self._check_out(out, q)
         counts = self._valid_counts(lengths, q.shape[2])
         terms = _Terms(alibi_slopes, sinks, rel_bias)
         if self.window is not None:
@@ -491,10 +500,14 @@ class KVCache:
         chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype (a torch tensor
         for tensor inputs).
         """
-        if lengths is out is alibi_slopes is sinks is rel_bias is None:
+        if lengths is alibi_slopes is sinks is rel_bias is None:
             plain = self._plain_call(q, scale, softcap)
-            if plain is not None and self._append_plain(k, v, q.shape[2]):
-                return self._attend_plain(q, *plain)
+            if (
+                plain is not None
+                and self._plain_out(out, q)
+                and self._append_plain(k, v, q.shape[2])
+            ):
+                return self._attend_plain(q, *plain, out)
         if self._host and _tensor_among(q, k, v, out):
             return self._tensor_call(
                 self.step,
@@ -511,6 +524,8 @@ class KVCache:
             )
         k, v = self._check_kv(k, v)
         q = self._check_q(q)
+        # Checked before anything is stored: a call that fails leaves the cache as it was.
+        self._check_out(out, q)
         if q.shape[2] != k.shape[2]:
             raise ValueError(f"q and k hold different numbers of tokens: {q.shape} vs {k.shape}")
         counts = self._valid_counts(lengths, k.shape[2])
@@ -577,10 +592,28 @@ class KVCache:
             self._plain_opts[key] = opts
         return code, opts
 
-    def _attend_plain(self, q: np.ndarray, code: str, opts: dict[str, Any]) -> np.ndarray:
+    def _plain_out(self, out: Any, q: np.ndarray) -> bool:
+        """Whether the plain path can write into ``out`` as it is (None: it makes its own);
+        anything else goes to the general path, which validates and reports."""
+        return out is None or (
+            type(out) is np.ndarray
+            and out.dtype == q.dtype
+            and out.shape == (self.batch, q.shape[1], q.shape[2], self.value_dim)
+            and out.flags.c_contiguous
+            and out.flags.writeable
+            and not any(np.may_share_memory(out, a) for a in (q, self._k, self._v))
+        )
+
+    def _attend_plain(
+        self, q: np.ndarray, code: str, opts: dict[str, Any], out: np.ndarray | None = None
+    ) -> np.ndarray:
         t = q.shape[2]
         seqs = [(b, 0, t, 0, n) for b, n in enumerate(self._len.tolist())]
-        result = np.zeros((self.batch, q.shape[1], t, self.value_dim), dtype=q.dtype)
+        if out is None:
+            result = np.zeros((self.batch, q.shape[1], t, self.value_dim), dtype=q.dtype)
+        else:
+            result = out
+            result.fill(0)
         _ferroattn.attention(
             q, self._k, self._v, result, code, kv_dtype=self._code, sink_keys=0, seqs=seqs, **opts
         )
@@ -606,6 +639,13 @@ class KVCache:
         return True
 
     # --------------------------------------------------------------- helpers
+
+    def _check_out(self, out: Any, q: np.ndarray) -> None:
+        """Raises, before anything is written, when ``out`` cannot take the result for ``q``:
+        wrong type, dtype (q's) or shape, read-only, or sharing memory with q or the cache."""
+        if out is not None:
+            shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
+            check_out(out, shape, q.dtype, [q, self._k, self._v])
 
     def _check_q(self, q: Any) -> np.ndarray:
         q = as_array("q", q)
@@ -703,9 +743,7 @@ class KVCache:
         shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
         if out is None:
             result = np.zeros(shape, dtype=result_dtype)
-        else:
-            if not isinstance(out, np.ndarray) or out.dtype != result_dtype or out.shape != shape:
-                raise ValueError(f"out must be an array of shape {shape} and dtype {result_dtype}")
+        else:  # checked by the caller (`_check_out`) before anything was stored
             result = out
             result[...] = 0
         direct = dtype_code(result) == dtype_code(qk) and result.flags.c_contiguous

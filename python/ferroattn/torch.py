@@ -770,6 +770,10 @@ class TorchKVCache(KVCache):
             )
         return q
 
+    def _check_out(self, out, q):
+        if out is not None:
+            _check_out(out, (self.batch, q.shape[1], q.shape[2], self.value_dim), q.dtype, q.device)
+
     def _encode(self, x):
         if self._code != "int8":
             return x.to(self._k.dtype), None
@@ -799,11 +803,7 @@ class TorchKVCache(KVCache):
         shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
         if out is None:
             result = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        else:
-            if not isinstance(out, torch.Tensor) or out.dtype != q.dtype:
-                raise ValueError(f"out must be a tensor of shape {shape} and dtype {q.dtype}")
-            if tuple(out.shape) != shape:
-                raise ValueError(f"out must be a tensor of shape {shape} and dtype {q.dtype}")
+        else:  # checked by the caller (`_check_out`) before anything was stored
             result = out
             result.zero_()
         aux = {
