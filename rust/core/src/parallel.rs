@@ -1,7 +1,9 @@
 //! ferroattn's own rayon pool, so the host application's global pool (or its absence) is never
 //! touched and the thread count can change at run time.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 static POOL: OnceLock<Mutex<Option<Arc<rayon::ThreadPool>>>> = OnceLock::new();
 static THREADS: OnceLock<Mutex<usize>> = OnceLock::new();
@@ -52,18 +54,21 @@ pub fn forget_pool_after_fork() {
 ///
 /// The caller starts at once instead of waiting for a worker: a worker that was idle (between
 /// the decode steps of a model, say) can take a fraction of a millisecond to be scheduled
-/// again, which a short call would otherwise spend waiting, twice (the worker woken to start,
-/// the caller woken at the end).
+/// again, which a short call would otherwise spend waiting. For the same reason the caller
+/// never sleeps waiting for a helper at the end: it waits only for helpers that are inside a
+/// task, spinning, and returns without the ones that have not started (they find the call
+/// closed and leave). A rayon scope instead parked the caller until every helper had run, and
+/// a parked virtual CPU took 50–70 µs to come back after a 4096-token decode step here, and a
+/// helper woken late held a call 1.3 ms past its work (`benches/NOTES.md`).
 pub(crate) fn for_each<T, I, F>(n: usize, init: I, f: F)
 where
     I: Fn() -> T + Sync,
     F: Fn(&mut T, usize) + Sync,
 {
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let run = || {
+    let work = |next: &AtomicUsize| {
         let mut state = None;
         loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= n {
                 break;
             }
@@ -71,16 +76,90 @@ where
         }
     };
     let helpers = num_threads().min(n).saturating_sub(1);
-    if helpers == 0 {
-        return run();
-    }
-    let Some(pool) = pool() else { return run() };
-    pool.in_place_scope(|s| {
-        for _ in 0..helpers {
-            s.spawn(|_| run());
-        }
-        run();
+    let pool = if helpers > 0 { pool() } else { None };
+    let Some(pool) = pool else {
+        return work(&AtomicUsize::new(0));
+    };
+    let work: &(dyn Fn(&AtomicUsize) + Sync) = &work;
+    // SAFETY: only the lifetime is erased. A helper calls `work` only after registering in
+    // `active` while `closed` was false, and this function closes the call and waits for
+    // `active` to reach zero before `work` (and what it borrows) goes out of scope, also when
+    // the caller's own share panics.
+    let work = unsafe { std::mem::transmute::<&(dyn Fn(&AtomicUsize) + Sync), WorkPtr>(work) };
+    let shared = Arc::new(Shared {
+        next: AtomicUsize::new(0),
+        active: AtomicUsize::new(0),
+        closed: AtomicBool::new(false),
+        panic: Mutex::new(None),
+        work,
     });
+    for _ in 0..helpers {
+        let shared = Arc::clone(&shared);
+        pool.spawn(move || shared.help());
+    }
+    // SAFETY: `work` is alive for the whole of this function.
+    let mine = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*shared.work)(&shared.next) }));
+    shared.closed.store(true, Ordering::SeqCst);
+    let start = Instant::now();
+    let mut polls = 0u32;
+    while shared.active.load(Ordering::SeqCst) > 0 {
+        // A helper inside a task: spin (it returns within one task), yielding the CPU once
+        // the wait gets long (prefill tasks, more threads than cores).
+        polls = polls.wrapping_add(1);
+        if polls.is_multiple_of(64) && start.elapsed() > SPIN_LIMIT {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    if let Err(p) = mine {
+        std::panic::resume_unwind(p);
+    }
+    let helper_panic = shared.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(p) = helper_panic {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// How long the caller spins for a helper still inside a task before it yields between polls.
+const SPIN_LIMIT: Duration = Duration::from_millis(1);
+
+/// The caller's claiming loop with its lifetime erased; see [`for_each`].
+type WorkPtr = *const (dyn Fn(&AtomicUsize) + Sync + 'static);
+
+/// What the caller of [`for_each`] and its helpers share. It is reference-counted so that a
+/// helper scheduled after the call has returned still finds it, sees `closed`, and leaves
+/// without touching `work`.
+struct Shared {
+    next: AtomicUsize,
+    /// Helpers between registering and leaving.
+    active: AtomicUsize,
+    closed: AtomicBool,
+    /// The first panic of a helper, raised on the caller's thread.
+    panic: Mutex<Option<Box<dyn std::any::Any + Send>>>,
+    work: WorkPtr,
+}
+
+// SAFETY: `work` points to a `Sync` closure and is only called under the protocol of
+// `for_each`; the other fields are thread-safe.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn help(&self) {
+        // Registering before looking at `closed` (both sequentially consistent): either the
+        // caller sees this helper active and waits for it, or this helper sees the call closed.
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if !self.closed.load(Ordering::SeqCst) {
+            // SAFETY: the call is open, so `work` is alive until `active` drops back.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*self.work)(&self.next) }));
+            if let Err(p) = r {
+                self.panic.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(p);
+            }
+        }
+        self.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Runs `f` inside the pool.
@@ -144,6 +223,39 @@ mod tests {
             );
             assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1), "n = {n}");
         }
+    }
+
+    #[test]
+    fn a_call_does_not_wait_for_helpers_that_have_not_started() {
+        two_threads();
+        // Every worker busy until released: the helpers of the call below cannot start.
+        let pool = pool().expect("a pool");
+        let (release, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new(Mutex::new(gate));
+        for _ in 0..pool.current_num_threads() {
+            let gate = Arc::clone(&gate);
+            pool.spawn(move || {
+                let _ = gate.lock().unwrap().recv();
+            });
+        }
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let sum = AtomicUsize::new(0);
+            for_each(
+                10,
+                || (),
+                |_, i| {
+                    sum.fetch_add(i, Ordering::Relaxed);
+                },
+            );
+            done_tx.send(sum.load(Ordering::Relaxed)).unwrap();
+        });
+        // The caller ran every index itself and returned while its helpers were still queued.
+        let got = done_rx.recv_timeout(std::time::Duration::from_secs(20));
+        for _ in 0..pool.current_num_threads() {
+            release.send(()).unwrap();
+        }
+        assert_eq!(got, Ok(45));
     }
 
     #[test]
