@@ -239,17 +239,7 @@ mod tests {
             });
         }
         let (done_tx, done_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let sum = AtomicUsize::new(0);
-            for_each(
-                10,
-                || (),
-                |_, i| {
-                    sum.fetch_add(i, Ordering::Relaxed);
-                },
-            );
-            done_tx.send(sum.load(Ordering::Relaxed)).unwrap();
-        });
+        std::thread::spawn(move || done_tx.send(sum_of_indices(10)).unwrap());
         // The caller ran every index itself and returned while its helpers were still queued.
         let got = done_rx.recv_timeout(std::time::Duration::from_secs(20));
         for _ in 0..pool.current_num_threads() {
@@ -278,14 +268,19 @@ mod tests {
             assert!(r.is_err(), "index {bad}");
         }
         // The pool still works afterwards.
+        assert_eq!(sum_of_indices(100), 4950);
+    }
+
+    /// `0 + 1 + … + (n − 1)`, each index added by whichever thread runs it.
+    fn sum_of_indices(n: usize) -> usize {
         let sum = AtomicUsize::new(0);
         for_each(
-            100,
+            n,
             || (),
             |_, i| {
                 sum.fetch_add(i, Ordering::Relaxed);
             },
         );
-        assert_eq!(sum.load(Ordering::Relaxed), 4950);
+        sum.load(Ordering::Relaxed)
     }
 }
