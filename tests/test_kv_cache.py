@@ -283,7 +283,7 @@ def test_int8_storage_is_plain_rounding(rng, general, in_dtype):
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("q_dtype", [F32, np.float16])
 def test_plain_decode_path_equals_general_path(rng, dtype, q_dtype):
-    # Calls without lengths, out or score terms take a short path; passing lengths sends the
+    # Calls without lengths or score terms take a short path; passing lengths sends the
     # same call through the general one. Both must store and return the same bits.
     q, k, v = _qkv(rng, b=2, hq=4, hk=2, n=9, dv=24)
     q = q.astype(q_dtype)

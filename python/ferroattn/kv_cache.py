@@ -554,9 +554,10 @@ class KVCache:
     # A decode step calls attend/step with the same plain arguments every token. After the
     # rest of a model has run, little of the general path's Python is still in the CPU
     # caches, and its cost then rivals the kernel's on a 4k-token step. These methods take
-    # only the common case (NumPy inputs in a native float dtype, no window, lengths, out or
-    # score terms) with a handful of checks, and say "not mine" (None/False, nothing changed)
-    # for everything else, which the general path then validates and runs.
+    # only the common case (NumPy inputs in a native float dtype, no window, lengths or score
+    # terms, no out or one ready to write) with a handful of checks, and say "not mine"
+    # (None/False, nothing changed) for everything else, which the general path then
+    # validates and runs.
 
     def _plain_call(self, q: Any, scale: Any, softcap: Any) -> tuple[str, dict[str, Any]] | None:
         """q's kernel dtype and the binding's options when the plain path takes this call."""
