@@ -401,6 +401,26 @@ def test_bad_out_raises_before_anything_is_stored(rng, bad, err, match, window):
     np.testing.assert_array_equal(q1, q[:, :, 2:3])  # the failed calls wrote nothing
 
 
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_out_over_the_cache_storage_is_refused(rng, dtype):
+    q, k, v = _qkv(rng, b=1, n=2)
+    cache = ferroattn.KVCache(1, 2, 16, 32, dtype=dtype)
+    cache.append(k[:, :, :1], v[:, :, :1])
+    # 64 floats of the cache's own arrays, seen in the result's shape (1, 4, 1, 16).
+    views = [cache._k[0, 0, :4]] if dtype == "float32" else [cache._ks, cache._vs]
+    for view in views:
+        saved = [a.copy() for a in cache._storage()]
+        out = view.reshape(1, 4, 1, 16)
+        assert np.shares_memory(out, view)
+        with pytest.raises(ValueError, match="share memory with the cache"):
+            cache.step(q[:, :, 1:], k[:, :, 1:], v[:, :, 1:], out=out)
+        with pytest.raises(ValueError, match="share memory with the cache"):
+            cache.attend(q[:, :, :1], out=out)
+        for a, b in zip(cache._storage(), saved, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert cache.lengths.tolist() == [1]
+
+
 def test_keys_values_views_and_nbytes(rng):
     _, k, v = _qkv(rng, n=5, dv=8)
     cache = ferroattn.KVCache(2, 2, 16, 10, value_dim=8)

@@ -602,7 +602,7 @@ class KVCache:
             and out.shape == (self.batch, q.shape[1], q.shape[2], self.value_dim)
             and out.flags.c_contiguous
             and out.flags.writeable
-            and not any(np.may_share_memory(out, a) for a in (q, self._k, self._v))
+            and not any(np.may_share_memory(out, a) for a in (q, *self._storage()))
         )
 
     def _attend_plain(
@@ -646,7 +646,13 @@ class KVCache:
         wrong type, dtype (q's) or shape, read-only, or sharing memory with q or the cache."""
         if out is not None:
             shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
-            check_out(out, shape, q.dtype, [q, self._k, self._v])
+            check_out(out, shape, q.dtype, [q])
+            if any(np.may_share_memory(out, a) for a in self._storage()):
+                raise ValueError("out must not share memory with the cache's storage")
+
+    def _storage(self) -> tuple[np.ndarray, ...]:
+        """The arrays the cache keeps: keys, values and, for int8, their scales."""
+        return (self._k, self._v) + ((self._ks, self._vs) if self._code == "int8" else ())
 
     def _check_q(self, q: Any) -> np.ndarray:
         q = as_array("q", q)
