@@ -599,7 +599,7 @@ class KVCache:
         return out is None or (
             type(out) is np.ndarray
             and out.dtype == q.dtype
-            and out.shape == (self.batch, q.shape[1], q.shape[2], self.value_dim)
+            and out.shape == self._result_shape(q)
             and out.flags.c_contiguous
             and out.flags.writeable
             and not any(np.may_share_memory(out, a) for a in (q, *self._storage()))
@@ -611,7 +611,7 @@ class KVCache:
         t = q.shape[2]
         seqs = [(b, 0, t, 0, n) for b, n in enumerate(self._len.tolist())]
         if out is None:
-            result = np.zeros((self.batch, q.shape[1], t, self.value_dim), dtype=q.dtype)
+            result = np.zeros(self._result_shape(q), dtype=q.dtype)
         else:
             result = out
             result.fill(0)
@@ -645,10 +645,13 @@ class KVCache:
         """Raises, before anything is written, when ``out`` cannot take the result for ``q``:
         wrong type, dtype (q's) or shape, read-only, or sharing memory with q or the cache."""
         if out is not None:
-            shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
-            check_out(out, shape, q.dtype, [q])
+            check_out(out, self._result_shape(q), q.dtype, [q])
             if any(np.may_share_memory(out, a) for a in self._storage()):
                 raise ValueError("out must not share memory with the cache's storage")
+
+    def _result_shape(self, q: Any) -> tuple[int, int, int, int]:
+        """``(batch, heads, T, value_dim)``: the result of attending with ``q``."""
+        return (self.batch, q.shape[1], q.shape[2], self.value_dim)
 
     def _storage(self) -> tuple[np.ndarray, ...]:
         """The arrays the cache keeps: keys, values and, for int8, their scales."""
@@ -747,7 +750,7 @@ class KVCache:
         )
         result_dtype = q.dtype
         qk = kernel_ready(q)
-        shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
+        shape = self._result_shape(q)
         if out is None:
             result = np.zeros(shape, dtype=result_dtype)
         else:  # checked by the caller (`_check_out`) before anything was stored

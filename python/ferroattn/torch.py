@@ -772,7 +772,7 @@ class TorchKVCache(KVCache):
 
     def _check_out(self, out, q):
         if out is not None:
-            _check_out(out, (self.batch, q.shape[1], q.shape[2], self.value_dim), q.dtype, q.device)
+            _check_out(out, self._result_shape(q), q.dtype, q.device)
 
     def _encode(self, x):
         if self._code != "int8":
@@ -800,7 +800,7 @@ class TorchKVCache(KVCache):
             scale=scale,
             softcap=softcap,
         )
-        shape = (self.batch, q.shape[1], q.shape[2], self.value_dim)
+        shape = self._result_shape(q)
         if out is None:
             result = torch.zeros(shape, dtype=q.dtype, device=q.device)
         else:  # checked by the caller (`_check_out`) before anything was stored
