@@ -3,12 +3,15 @@
 //!
 //! `cargo run --release -p ferroattn-core --example overlap -- [THREADS] [W ...]`
 //!
+//! `TILE_KIB` in the environment sets the tile of the tiled orders (default 16: a 128-key
+//! tile of a 128-wide int8 head; a decode tile of f16 is 32 KiB, of f32 64 KiB).
+//!
 //! Two 128 MiB buffers stand for a cache's keys and values. Each 256-byte chunk is loaded and
 //! followed by `W` rounds of 8 independent 8-lane FMAs (none of them waiting on memory). For
 //! each `W` it prints, at `THREADS` threads (default 2, each taking half of every buffer):
 //! - the arithmetic alone (chunks from a 16 KiB window that stays in L1);
 //! - the reads alone (`W = 0`, keys and values interleaved);
-//! - both, read as a decode step reads them: a 16 KiB tile of keys, then the tile of values,
+//! - both, read as a decode step reads them: a tile of keys, then the tile of values,
 //!   each stream requested 3 KiB ahead into L2 while it is read (as `Prefetch::ahead` does on
 //!   Intel), then without those requests, then with keys and values interleaved chunk by chunk.
 //!
@@ -26,7 +29,6 @@ mod x86 {
 
     const MIB: usize = 1 << 20;
     const CHUNK: usize = 256;
-    const TILE: usize = 16 << 10;
     const AHEAD: usize = 3 << 10;
 
     #[derive(Clone, Copy, PartialEq)]
@@ -44,6 +46,8 @@ mod x86 {
         ahead: bool,
         /// Offsets wrap inside this window (all ones: the whole buffer).
         window: usize,
+        /// Bytes of one stream read before switching to the other, in tile order.
+        tile: usize,
     }
 
     /// Requests the 4 lines of the chunk at `p` into L2.
@@ -87,13 +91,13 @@ mod x86 {
         let mut acc = [_mm256_set1_ps(1.0); 8];
         let x = _mm256_set1_ps(0.999);
         let at = |b: &[u8], off: usize| b.as_ptr().wrapping_add(off & run.window);
-        for t in (0..k.len()).step_by(TILE) {
+        for t in (0..k.len()).step_by(run.tile) {
             // SAFETY: every offset is masked into the buffer (the window is a power of two
             // minus one, or all ones with offsets below the length); requests never fault.
             unsafe {
                 match run.order {
                     Order::Chunks => {
-                        for i in (t..t + TILE).step_by(CHUNK) {
+                        for i in (t..t + run.tile).step_by(CHUNK) {
                             if run.ahead {
                                 request(at(k, i + AHEAD / 2));
                                 request(at(v, i + AHEAD / 2));
@@ -104,7 +108,7 @@ mod x86 {
                     }
                     Order::Tiles => {
                         for b in [k, v] {
-                            for i in (t..t + TILE).step_by(CHUNK) {
+                            for i in (t..t + run.tile).step_by(CHUNK) {
                                 if run.ahead {
                                     request(at(b, i + AHEAD));
                                 }
@@ -152,19 +156,30 @@ mod x86 {
         let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
         let threads = args.first().copied().unwrap_or(2).max(1);
         let works = if args.len() > 1 { args[1..].to_vec() } else { vec![2, 4, 8] };
+        let tile = std::env::var("TILE_KIB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(16) << 10;
+        if tile == 0 || !tile.is_power_of_two() || tile < CHUNK {
+            println!("TILE_KIB must be a power of two (KiB)");
+            return;
+        }
         let bytes = 128 * MIB;
         let (k, v, flush) = (buffer(bytes, 1u8), buffer(bytes, 1u8), buffer(1024 * MIB, 1u8));
         let all = usize::MAX;
-        let read = time(k, v, threads, Run { work: 0, order: Order::Chunks, ahead: false, window: all }, flush);
+        let read = time(k, v, threads, Run { work: 0, order: Order::Chunks, ahead: false, window: all, tile }, flush);
         println!(
-            "{threads} thread(s), 2 × {} MiB: reads alone {:.2} ms ({:.1} GB/s)",
+            "{threads} thread(s), 2 × {} MiB, tiles of {} KiB: reads alone {:.2} ms ({:.1} GB/s)",
             bytes / MIB,
+            tile >> 10,
             read * 1e3,
             2.0 * bytes as f64 / read / 1e9
         );
         for work in works {
-            let alone =
-                time(k, v, threads, Run { work, order: Order::Chunks, ahead: false, window: (16 << 10) - 1 }, flush);
+            let alone = time(
+                k,
+                v,
+                threads,
+                Run { work, order: Order::Chunks, ahead: false, window: (16 << 10) - 1, tile },
+                flush,
+            );
             let max = alone.max(read);
             println!("W = {work}: arithmetic alone {:.2} ms ({:.2} of the reads)", alone * 1e3, alone / read);
             for (name, order, ahead) in [
@@ -172,7 +187,7 @@ mod x86 {
                 ("tiles, no requests", Order::Tiles, false),
                 ("chunks interleaved, requested ahead", Order::Chunks, true),
             ] {
-                let t = time(k, v, threads, Run { work, order, ahead, window: all }, flush);
+                let t = time(k, v, threads, Run { work, order, ahead, window: all, tile }, flush);
                 let gbs = 2.0 * bytes as f64 / t / 1e9;
                 println!("  {name:<36} {:7.2} ms  {:5.1} GB/s  {:.2} × max", t * 1e3, gbs, t / max);
             }
