@@ -131,7 +131,8 @@ mod x86 {
 
     /// Best of 5 runs over `threads` threads, each with its share of both buffers.
     fn time(k: &[u8], v: &[u8], threads: usize, run: Run, flush: &[u8]) -> f64 {
-        let share = k.len() / threads;
+        // Whole tiles per thread: the passes read tile by tile and never past a share's end.
+        let share = k.len() / threads / run.tile * run.tile;
         (0..5)
             .map(|_| {
                 std::hint::black_box(flush.iter().step_by(64).fold(0u8, |a, &b| a ^ b));
@@ -157,20 +158,22 @@ mod x86 {
         let threads = args.first().copied().unwrap_or(2).max(1);
         let works = if args.len() > 1 { args[1..].to_vec() } else { vec![2, 4, 8] };
         let tile = std::env::var("TILE_KIB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(16) << 10;
-        if tile == 0 || !tile.is_power_of_two() || tile < CHUNK {
-            println!("TILE_KIB must be a power of two (KiB)");
+        if !tile.is_power_of_two() || tile > 64 * MIB / threads {
+            println!("TILE_KIB must be a power of two, at most 64 MiB per thread");
             return;
         }
         let bytes = 128 * MIB;
         let (k, v, flush) = (buffer(bytes, 1u8), buffer(bytes, 1u8), buffer(1024 * MIB, 1u8));
         let all = usize::MAX;
+        // What the threads read: their shares are whole tiles (see `time`).
+        let read_bytes = 2.0 * (bytes / threads / tile * tile * threads) as f64;
         let read = time(k, v, threads, Run { work: 0, order: Order::Chunks, ahead: false, window: all, tile }, flush);
         println!(
             "{threads} thread(s), 2 × {} MiB, tiles of {} KiB: reads alone {:.2} ms ({:.1} GB/s)",
             bytes / MIB,
             tile >> 10,
             read * 1e3,
-            2.0 * bytes as f64 / read / 1e9
+            read_bytes / read / 1e9
         );
         for work in works {
             let alone = time(
@@ -188,7 +191,7 @@ mod x86 {
                 ("chunks interleaved, requested ahead", Order::Chunks, true),
             ] {
                 let t = time(k, v, threads, Run { work, order, ahead, window: all, tile }, flush);
-                let gbs = 2.0 * bytes as f64 / t / 1e9;
+                let gbs = read_bytes / t / 1e9;
                 println!("  {name:<36} {:7.2} ms  {:5.1} GB/s  {:.2} × max", t * 1e3, gbs, t / max);
             }
         }
