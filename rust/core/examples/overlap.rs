@@ -129,10 +129,15 @@ mod x86 {
         lanes.iter().sum()
     }
 
+    /// Bytes of each buffer one of `threads` threads reads: whole tiles, since the passes read
+    /// tile by tile and must not run past a share's end.
+    fn share(len: usize, threads: usize, tile: usize) -> usize {
+        len / threads / tile * tile
+    }
+
     /// Best of 5 runs over `threads` threads, each with its share of both buffers.
     fn time(k: &[u8], v: &[u8], threads: usize, run: Run, flush: &[u8]) -> f64 {
-        // Whole tiles per thread: the passes read tile by tile and never past a share's end.
-        let share = k.len() / threads / run.tile * run.tile;
+        let share = share(k.len(), threads, run.tile);
         (0..5)
             .map(|_| {
                 std::hint::black_box(flush.iter().step_by(64).fold(0u8, |a, &b| a ^ b));
@@ -158,15 +163,14 @@ mod x86 {
         let threads = args.first().copied().unwrap_or(2).max(1);
         let works = if args.len() > 1 { args[1..].to_vec() } else { vec![2, 4, 8] };
         let tile = std::env::var("TILE_KIB").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(16) << 10;
-        if !tile.is_power_of_two() || tile > 64 * MIB / threads {
-            println!("TILE_KIB must be a power of two, at most 64 MiB per thread");
+        let bytes = 128 * MIB;
+        if !tile.is_power_of_two() || share(bytes, threads, tile) == 0 {
+            println!("TILE_KIB must be a power of two, at most a thread's share of 128 MiB");
             return;
         }
-        let bytes = 128 * MIB;
         let (k, v, flush) = (buffer(bytes, 1u8), buffer(bytes, 1u8), buffer(1024 * MIB, 1u8));
         let all = usize::MAX;
-        // What the threads read: their shares are whole tiles (see `time`).
-        let read_bytes = 2.0 * (bytes / threads / tile * tile * threads) as f64;
+        let read_bytes = 2.0 * (share(bytes, threads, tile) * threads) as f64;
         let read = time(k, v, threads, Run { work: 0, order: Order::Chunks, ahead: false, window: all, tile }, flush);
         println!(
             "{threads} thread(s), 2 × {} MiB, tiles of {} KiB: reads alone {:.2} ms ({:.1} GB/s)",
