@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +53,15 @@ def dtype_code(arr: np.ndarray) -> str | None:
     return None
 
 
-def check_dtypes(arrays: dict[str, np.ndarray]) -> np.dtype:
-    """All inputs must share one floating dtype; return it."""
+def check_dtypes(arrays: dict[str, Any]) -> Any:
+    """All inputs (NumPy arrays or torch tensors) must share one floating dtype; return it."""
     dtypes = {name: a.dtype for name, a in arrays.items()}
     for name, dt in dtypes.items():
-        if not (dt.kind == "f" or dt.name == "bfloat16"):
+        if isinstance(dt, np.dtype):
+            floating = dt.kind == "f" or dt.name == "bfloat16"
+        else:
+            floating = dt.is_floating_point  # a torch.dtype
+        if not floating:
             raise TypeError(
                 f"{name} has dtype {dt}; ferroattn takes float32, float16, bfloat16 "
                 "(or float64, computed in float32)"
@@ -78,15 +83,18 @@ def kernel_ready(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def to_bhsd(name: str, arr: np.ndarray, layout: str) -> np.ndarray:
-    """View an input of rank 2, 3 or 4 in ``layout`` as 4-D head-major ``(B, H, N, D)``."""
+def to_bhsd(name: str, arr: Any, layout: str) -> Any:
+    """View an input of rank 2, 3 or 4 in ``layout`` as 4-D head-major ``(B, H, N, D)``.
+
+    A view for NumPy arrays and torch tensors alike (both spell the swap ``swapaxes``).
+    """
     if arr.ndim == 4:
-        return arr if layout == "bhsd" else arr.transpose(0, 2, 1, 3)
+        return arr if layout == "bhsd" else arr.swapaxes(1, 2)
     if arr.ndim == 3:
-        return arr[None] if layout == "bhsd" else arr.transpose(1, 0, 2)[None]
+        return arr[None] if layout == "bhsd" else arr.swapaxes(0, 1)[None]
     if arr.ndim == 2:
         return arr[None, None]
-    raise ValueError(f"{name} must have 2, 3 or 4 dimensions, got shape {arr.shape}")
+    raise ValueError(f"{name} must have 2, 3 or 4 dimensions, got shape {tuple(arr.shape)}")
 
 
 def from_bhsd_shape(shape4: tuple[int, ...], ndim: int, layout: str) -> tuple[int, ...]:
@@ -103,6 +111,60 @@ def check_layout(layout: Any) -> str:
     if layout not in ("bhsd", "bshd"):
         raise ValueError(f"layout must be 'bhsd' or 'bshd', got {layout!r}")
     return layout
+
+
+def check_shapes(q4: Any, k4: Any, v4: Any | None, shapes: str) -> None:
+    """q, k (and v) as head-major 4-D views must fit together; ``shapes`` ends each message."""
+    b, hq, _, d = q4.shape
+    bk, hk, nk, dk = k4.shape
+    if d < 1:
+        raise ValueError(f"q: head dimension must be at least 1; {shapes}")
+    if bk != b:
+        raise ValueError(f"q and k have different batch sizes; {shapes}")
+    if dk != d:
+        raise ValueError(f"q and k have different head dimensions ({d} vs {dk}); {shapes}")
+    if hk < 1 or hq % hk:
+        raise ValueError(
+            f"query heads ({hq}) must be a multiple of key/value heads ({hk}); {shapes}"
+        )
+    if v4 is not None:
+        if tuple(v4.shape[:3]) != (bk, hk, nk):
+            raise ValueError(f"k and v must agree in batch, heads and length; {shapes}")
+        if v4.shape[3] < 1:
+            raise ValueError(f"v: value dimension must be at least 1; {shapes}")
+
+
+def prepare(
+    named: dict[str, Any],
+    layout: Any,
+    convert: Callable[[str, Any], Any],
+    ready: Callable[[Any], Any],
+) -> tuple[list[Any], list[Any], Any, int]:
+    """Check ``q``, ``k`` (and ``v``) together: ``(inputs, head-major views, dtype, rank)``.
+
+    The one set of checks both paths run, so both raise the same errors: ``convert`` turns a
+    caller's argument into the path's array (``as_array`` for NumPy; tensors as they are),
+    ``ready`` makes it readable by what computes (``kernel_ready``; ``detach`` for torch).
+    """
+    layout = check_layout(layout)
+    arrays = {n: convert(n, x) for n, x in named.items()}
+    dtype = check_dtypes(arrays)
+    shapes = ", ".join(f"{n} {tuple(a.shape)}" for n, a in arrays.items())
+    if len({a.ndim for a in arrays.values()}) != 1:
+        raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
+    ndim = arrays["q"].ndim
+    views = [to_bhsd(n, ready(a), layout) for n, a in arrays.items()]
+    check_shapes(views[0], views[1], views[2] if len(views) == 3 else None, f"got {shapes}")
+    return list(arrays.values()), views, dtype, ndim
+
+
+def check_packed(named: dict[str, Any]) -> None:
+    """Packed (varlen) inputs are 3-D: ``(total_tokens, heads, dim)``."""
+    for name, a in named.items():
+        if a.ndim != 3:
+            raise ValueError(
+                f"{name} must be 3-D (total_tokens, heads, dim), got shape {tuple(a.shape)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -206,6 +268,50 @@ def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:
     return [int(v) for v in arr]
 
 
+def check_kv_lengths(kv_lengths: Any, batch: int, nk: int) -> list[int] | None:
+    """``kv_lengths``: None, or ``batch`` integers in ``[0, nk]`` (the key length)."""
+    if kv_lengths is None:
+        return None
+    lens = int_vector("kv_lengths", kv_lengths, batch)
+    if any(n > nk for n in lens):
+        raise ValueError(f"kv_lengths must lie in [0, {nk}] (the key length), got {lens}")
+    return lens
+
+
+def check_cu_seqlens(
+    cu_seqlens_q: Any, cu_seqlens_k: Any, total_q: int, total_k: int
+) -> tuple[list[int], list[int]]:
+    """The sequence starts of packed queries and keys, as lists: each starts at 0, never
+    decreases and ends at its packed length; both count the same sequences."""
+    cq = int_vector("cu_seqlens_q", cu_seqlens_q)
+    ck = int_vector("cu_seqlens_k", cu_seqlens_k)
+    for name, cu, total in (("cu_seqlens_q", cq, total_q), ("cu_seqlens_k", ck, total_k)):
+        if (
+            not cu
+            or cu[0] != 0
+            or cu[-1] != total
+            or any(a > b for a, b in zip(cu, cu[1:], strict=False))
+        ):
+            raise ValueError(
+                f"{name} must start at 0, never decrease and end at {total} "
+                f"(the packed length); got {cu}"
+            )
+    if len(cq) != len(ck):
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cq)} and {len(ck)}"
+        )
+    return cq, ck
+
+
+def check_out_fits(out: Any, shape: tuple[int, ...], dtype: Any, dtype_note: str = "") -> None:
+    """A caller's ``out`` (NumPy array or torch tensor) has the result's dtype and shape.
+    ``dtype_note`` follows the expected dtype in its error message."""
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}{dtype_note}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+
+
 def check_out(
     out: Any,
     shape: tuple[int, ...],
@@ -217,10 +323,7 @@ def check_out(
     (named q, k, v). `dtype_note` follows the expected dtype in its error message."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}{dtype_note}")
-    if out.shape != shape:
-        raise ValueError(f"out has shape {out.shape}, expected {shape}")
+    check_out_fits(out, shape, dtype, dtype_note)
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     for name, a in zip(("q", "k", "v"), inputs, strict=False):

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Literal
 
 import numpy as np
 
-from . import _ferroattn
+from . import _dispatch, _ferroattn
 from ._args import (
     MaskOptions,
     as_array,
-    check_dtypes,
-    check_layout,
+    check_cu_seqlens,
+    check_kv_lengths,
     check_out,
+    check_packed,
     dtype_code,
     from_bhsd_shape,
-    int_vector,
     kernel_ready,
     mask_options,
+    prepare,
     to_bhsd,
 )
 from .variants import T5Bias, extras_kwargs
@@ -31,50 +31,7 @@ Backend = Literal["auto", "cpu", "torch"]
 __all__ = ["attention", "attention_varlen", "attention_weights"]
 
 
-def _check_shapes(q4: np.ndarray, k4: np.ndarray, v4: np.ndarray | None, shapes: str) -> None:
-    b, hq, _, d = q4.shape
-    bk, hk, nk, dk = k4.shape
-    if d < 1:
-        raise ValueError(f"q: head dimension must be at least 1; {shapes}")
-    if bk != b:
-        raise ValueError(f"q and k have different batch sizes; {shapes}")
-    if dk != d:
-        raise ValueError(f"q and k have different head dimensions ({d} vs {dk}); {shapes}")
-    if hk < 1 or hq % hk:
-        raise ValueError(
-            f"query heads ({hq}) must be a multiple of key/value heads ({hk}); {shapes}"
-        )
-    if v4 is not None:
-        if v4.shape[:3] != (bk, hk, nk):
-            raise ValueError(f"k and v must agree in batch, heads and length; {shapes}")
-        if v4.shape[3] < 1:
-            raise ValueError(f"v: value dimension must be at least 1; {shapes}")
-
-
 _NO_VALUES = object()
-
-
-def _to_torch(backend: Any, *xs: Any) -> bool:
-    """Whether a call belongs to :mod:`ferroattn.torch`: ``backend="torch"``, or a torch tensor
-    among ``xs``. Never imports torch: without it in ``sys.modules`` no tensor can exist."""
-    if backend == "auto" or backend == "cpu":
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return False
-        tensor = torch.Tensor
-        return any(
-            isinstance(x, tensor) or (isinstance(x, T5Bias) and isinstance(x.table, tensor))
-            for x in xs
-        )
-    if backend == "torch":
-        return True
-    raise ValueError(f"backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
-
-
-def _torch_dispatch(name: str, data: dict[str, Any], aux: dict[str, Any], backend: str) -> Any:
-    from . import torch as torch_path  # imports torch: only reached when torch is in play
-
-    return torch_path.dispatch(name, data, aux, backend)
 
 
 def _prepare(
@@ -84,20 +41,8 @@ def _prepare(
 
     ``v`` is ``_NO_VALUES`` for :func:`attention_weights`.
     """
-    layout = check_layout(layout)
-    named = {"q": as_array("q", q), "k": as_array("k", k)}
-    if v is not _NO_VALUES:
-        named["v"] = as_array("v", v)
-    dtype = check_dtypes(named)
-    arrays = list(named.values())
-    ranks = {a.ndim for a in arrays}
-    shapes = ", ".join(f"{n} {a.shape}" for n, a in named.items())
-    if len(ranks) != 1:
-        raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
-    ndim = arrays[0].ndim
-    views = [to_bhsd(n, kernel_ready(a), layout) for n, a in named.items()]
-    _check_shapes(views[0], views[1], views[2] if len(views) == 3 else None, f"got {shapes}")
-    return arrays, views, dtype, ndim
+    named = {"q": q, "k": k} if v is _NO_VALUES else {"q": q, "k": k, "v": v}
+    return prepare(named, layout, as_array, kernel_ready)
 
 
 def _run(
@@ -253,9 +198,12 @@ def attention(
         fast = _fast_float32(q, k, v, causal)
         if fast is not None:
             return fast
-    if _to_torch(backend, q, k, v, out, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias):
-        return _torch_dispatch(
+    if _dispatch.wants_torch(
+        backend, q, k, v, out, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias
+    ):
+        return _dispatch.route(
             "attention",
+            attention,
             {"q": q, "k": k, "v": v, "out": out},
             {
                 "causal": causal,
@@ -280,9 +228,7 @@ def attention(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
     )
     b, hq, nq, _ = q4.shape
-    lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
-    if lens is not None and any(n > k4.shape[2] for n in lens):
-        raise ValueError(f"kv_lengths must lie in [0, {k4.shape[2]}] (the key length), got {lens}")
+    lens = check_kv_lengths(kv_lengths, b, k4.shape[2])
     extras = extras_kwargs(
         shape4=(b, hq, nq, k4.shape[2]),
         ndim=ndim,
@@ -346,9 +292,10 @@ def attention_varlen(
         >>> ferroattn.attention_varlen(x, x, x, [0, 2, 5], [0, 2, 5], causal=True).shape
         (5, 2, 16)
     """
-    if _to_torch(backend, q, k, v, out, cu_seqlens_q, cu_seqlens_k):
-        return _torch_dispatch(
+    if _dispatch.wants_torch(backend, q, k, v, out, cu_seqlens_q, cu_seqlens_k):
+        return _dispatch.route(
             "attention_varlen",
+            attention_varlen,
             {"q": q, "k": k, "v": v, "out": out},
             {
                 "cu_seqlens_q": cu_seqlens_q,
@@ -362,30 +309,12 @@ def attention_varlen(
             backend,
         )
     named = {"q": as_array("q", q), "k": as_array("k", k), "v": as_array("v", v)}
-    for name, a in named.items():
-        if a.ndim != 3:
-            raise ValueError(f"{name} must be 3-D (total_tokens, heads, dim), got shape {a.shape}")
+    check_packed(named)
     arrays, (q4, k4, v4), dtype, _ = _prepare(named["q"], named["k"], named["v"], layout="bshd")
     opts = mask_options(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
     )
-    cq = int_vector("cu_seqlens_q", cu_seqlens_q)
-    ck = int_vector("cu_seqlens_k", cu_seqlens_k)
-    for name, cu, total in (("cu_seqlens_q", cq, q4.shape[2]), ("cu_seqlens_k", ck, k4.shape[2])):
-        if (
-            not cu
-            or cu[0] != 0
-            or cu[-1] != total
-            or any(a > b for a, b in zip(cu, cu[1:], strict=False))
-        ):
-            raise ValueError(
-                f"{name} must start at 0, never decrease and end at {total} "
-                f"(the packed length); got {cu}"
-            )
-    if len(cq) != len(ck):
-        raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cq)} and {len(ck)}"
-        )
+    cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q4.shape[2], k4.shape[2])
     _, hq, total_q, _ = q4.shape
     user_shape = (total_q, hq, v4.shape[3])
     if out is None:
@@ -435,9 +364,10 @@ def attention_weights(
         >>> ferroattn.attention_weights(x, x, causal=True)[0].tolist()
         [1.0, 0.0, 0.0]
     """
-    if _to_torch(backend, q, k, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias):
-        return _torch_dispatch(
+    if _dispatch.wants_torch(backend, q, k, mask, bias, kv_lengths, alibi_slopes, sinks, rel_bias):
+        return _dispatch.route(
             "attention_weights",
+            attention_weights,
             {"q": q, "k": k},
             {
                 "causal": causal,
@@ -462,9 +392,7 @@ def attention_weights(
     )
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    lens = None if kv_lengths is None else int_vector("kv_lengths", kv_lengths, b)
-    if lens is not None and any(n > nk for n in lens):
-        raise ValueError(f"kv_lengths must lie in [0, {nk}] (the key length), got {lens}")
+    lens = check_kv_lengths(kv_lengths, b, nk)
     extras = extras_kwargs(
         shape4=(b, hq, nq, nk),
         ndim=ndim,

@@ -13,23 +13,15 @@ sink tokens kept as keys.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from . import _ferroattn
-from ._args import (
-    NATIVE_CODES,
-    as_array,
-    check_dtypes,
-    check_out,
-    dtype_code,
-    kernel_ready,
-    mask_options,
-)
-from .variants import extras_kwargs
+from ._args import NATIVE_CODES, check_dtypes, mask_options
+from ._cache_storage import CacheQuery, CacheStorage, NumpyStorage, encode_numpy
+from ._dispatch import cache_storage, on_tensor_views
 
 __all__ = ["KVCache"]
 
@@ -50,7 +42,7 @@ def _storage_dtype(dtype: Any) -> tuple[str, np.dtype]:
 
 
 @dataclass(frozen=True)
-class _Terms:
+class _ScoreTerms:
     """Score terms a cache call may add (see :func:`ferroattn.attention`)."""
 
     alibi_slopes: Any = None
@@ -60,36 +52,11 @@ class _Terms:
     def positional(self) -> bool:
         return self.alibi_slopes is not None or self.rel_bias is not None
 
-
-# Where a cache array starts: on a huge-page boundary once it is large enough for NumPy to
-# ask the kernel for huge pages (4 MiB), on a page boundary otherwise. NumPy's own arrays
-# start 16 bytes past a page, so every 64-byte vector load of a row spans two cache lines;
-# decoding over such rows measured 2-5% slower than over aligned ones (benches/NOTES.md).
-_HUGE_ALIGN, _PAGE_ALIGN, _HUGE_FROM = 2 << 20, 4096, 4 << 20
+    def kwargs(self) -> dict[str, Any]:
+        return {"alibi_slopes": self.alibi_slopes, "sinks": self.sinks, "rel_bias": self.rel_bias}
 
 
-def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Zeros of ``shape`` and ``dtype``, their first byte on a page or huge-page boundary."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    align = _HUGE_ALIGN if nbytes >= _HUGE_FROM else _PAGE_ALIGN
-    # The pages of the unused head are never written, so they are never given memory.
-    raw = np.zeros(nbytes + align, dtype=np.uint8)
-    start = -raw.ctypes.data % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def _tensor_among(*xs: Any) -> bool:
-    """Whether a torch tensor is among ``xs`` (never imports torch)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and any(isinstance(x, torch.Tensor) for x in xs)
-
-
-def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per row (last axis): ``x ≈ q · scale``, ``scale = max |x| / 127``,
-    rounded half to even."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    q, scale = _ferroattn.quantize_int8(x.reshape(-1, x.shape[-1]))
-    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+_NUMPY_STORAGE = NumpyStorage()
 
 
 class KVCache:
@@ -115,8 +82,8 @@ class KVCache:
             methods take NumPy arrays or CPU torch tensors (read in place) and return the kind
             they were given. A torch device (``"cuda"``, ``torch.device("cuda:1")``, ...): the
             storage is torch tensors on that device and attention runs there through torch
-            (:class:`ferroattn.torch.TorchKVCache`); inputs are tensors (moved to the device if
-            needed) and results are tensors on it.
+            (``isinstance(cache, ferroattn.torch.TorchKVCache)`` tells such a cache); inputs
+            are tensors (moved to the device if needed) and results are tensors on it.
 
     Appending past ``capacity`` raises ``ValueError``; a call that fails leaves the cache as it
     was.
@@ -133,14 +100,7 @@ class KVCache:
         5
     """
 
-    _host = True  # NumPy storage (TorchKVCache: torch storage on a device)
-
-    def __new__(cls, *args: Any, device: Any = None, **kwargs: Any) -> KVCache:
-        if cls is KVCache and device is not None and str(device) != "cpu":
-            from .torch import TorchKVCache  # storage on a torch device
-
-            return super().__new__(TorchKVCache)
-        return super().__new__(cls)
+    _store: CacheStorage
 
     def __init__(
         self,
@@ -156,6 +116,12 @@ class KVCache:
         max_rollback: int = 0,
         device: Any = None,
     ) -> None:
+        # The storage follows `device` unless `_with_storage` set it. (Not `self.__dict__`:
+        # reading that makes CPython keep a real dict per cache, and every attribute read on
+        # the decoding path measured slower.)
+        if getattr(self, "_store", None) is None:
+            on_device = cache_storage(device)
+            self._store = _NUMPY_STORAGE if on_device is None else on_device
         for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if not isinstance(val, (int, np.integer)) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -187,15 +153,26 @@ class KVCache:
         shape_k = (self.batch, self.kv_heads, slots, self.head_dim)
         shape_v = (self.batch, self.kv_heads, slots, self.value_dim)
         self.device = device
-        self._k = self._zeros(shape_k, self._dtype)
-        self._v = self._zeros(shape_v, self._dtype)
+        zeros = self._store.zeros
+        self._k = zeros(shape_k, self._dtype)
+        self._v = zeros(shape_v, self._dtype)
         if self._code == "int8":
-            self._ks = self._zeros(shape_k[:3], np.dtype(np.float32))
-            self._vs = self._zeros(shape_v[:3], np.dtype(np.float32))
+            self._ks = zeros(shape_k[:3], np.dtype(np.float32))
+            self._vs = zeros(shape_v[:3], np.dtype(np.float32))
         self._len = np.zeros(self.batch, dtype=np.int64)
-        # Decoding calls the same few options every step: see `_plain_call`.
-        self._plain = self._host and window is None
+        # Decoding calls the same few options every step: see `_plain_call`. The kernels read
+        # NumPy storage directly, so only it has that path.
+        self._plain = isinstance(self._store, NumpyStorage) and window is None
         self._plain_opts: dict[tuple[Any, Any], dict[str, Any]] = {}
+
+    @classmethod
+    def _with_storage(cls, store: CacheStorage, *args: Any, **kwargs: Any) -> KVCache:
+        """A cache on ``store`` whatever ``device`` says (``ferroattn.torch.TorchKVCache``:
+        torch storage on the CPU too)."""
+        cache = cls.__new__(cls)
+        cache._store = store
+        cache.__init__(*args, **kwargs)  # type: ignore[misc]
+        return cache
 
     # ----------------------------------------------------------------- facts
 
@@ -215,7 +192,7 @@ class KVCache:
         total = self._k.nbytes + self._v.nbytes
         if self._code == "int8":
             total += self._ks.nbytes + self._vs.nbytes
-        return total
+        return int(total)
 
     def __repr__(self) -> str:
         extra = f", window={self.window}, sinks={self.sinks}" if self.window else ""
@@ -223,25 +200,6 @@ class KVCache:
             f"KVCache(batch={self.batch}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
             f"capacity={self.capacity}, dtype={self._code!r}{extra}, lengths={self._len.tolist()})"
         )
-
-    # ------------------------------------------------------- storage hooks
-    # NumPy here; ferroattn.torch.TorchKVCache keeps the same logic over torch tensors.
-
-    def _zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        return _aligned_zeros(shape, dtype)
-
-    def _ix(self, index: np.ndarray) -> Any:
-        """An index array in the storage's kind."""
-        return index
-
-    def _cat(self, parts: list[Any]) -> Any:
-        return np.concatenate(parts, axis=1)
-
-    def _tensor_call(self, method: Any, *arrays: Any, **kwargs: Any) -> Any:
-        """Run ``method`` on NumPy views of CPU tensors; return tensors (writing ``out``)."""
-        from .torch import numpy_call
-
-        return numpy_call(method, *arrays, copy_from_device=False, **kwargs)
 
     # ------------------------------------------------------------- positions
 
@@ -275,29 +233,25 @@ class KVCache:
 
     # ---------------------------------------------------------------- writes
 
-    def _check_kv(self, k: Any, v: Any) -> tuple[np.ndarray, np.ndarray]:
-        k, v = as_array("k", k), as_array("v", v)
+    def _check_kv(self, k: Any, v: Any) -> tuple[Any, Any]:
+        k, v = self._store.convert("k", k), self._store.convert("v", v)
         check_dtypes({"k": k, "v": v})
-        want_k = (self.batch, self.kv_heads, None, self.head_dim)
-        want_v = (self.batch, self.kv_heads, None, self.value_dim)
-        for name, arr, want in (("k", k, want_k), ("v", v, want_v)):
-            mismatch = arr.ndim != 4 or any(
-                w is not None and w != s for w, s in zip(want, arr.shape, strict=True)
-            )
-            if mismatch:
+        for name, arr, dim in (("k", k, self.head_dim), ("v", v, self.value_dim)):
+            shape = tuple(arr.shape)
+            if len(shape) != 4 or shape[:2] != (self.batch, self.kv_heads) or shape[3] != dim:
                 raise ValueError(
                     f"{name} must have shape (batch={self.batch}, kv_heads={self.kv_heads}, "
-                    f"tokens, {want[3]}), got {arr.shape}"
+                    f"tokens, {dim}), got {shape}"
                 )
         if k.shape[2] != v.shape[2]:
-            raise ValueError(f"k and v hold different numbers of tokens: {k.shape} vs {v.shape}")
+            raise ValueError(
+                f"k and v hold different numbers of tokens: {tuple(k.shape)} vs {tuple(v.shape)}"
+            )
         return k, v
 
-    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode(self, x: Any) -> tuple[Any, Any]:
         """New tokens in the storage representation."""
-        if self._code == "int8":
-            return _quantize(x)
-        return np.asarray(x).astype(self._dtype, copy=False), None
+        return self._store.encode(x, self._code, self._dtype)
 
     def _check_room(self, counts: np.ndarray) -> None:
         if self.window is None:
@@ -328,7 +282,7 @@ class KVCache:
             # In a ring only sinks and the last `ring` positions survive; writing just those
             # keeps every slot written once (fancy assignment has no defined order).
             keep = (pos < self.sinks) | (pos >= pos[-1] + 1 - self._ring)
-            slots, keep = self._ix(self._slot(pos[keep])), self._ix(keep)
+            slots, keep = self._store.index(self._slot(pos[keep])), self._store.index(keep)
             for dst, src in stored:
                 dst[b][:, slots] = src[b][:, :t][:, keep]
         self._len += counts
@@ -344,8 +298,8 @@ class KVCache:
         """
         if lengths is None and self._append_plain(k, v, None):
             return
-        if self._host and _tensor_among(k, v):
-            return self._tensor_call(self.append, k, v, lengths=lengths)
+        if self._store.foreign(k, v):
+            return self._on_views(self.append, k, v, lengths=lengths)
         k, v = self._check_kv(k, v)
         counts = self._valid_counts(lengths, k.shape[2])
         self._check_room(counts)
@@ -390,11 +344,6 @@ class KVCache:
 
     # ----------------------------------------------------------------- reads
 
-    def _decode(self, data: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-        if scales is None:
-            return data
-        return data.astype(np.float32) * scales[..., None]
-
     def keys(self, seq: int) -> np.ndarray:
         """Keys of sequence ``seq`` still stored, ``(kv_heads, n, head_dim)`` in position order.
 
@@ -411,9 +360,11 @@ class KVCache:
         b = self._seq_index(seq)
         if self.window is None:
             n = int(self._len[b])
-            return self._decode(data[b, :, :n], None if scales is None else scales[b, :, :n])
-        slots = self._ix(self._slot(self._stored(b)))
-        return self._decode(data[b][:, slots], None if scales is None else scales[b][:, slots])
+            return self._store.decode(data[b, :, :n], None if scales is None else scales[b, :, :n])
+        slots = self._store.index(self._slot(self._stored(b)))
+        return self._store.decode(
+            data[b][:, slots], None if scales is None else scales[b][:, slots]
+        )
 
     # ------------------------------------------------------------- attention
 
@@ -450,8 +401,8 @@ class KVCache:
             plain = self._plain_call(q, scale, softcap)
             if plain is not None and self._plain_out(out, q):
                 return self._attend_plain(q, *plain, out)
-        if self._host and _tensor_among(q, out):
-            return self._tensor_call(
+        if self._store.foreign(q, out):
+            return self._on_views(
                 self.attend,
                 q,
                 out=out,
@@ -465,7 +416,7 @@ class KVCache:
         q = self._check_q(q)
         self._check_out(out, q)
         counts = self._valid_counts(lengths, q.shape[2])
-        terms = _Terms(alibi_slopes, sinks, rel_bias)
+        terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
         if self.window is not None:
             slack = self._ring - (self.window - 1)
             if np.any(counts > slack):
@@ -508,8 +459,8 @@ class KVCache:
                 and self._append_plain(k, v, q.shape[2])
             ):
                 return self._attend_plain(q, *plain, out)
-        if self._host and _tensor_among(q, k, v, out):
-            return self._tensor_call(
+        if self._store.foreign(q, k, v, out):
+            return self._on_views(
                 self.step,
                 q,
                 k,
@@ -545,7 +496,7 @@ class KVCache:
             )
         # The ring may not hold a whole chunk: attend over old ring + new tokens, then store.
         gathered = [self._gather(b, 0, (enc_k, enc_v, int(counts[b]))) for b in range(self.batch)]
-        terms = _Terms(alibi_slopes, sinks, rel_bias)
+        terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
         result = self._attend_gathered(q, counts, gathered, scale, softcap, out, terms)
         self._write(enc_k, enc_v, counts)
         return result
@@ -636,43 +587,49 @@ class KVCache:
             return False
         if int(self._len.max()) + n > self.capacity:
             return False
-        self._write(self._encode(k), self._encode(v), n)
+        # Straight to the NumPy encoding (the storage is NumPy here): no call in between.
+        self._write(
+            encode_numpy(k, self._code, self._dtype), encode_numpy(v, self._code, self._dtype), n
+        )
         return True
 
     # --------------------------------------------------------------- helpers
 
-    def _check_out(self, out: Any, q: np.ndarray) -> None:
+    def _on_views(self, method: Any, *arrays: Any, **kwargs: Any) -> Any:
+        """Run ``method`` on NumPy views of CPU tensors; return tensors (writing ``out``)."""
+        return on_tensor_views(method, *arrays, copy_from_device=False, **kwargs)
+
+    def _check_out(self, out: Any, q: Any) -> None:
         """Raises, before anything is written, when ``out`` cannot take the result for ``q``:
-        wrong type, dtype (q's) or shape, read-only, or sharing memory with q or the cache."""
+        wrong kind, dtype (q's) or shape, read-only, or sharing memory with q or the cache."""
         if out is not None:
-            check_out(out, self._result_shape(q), q.dtype, [q])
-            if any(np.may_share_memory(out, a) for a in self._storage()):
-                raise ValueError("out must not share memory with the cache's storage")
+            self._store.check_out(out, self._result_shape(q), q, self._storage())
 
     def _result_shape(self, q: Any) -> tuple[int, int, int, int]:
         """``(batch, heads, T, value_dim)``: the result of attending with ``q``."""
         return (self.batch, q.shape[1], q.shape[2], self.value_dim)
 
-    def _storage(self) -> tuple[np.ndarray, ...]:
+    def _storage(self) -> tuple[Any, ...]:
         """The arrays the cache keeps: keys, values and, for int8, their scales."""
         return (self._k, self._v) + ((self._ks, self._vs) if self._code == "int8" else ())
 
-    def _check_q(self, q: Any) -> np.ndarray:
-        q = as_array("q", q)
+    def _check_q(self, q: Any) -> Any:
+        q = self._store.convert("q", q)
         check_dtypes({"q": q})
+        shape = tuple(q.shape)
         if (
-            q.ndim != 4
-            or q.shape[0] != self.batch
-            or q.shape[3] != self.head_dim
-            or q.shape[1] % self.kv_heads
+            len(shape) != 4
+            or shape[0] != self.batch
+            or shape[3] != self.head_dim
+            or shape[1] % self.kv_heads
         ):
             raise ValueError(
                 f"q must have shape (batch={self.batch}, heads (a multiple of "
-                f"{self.kv_heads}), tokens, {self.head_dim}), got {q.shape}"
+                f"{self.kv_heads}), tokens, {self.head_dim}), got {shape}"
             )
         return q
 
-    def _scales(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _scales(self) -> tuple[Any, Any] | None:
         if self._code != "int8":
             return None
         return self._ks, self._vs
@@ -695,7 +652,7 @@ class KVCache:
         assert self.window is not None  # only window caches gather
         lo = max(self.sinks, first_query - (self.window - 1))
         pos = np.concatenate([np.arange(sinks), np.arange(lo, end)]).astype(np.int64)
-        slots = self._ix(self._slot(pos))
+        slots = self._store.index(self._slot(pos))
         parts_k, parts_v = [self._k[b][:, slots]], [self._v[b][:, slots]]
         int8 = self._code == "int8"
         parts_sk = [self._ks[b][:, slots]] if int8 else []
@@ -706,22 +663,24 @@ class KVCache:
             if int8:
                 parts_sk.append(sk[b][:, :t])
                 parts_sv.append(sv[b][:, :t])
-        gk, gv = self._cat(parts_k), self._cat(parts_v)
+        cat = self._store.cat
+        gk, gv = cat(parts_k), cat(parts_v)
         if not int8:
             return gk, gv, None, None
-        return gk, gv, self._cat(parts_sk), self._cat(parts_sv)
+        return gk, gv, cat(parts_sk), cat(parts_sv)
 
-    def _attend_gathered(self, q, counts, gathered, scale, softcap, out, terms) -> np.ndarray:
+    def _attend_gathered(self, q, counts, gathered, scale, softcap, out, terms) -> Any:
         """One kernel call over the per-sequence gathered keys, padded into one array."""
         n = max((g[0].shape[1] for g in gathered), default=0)
         shape_k = (self.batch, self.kv_heads, n, self.head_dim)
         shape_v = (self.batch, self.kv_heads, n, self.value_dim)
-        k = self._zeros(shape_k, self._dtype)
-        v = self._zeros(shape_v, self._dtype)
+        zeros = self._store.zeros
+        k = zeros(shape_k, self._dtype)
+        v = zeros(shape_v, self._dtype)
         scales = None
         if self._code == "int8":
             f32 = np.dtype(np.float32)
-            scales = (self._zeros(shape_k[:3], f32), self._zeros(shape_v[:3], f32))
+            scales = (zeros(shape_k[:3], f32), zeros(shape_v[:3], f32))
         seqs = []
         for b, (gk, gv, sk, sv) in enumerate(gathered):
             m = gk.shape[1]
@@ -741,6 +700,8 @@ class KVCache:
         )
 
     def _run(self, q, k, v, scales, seqs, sink_keys, scale, softcap, out, terms, window=None):
+        """Attention over ``k``/``v`` as ``seqs`` pair them with ``q`` (see
+        ``CacheStorage.run``), causal, and windowed when ``window`` (left) is given."""
         opts = mask_options(
             head_dim=self.head_dim,
             causal=True,
@@ -748,40 +709,5 @@ class KVCache:
             scale=scale,
             softcap=softcap,
         )
-        result_dtype = q.dtype
-        qk = kernel_ready(q)
-        shape = self._result_shape(q)
-        if out is None:
-            result = np.zeros(shape, dtype=result_dtype)
-        else:  # checked by the caller (`_check_out`) before anything was stored
-            result = out
-            result[...] = 0
-        direct = dtype_code(result) == dtype_code(qk) and result.flags.c_contiguous
-        target = result if direct else np.zeros(shape, dtype=qk.dtype)
-        kwargs = opts.kwargs()
-        kwargs.update(
-            extras_kwargs(
-                shape4=(self.batch, q.shape[1], q.shape[2], k.shape[2]),
-                ndim=4,
-                alibi_slopes=terms.alibi_slopes,
-                sinks=terms.sinks,
-                rel_bias=terms.rel_bias,
-            )
-        )
-        if scales is not None:
-            kwargs["k_scales"] = scales[0][..., None]
-            kwargs["v_scales"] = scales[1][..., None]
-        _ferroattn.attention(
-            qk,
-            k,
-            v,
-            target,
-            qk.dtype.name,
-            kv_dtype=self._code,
-            sink_keys=sink_keys,
-            seqs=seqs,
-            **kwargs,
-        )
-        if not direct:
-            result[...] = target
-        return result
+        query = CacheQuery(seqs, sink_keys, opts, terms.kwargs(), self._result_shape(q), self._code)
+        return self._store.run(query, q, k, v, scales, out)

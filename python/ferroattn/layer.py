@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from collections.abc import Mapping
 from typing import Any, cast
 
 import numpy as np
 
 from ._args import as_array, int_vector, mask_options
+from ._dispatch import on_tensor_views, tensor_among, to_numpy
 from .functional import Causal, Window, attention, attention_varlen
 from .kv_cache import KVCache
 from .rope import rope
@@ -28,19 +28,11 @@ _STATE_DICT_STYLES: tuple[tuple[str, str, str, str], ...] = (
 
 def _to_numpy(name: str, value: Any) -> np.ndarray:
     """An ndarray from a NumPy array or a torch tensor (without importing torch)."""
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        t = value.detach().cpu()
-        try:
-            return t.numpy()
-        except TypeError:
-            # NumPy has no torch.bfloat16: widen to float32, which is what the layer keeps.
-            return t.float().numpy()
+    if tensor_among(value):
+        # bfloat16 comes as ml_dtypes.bfloat16 (or widened to float32 without it): the layer
+        # keeps float32 either way.
+        return to_numpy(value)
     return as_array(name, value)
-
-
-def _is_tensor(x: Any) -> bool:
-    torch = sys.modules.get("torch")  # never imported here: no tensor exists without it
-    return torch is not None and isinstance(x, torch.Tensor)
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -372,10 +364,8 @@ class SelfAttention:
             >>> SelfAttention(w, w, w, w, num_heads=2).forward(x, kv_lengths=[2])[0, 2].tolist()
             [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         """
-        if _is_tensor(x):
-            from .torch import numpy_call
-
-            return numpy_call(self.forward, x, kv_lengths=kv_lengths)
+        if tensor_among(x):
+            return on_tensor_views(self.forward, x, kv_lengths=kv_lengths)
         x = self._check_x(x)
         b, n, _ = x.shape
         q, k, v = self._project(x)
@@ -463,10 +453,8 @@ class SelfAttention:
         """
         if not self.causal:
             raise ValueError("step() decodes causally; this layer has causal=False")
-        if _is_tensor(x):
-            from .torch import numpy_call
-
-            return numpy_call(self.step, x, cache=cache, lengths=lengths)
+        if tensor_among(x):
+            return on_tensor_views(self.step, x, cache=cache, lengths=lengths)
         x = self._check_x(x)
         self._check_cache(cache, x.shape)
         b, t, _ = x.shape
@@ -491,8 +479,6 @@ class SelfAttention:
             **self._score_terms(),
         )
         if not isinstance(o, np.ndarray):  # a cache on a torch device
-            from .torch import to_numpy
-
             o = to_numpy(o)
         return self._output(o.transpose(0, 2, 1, 3), x.dtype)
 

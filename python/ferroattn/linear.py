@@ -18,11 +18,11 @@ import numpy as np
 from . import _ferroattn
 from ._args import (
     as_array,
-    check_dtypes,
     check_out,
     dtype_code,
     from_bhsd_shape,
     kernel_ready,
+    prepare,
     to_bhsd,
 )
 
@@ -56,30 +56,7 @@ def _check_causal(causal: Any) -> bool:
 
 def _prepare(q: Any, k: Any, v: Any) -> tuple[list[np.ndarray], list[np.ndarray], np.dtype, int]:
     """User arrays, kernel-ready 4-D views, the common dtype and the rank."""
-    named = {"q": as_array("q", q), "k": as_array("k", k), "v": as_array("v", v)}
-    dtype = check_dtypes(named)
-    arrays = list(named.values())
-    shapes = ", ".join(f"{n} {a.shape}" for n, a in named.items())
-    if len({a.ndim for a in arrays}) != 1:
-        raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
-    q4, k4, v4 = (to_bhsd(n, kernel_ready(a), "bhsd") for n, a in named.items())
-    b, hq, _, d = q4.shape
-    bk, hk, nk, dk = k4.shape
-    if d < 1:
-        raise ValueError(f"q: head dimension must be at least 1; got {shapes}")
-    if bk != b:
-        raise ValueError(f"q and k have different batch sizes; got {shapes}")
-    if dk != d:
-        raise ValueError(f"q and k have different head dimensions ({d} vs {dk}); got {shapes}")
-    if hk < 1 or hq % hk:
-        raise ValueError(
-            f"query heads ({hq}) must be a multiple of key/value heads ({hk}); got {shapes}"
-        )
-    if v4.shape[:3] != (bk, hk, nk):
-        raise ValueError(f"k and v must agree in batch, heads and length; got {shapes}")
-    if v4.shape[3] < 1:
-        raise ValueError(f"v: value dimension must be at least 1; got {shapes}")
-    return arrays, [q4, k4, v4], dtype, arrays[0].ndim
+    return prepare({"q": q, "k": k, "v": v}, "bhsd", as_array, kernel_ready)
 
 
 def _run(

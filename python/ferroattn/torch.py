@@ -1,7 +1,10 @@
 """torch tensors in, torch tensors out: the only ferroattn module that imports torch.
 
-:func:`ferroattn.attention` and friends come here when an argument is a torch tensor or when
-``backend="torch"`` is asked for. Two ways to compute:
+:func:`ferroattn.attention` and friends come here (through ``ferroattn._dispatch``, the one
+module that imports this one) when an argument is a torch tensor or when ``backend="torch"`` is
+asked for. This module sits below them: it imports none of them, and where it runs a NumPy
+function on tensor views (:func:`numpy_call`) that function is its argument. Two ways to
+compute:
 
 * **The Rust kernels** (``backend="cpu"``, and ``"auto"`` for CPU tensors). A CPU tensor is
   handed over as a NumPy view of its own memory (``t.detach().numpy()``; bfloat16 through an
@@ -23,6 +26,7 @@ ferroattn is an inference library; train with ``torch.nn.functional.scaled_dot_p
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -30,10 +34,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import functional as _fn
-from ._args import check_layout, from_bhsd_shape, int_vector, mask_options
-from .kv_cache import KVCache
-from .variants import T5Bias, extras_kwargs
+from ._args import (
+    as_array,
+    check_cu_seqlens,
+    check_kv_lengths,
+    check_out_fits,
+    check_packed,
+    from_bhsd_shape,
+    mask_options,
+    prepare,
+)
+from .variants import T5Bias, check_dense_term, extras_kwargs
 
 __all__ = ["TorchKVCache", "from_numpy", "is_tensor", "numpy_call", "to_numpy"]
 
@@ -43,6 +54,7 @@ _CHUNK_ELEMENTS = 1 << 24
 
 
 def is_tensor(x: Any) -> bool:
+    """Whether ``x`` is a torch tensor."""
     return isinstance(x, torch.Tensor)
 
 
@@ -99,8 +111,9 @@ def from_numpy(a: np.ndarray, device: Any = None) -> Any:
     return t
 
 
-def _aux_numpy(x: Any) -> Any:
-    """An auxiliary argument (mask, bias, slopes, lengths, ...) for the NumPy functions."""
+def as_numpy(x: Any) -> Any:
+    """An argument for the NumPy functions: tensors (also a :class:`ferroattn.T5Bias` table)
+    as NumPy (see :func:`to_numpy`), anything else as it is."""
     if isinstance(x, torch.Tensor):
         return to_numpy(x)
     if isinstance(x, T5Bias) and isinstance(x.table, torch.Tensor):
@@ -121,89 +134,70 @@ def _aux_tensor(x: Any, device: Any, dtype: Any = None) -> Any:
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
-# ------------------------------------------------------------------- dispatch
-
-_DATA = ("q", "k", "v", "out")
+# ------------------------------------------------------- running the other side
 
 
-def _kinds(named: dict[str, Any]) -> tuple[bool, Any]:
-    """Whether the data arguments are tensors (else NumPy), and their device."""
-    tensors = {n for n, x in named.items() if isinstance(x, torch.Tensor)}
-    present = {n for n, x in named.items() if x is not None}
-    if tensors and tensors != present:
-        others = ", ".join(sorted(present - tensors))
-        raise TypeError(
-            f"{', '.join(sorted(tensors))} are torch tensors but {others} are not: pass "
-            "q, k, v (and out) all as torch tensors or all as NumPy arrays"
-        )
-    if not tensors:
-        return False, None
-    devices = {n: named[n].device for n in tensors}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"q, k, v and out must be on one device, got {listed}")
-    return True, first
+def numpy_call(method: Any, *arrays: Any, copy_from_device: bool = True, **kwargs: Any) -> Any:
+    """Call a NumPy function or method on NumPy views of tensors and hand tensors back.
 
-
-def _resolve(backend: str, device: Any) -> str:
-    if backend == "auto":
-        return "cpu" if device is None or device.type == "cpu" else "torch"
-    return backend
-
-
-def _back(result: Any, device: Any) -> Any:
-    """NumPy results of the kernels as tensors on ``device``."""
-    if isinstance(result, tuple):
-        return tuple(_back(r, device) for r in result)
-    return from_numpy(result, device)
-
-
-def _via_kernels(func: Any, data: dict[str, Any], aux: dict[str, Any], device: Any) -> Any:
-    """Run the NumPy function on views of the tensors; write into ``out`` in place."""
-    out = data.pop("out", None)
-    arrays = {n: to_numpy(t) for n, t in data.items()}
-    aux = {n: _aux_numpy(x) for n, x in aux.items()}
-    if out is None:
-        return _back(func(*arrays.values(), **aux, backend="cpu"), device)
-    if out.device.type == "cpu" and not out.requires_grad and out.dtype != torch.bfloat16:
-        out_view = out.numpy()
-    elif out.device.type == "cpu" and out.dtype == torch.bfloat16 and _bf16_numpy() is not None:
-        out_view = to_numpy(out)
-    else:
-        out_view = None
-    result = func(*arrays.values(), **aux, out=out_view, backend="cpu")
-    rest = result[1:] if isinstance(result, tuple) else ()
-    if out_view is None:
-        first = result[0] if isinstance(result, tuple) else result
-        with torch.no_grad():
-            out.copy_(from_numpy(first))
-    if rest:
-        return (out, *_back(rest, device))
-    return out
-
-
-def dispatch(name: str, data: dict[str, Any], aux: dict[str, Any], backend: str) -> Any:
-    """Entry point of :mod:`ferroattn.functional` for tensors or ``backend="torch"``.
-
-    ``name`` is ``"attention"``, ``"attention_varlen"`` or ``"attention_weights"``; ``data``
-    holds ``q``, ``k`` (, ``v``, ``out``), ``aux`` every other argument.
+    Tensors among ``arrays`` and the keyword arguments are read as NumPy (:func:`to_numpy`:
+    CPU tensors in place); a result comes back as a tensor on the inputs' device (a tuple
+    result: each part). A tensor ``out`` (a keyword) is written in place: through a view when
+    it lives in CPU memory and needs no gradient, else by a copy of the result. Tensors on
+    another device are copied to the CPU and the result copied back when
+    ``copy_from_device``; otherwise that is a ``ValueError``.
     """
-    func = getattr(_fn, name)
-    tensors, device = _kinds(data)
-    backend = _resolve(backend, device)
-    if backend == "cpu":
-        if not tensors:  # NumPy data with a tensor among the options
-            aux = {n: _aux_numpy(x) for n, x in aux.items()}
-            if "out" in data:
-                aux["out"] = data["out"]
-            return func(*(data[n] for n in data if n != "out"), **aux)
-        return _via_kernels(func, dict(data), aux, device)
+    tensors = [a for a in (*arrays, kwargs.get("out")) if isinstance(a, torch.Tensor)]
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"tensors on different devices: {sorted(map(str, devices))}")
+    device = devices.pop()
+    if device.type != "cpu" and not copy_from_device:
+        raise ValueError(
+            f"this KVCache keeps its keys and values in CPU memory but got tensors on {device}; "
+            f"create it with KVCache(..., device={str(device)!r}) to keep them there"
+        )
+    return on_views(method, arrays, kwargs, device)
+
+
+def on_views(method: Any, arrays: Any, kwargs: dict[str, Any], device: Any) -> Any:
+    """:func:`numpy_call` once the tensors are known to share ``device``."""
+    np_arrays = [to_numpy(a) if isinstance(a, torch.Tensor) else a for a in arrays]
+    out = kwargs.pop("out", None)
+    out_view = None
+    if isinstance(out, torch.Tensor) and out.device.type == "cpu" and not out.requires_grad:
+        out_view = to_numpy(out)
+        if out.dtype == torch.bfloat16 and out_view.dtype.kind == "f":
+            out_view = None  # no ml_dtypes: a widened copy, written back below
+    kwargs = {n: as_numpy(x) for n, x in kwargs.items()}
+    if out_view is not None:
+        kwargs["out"] = out_view
+    elif out is not None and not isinstance(out, torch.Tensor):
+        kwargs["out"] = out
+    result = method(*np_arrays, **kwargs)
+    if result is None:
+        return None
+    first, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if isinstance(out, torch.Tensor):
+        if out_view is None:
+            with torch.no_grad():
+                out.copy_(from_numpy(first))
+        first = out
+    else:
+        first = from_numpy(first, device)
+    if not isinstance(result, tuple):
+        return first
+    return (first, *(from_numpy(r, device) for r in rest))
+
+
+def compute(name: str, data: dict[str, Any], aux: dict[str, Any], tensors: bool) -> Any:
+    """``name`` (``"attention"``, ``"attention_varlen"``, ``"attention_weights"``) computed by
+    torch. ``data`` holds ``q``, ``k`` (, ``v``, ``out``): tensors, or (``tensors`` false)
+    NumPy arrays, computed on tensors sharing their memory and answered in NumPy."""
     torch_func = _TORCH_FUNCS[name]
     if tensors:
         return torch_func(**data, **aux)
-    # NumPy in, backend="torch": compute on shared tensors, hand NumPy back.
-    shared = {n: None if a is None else from_numpy(_fn.as_array(n, a)) for n, a in data.items()}
+    shared = {n: None if a is None else from_numpy(as_array(n, a)) for n, a in data.items()}
     result = torch_func(**shared, **aux)
     first, rest = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
     first = data["out"] if data.get("out") is not None else to_numpy(first)
@@ -213,84 +207,42 @@ def dispatch(name: str, data: dict[str, Any], aux: dict[str, Any], backend: str)
 # ------------------------------------------------------------ the torch path
 
 
-def _check_dtypes(named: dict[str, Any]) -> Any:
-    for n, t in named.items():
-        if not t.dtype.is_floating_point:
-            raise TypeError(
-                f"{n} has dtype {t.dtype}; ferroattn takes float32, float16, bfloat16 "
-                "(or float64, computed in float32)"
-            )
-    first = next(iter(named.values())).dtype
-    if any(t.dtype != first for t in named.values()):
-        listed = ", ".join(f"{n}={t.dtype}" for n, t in named.items())
-        raise TypeError(f"inputs must share one dtype, got {listed}")
-    return first
-
-
-def _bhsd(name: str, t: Any, layout: str) -> Any:
-    if t.dim() == 4:
-        return t if layout == "bhsd" else t.permute(0, 2, 1, 3)
-    if t.dim() == 3:
-        return t[None] if layout == "bhsd" else t.permute(1, 0, 2)[None]
-    if t.dim() == 2:
-        return t[None, None]
-    raise ValueError(f"{name} must have 2, 3 or 4 dimensions, got shape {tuple(t.shape)}")
-
-
 def _prepare(q: Any, k: Any, v: Any | None, layout: str) -> tuple[list[Any], Any, int]:
-    layout = check_layout(layout)
+    """The checks of the NumPy path (one set, one set of messages) on tensors:
+    ``(head-major views, dtype, rank)``."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    dtype = _check_dtypes(named)
-    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named.items())
-    if len({t.dim() for t in named.values()}) != 1:
-        raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
-    views = [_bhsd(n, t.detach(), layout) for n, t in named.items()]
-    _fn._check_shapes(views[0], views[1], views[2] if v is not None else None, f"got {shapes}")
-    return views, dtype, q.dim()
+    _, views, dtype, ndim = prepare(named, layout, lambda _, t: t, lambda t: t.detach())
+    return views, dtype, ndim
 
 
 def _check_out(out: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> None:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch tensor like q, got {type(out).__name__}")
-    if out.dtype != dtype:
-        raise TypeError(f"out has dtype {out.dtype}, expected {dtype}")
-    if tuple(out.shape) != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+    check_out_fits(out, shape, dtype)
     if out.device != device:
         raise ValueError(f"out is on {out.device}, expected {device}")
 
 
 def _validate_extras(shape4: tuple[int, int, int, int], ndim: int, aux: dict[str, Any]) -> None:
-    """The NumPy validation of the small terms, so both paths raise the same errors."""
+    """The NumPy path's checks of the score terms, so both paths raise the same errors; the
+    dense ones (mask, bias) are judged by shape and dtype where they are, not copied over."""
     small = {n: aux[n] for n in ("alibi_slopes", "sinks", "rel_bias", "block_layout")}
     extras_kwargs(
         shape4=shape4,
         ndim=ndim,
         block_size=aux["block_size"],
-        **{n: _aux_numpy(x) for n, x in small.items()},
+        **{n: as_numpy(x) for n, x in small.items()},
     )
     for name in ("mask", "bias"):
         x = aux[name]
         if x is None:
             continue
         t = x if isinstance(x, torch.Tensor) else _tensor_of(np.asarray(x))
-        if name == "mask" and t.dtype != torch.bool:
-            raise TypeError(f"mask must be a boolean array (True = attend), got dtype {t.dtype}")
-        if name == "bias" and (t.dtype == torch.bool or t.is_complex()):
-            raise TypeError(f"bias must be a float array, got dtype {t.dtype}")
-        if t.dim() > 4:
-            raise ValueError(f"{name} must have at most 4 dimensions, got shape {tuple(t.shape)}")
-        try:
-            torch.broadcast_shapes(tuple(t.shape), shape4)
-            ok = torch.broadcast_shapes(tuple(t.shape), shape4) == shape4
-        except RuntimeError:
-            ok = False
-        if not ok:
-            want = shape4[4 - ndim :] if ndim < 4 else shape4
-            raise ValueError(
-                f"{name} of shape {tuple(t.shape)} does not broadcast to (B, H, Nq, Nk) = "
-                f"{shape4} (for {ndim}-D inputs: {want})"
-            )
+        if name == "mask":
+            dtype_ok = t.dtype == torch.bool
+        else:
+            dtype_ok = not (t.dtype == torch.bool or t.is_complex())
+        check_dense_term(name, tuple(t.shape), t.dtype, dtype_ok, shape4, ndim)
 
 
 def _t5_bucket(rel: Any, buckets: int, max_distance: int, bidirectional: bool) -> Any:
@@ -309,8 +261,9 @@ def _t5_bucket(rel: Any, buckets: int, max_distance: int, bidirectional: bool) -
     return bucket + torch.where(dist < max_exact, dist, large)
 
 
-class _Terms:
-    """Everything beyond ``q·k`` for the explicit path, as tensors on the inputs' device."""
+class _Scoring:
+    """How the explicit path turns ``scale·q·k`` into logits: every mask and score term beyond
+    ``q·k``, as tensors on the inputs' device."""
 
     def __init__(self, shape4, device, opts, lens, aux, sink_keys: int = 0) -> None:
         b, hq, nq, nk = shape4
@@ -405,15 +358,15 @@ class _Terms:
         return torch.logsumexp(torch.cat([s, sink], dim=-1), dim=-1)
 
 
-def _probabilities(q4: Any, k4: Any, terms: _Terms, i0: int, i1: int) -> tuple[Any, Any]:
+def _probabilities(q4: Any, k4: Any, scoring: _Scoring, i0: int, i1: int) -> tuple[Any, Any]:
     """float32 probabilities ``(B, Hq, c, Nk)`` of queries ``i0:i1`` and their lse."""
     b, hq, _, d = q4.shape
     hkv, nk = k4.shape[1], k4.shape[2]
     g = hq // hkv
     qc = q4[:, :, i0:i1].float().reshape(b, hkv, g, i1 - i0, d)
-    s = torch.matmul(qc, k4.float().transpose(-1, -2)[:, :, None]) * terms.opts.scale
-    s = terms.scores(s.reshape(b, hq, i1 - i0, nk), i0, i1)
-    lse = terms.lse(s)
+    s = torch.matmul(qc, k4.float().transpose(-1, -2)[:, :, None]) * scoring.opts.scale
+    s = scoring.scores(s.reshape(b, hq, i1 - i0, nk), i0, i1)
+    lse = scoring.lse(s)
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     return torch.exp(s - safe[..., None]), lse
 
@@ -424,11 +377,13 @@ def _chunks(shape4: tuple[int, int, int, int]) -> list[tuple[int, int]]:
     return [(i, min(nq, i + step)) for i in range(0, nq, step)] or [(0, 0)]
 
 
-def _sdpa(q4: Any, k4: Any, v4: Any, terms: _Terms) -> Any | None:
+def _sdpa(q4: Any, k4: Any, v4: Any, scoring: _Scoring) -> Any | None:
     """SDPA where it expresses the call exactly (and no row is left without keys), else None."""
-    o = terms.opts
-    b, hq, nq, nk = terms.shape4
-    if not terms.plain() or terms.sink_keys or nk == 0 or nq == 0 or bool((terms.lens != nk).any()):
+    o = scoring.opts
+    b, hq, nq, nk = scoring.shape4
+    if not scoring.plain() or scoring.sink_keys or nk == 0 or nq == 0:
+        return None
+    if bool((scoring.lens != nk).any()):
         return None
     attn_mask, is_causal = None, False
     if o.causal:
@@ -451,9 +406,9 @@ def _dense(q4, k4, v4, opts, lens, aux, want_lse: bool, sink_keys: int = 0) -> t
     """``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq) or None)``, out in float32 or q's dtype."""
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    terms = _Terms((b, hq, nq, nk), q4.device, opts, lens, aux, sink_keys)
+    scoring = _Scoring((b, hq, nq, nk), q4.device, opts, lens, aux, sink_keys)
     if not want_lse:
-        fast = _sdpa(q4, k4, v4, terms)
+        fast = _sdpa(q4, k4, v4, scoring)
         if fast is not None:
             return fast, None
     hkv, dv = v4.shape[1], v4.shape[3]
@@ -461,19 +416,10 @@ def _dense(q4, k4, v4, opts, lens, aux, want_lse: bool, sink_keys: int = 0) -> t
     lse = torch.empty((b, hq, nq), dtype=torch.float32, device=q4.device)
     vf = v4.float()[:, :, None]
     for i0, i1 in _chunks((b, hq, nq, nk)):
-        p, lse[:, :, i0:i1] = _probabilities(q4, k4, terms, i0, i1)
+        p, lse[:, :, i0:i1] = _probabilities(q4, k4, scoring, i0, i1)
         p = p.reshape(b, hkv, hq // hkv, i1 - i0, nk)
         out[:, :, i0:i1] = torch.matmul(p, vf).reshape(b, hq, i1 - i0, dv)
     return out, lse
-
-
-def _lengths(kv_lengths: Any, b: int, nk: int) -> list[int] | None:
-    if kv_lengths is None:
-        return None
-    lens = int_vector("kv_lengths", _aux_numpy(kv_lengths), b)
-    if any(n > nk for n in lens):
-        raise ValueError(f"kv_lengths must lie in [0, {nk}] (the key length), got {lens}")
-    return lens
 
 
 def _finish(out4: Any, user_shape, ndim, layout, dtype, out) -> Any:
@@ -519,7 +465,7 @@ def attention(
     )
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    lens = _lengths(kv_lengths, b, nk)
+    lens = check_kv_lengths(as_numpy(kv_lengths), b, nk)
     aux = {
         "mask": mask,
         "bias": bias,
@@ -555,32 +501,14 @@ def attention_varlen(
     out=None,
 ):
     """:func:`ferroattn.attention_varlen` computed by torch: one dense call per sequence."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(
-                f"{name} must be 3-D (total_tokens, heads, dim), got shape {tuple(t.shape)}"
-            )
+    check_packed({"q": q, "k": k, "v": v})
     (q4, k4, v4), dtype, _ = _prepare(q, k, v, "bshd")
     opts = mask_options(
         head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
     )
-    cq = int_vector("cu_seqlens_q", _aux_numpy(cu_seqlens_q))
-    ck = int_vector("cu_seqlens_k", _aux_numpy(cu_seqlens_k))
-    for name, cu, total in (("cu_seqlens_q", cq, q4.shape[2]), ("cu_seqlens_k", ck, k4.shape[2])):
-        if (
-            not cu
-            or cu[0] != 0
-            or cu[-1] != total
-            or any(a > b for a, b in zip(cu, cu[1:], strict=False))
-        ):
-            raise ValueError(
-                f"{name} must start at 0, never decrease and end at {total} "
-                f"(the packed length); got {cu}"
-            )
-    if len(cq) != len(ck):
-        raise ValueError(
-            f"cu_seqlens_q and cu_seqlens_k must have the same length, got {len(cq)} and {len(ck)}"
-        )
+    cq, ck = check_cu_seqlens(
+        as_numpy(cu_seqlens_q), as_numpy(cu_seqlens_k), q4.shape[2], k4.shape[2]
+    )
     _, hq, total_q, _ = q4.shape
     dv = v4.shape[3]
     user_shape = (total_q, hq, dv)
@@ -629,7 +557,7 @@ def attention_weights(
     )
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    lens = _lengths(kv_lengths, b, nk)
+    lens = check_kv_lengths(as_numpy(kv_lengths), b, nk)
     aux = {
         "mask": mask,
         "bias": bias,
@@ -640,10 +568,10 @@ def attention_weights(
         "block_size": block_size,
     }
     _validate_extras((b, hq, nq, nk), ndim, aux)
-    terms = _Terms((b, hq, nq, nk), q4.device, opts, lens, aux)
+    scoring = _Scoring((b, hq, nq, nk), q4.device, opts, lens, aux)
     w = torch.empty((b, hq, nq, nk), dtype=torch.float32, device=q4.device)
     for i0, i1 in _chunks((b, hq, nq, nk)):
-        w[:, :, i0:i1] = _probabilities(q4, k4, terms, i0, i1)[0]
+        w[:, :, i0:i1] = _probabilities(q4, k4, scoring, i0, i1)[0]
     w = w.reshape(w.shape[4 - ndim :])
     return w.to(dtype)
 
@@ -655,46 +583,7 @@ _TORCH_FUNCS: dict[str, Callable[..., Any]] = {
 }
 
 
-# ------------------------------------------------------- KVCache, SelfAttention
-
-
-def numpy_call(method: Any, *arrays: Any, copy_from_device: bool = True, **kwargs: Any) -> Any:
-    """Call a NumPy method on views of CPU tensors and hand tensors back.
-
-    ``out`` (a keyword) is written in place. Tensors on another device are copied to the CPU
-    and the result copied back when ``copy_from_device``; otherwise that is a ``ValueError``.
-    """
-    data = [a for a in (*arrays, kwargs.get("out")) if isinstance(a, torch.Tensor)]
-    devices = {t.device for t in data}
-    if len(devices) > 1:
-        raise ValueError(f"tensors on different devices: {sorted(map(str, devices))}")
-    device = devices.pop()
-    if device.type != "cpu" and not copy_from_device:
-        raise ValueError(
-            f"this KVCache keeps its keys and values in CPU memory but got tensors on {device}; "
-            f"create it with KVCache(..., device={str(device)!r}) to keep them there"
-        )
-    np_arrays = [to_numpy(a) if isinstance(a, torch.Tensor) else a for a in arrays]
-    out = kwargs.pop("out", None)
-    out_view = None
-    if isinstance(out, torch.Tensor) and out.device.type == "cpu":
-        out_view = to_numpy(out)
-        if out.dtype == torch.bfloat16 and out_view.dtype.kind == "f":
-            out_view = None  # no ml_dtypes: a widened copy, written back below
-    kwargs = {n: _aux_numpy(x) for n, x in kwargs.items()}
-    if out is not None and out_view is not None:
-        kwargs["out"] = out_view
-    elif out is not None and not isinstance(out, torch.Tensor):
-        kwargs["out"] = out
-    result = method(*np_arrays, **kwargs)
-    if result is None:
-        return None
-    if isinstance(out, torch.Tensor):
-        if out_view is None:
-            with torch.no_grad():
-                out.copy_(from_numpy(result))
-        return out
-    return from_numpy(result, device)
+# ------------------------------------------------------------ KVCache storage
 
 
 def _torch_dtype(code: str) -> Any:
@@ -706,123 +595,100 @@ def _torch_dtype(code: str) -> Any:
     }[code]
 
 
-class TorchKVCache(KVCache):
-    """A :class:`ferroattn.KVCache` whose keys and values live in torch tensors on a device.
+class TorchStorage:
+    """The storage of a :class:`ferroattn.KVCache` in torch tensors on one device, computed by
+    torch there (the cache keeps the same logic over either storage; see
+    ``ferroattn._cache_storage.CacheStorage`` for what each operation means).
 
-    Made by ``KVCache(..., device="cuda")`` (any torch device other than the CPU); the same
-    semantics (ragged batches, windows and sinks, int8, rollback), computed by torch there.
-    Inputs are tensors (moved to the cache's device if elsewhere); results are tensors on it.
-    Building one directly with ``device="cpu"`` is allowed (tests use it).
+    Inputs of any kind are accepted: NumPy arrays become tensors and tensors move to the
+    device; results are tensors on it.
     """
 
-    _host = False
+    def __init__(self, device: Any = None) -> None:
+        self.device = torch.device("cpu" if device is None else device)
 
-    def __init__(self, *args: Any, device: Any = None, **kwargs: Any) -> None:
-        self._torch_device = torch.device("cpu" if device is None else device)
-        super().__init__(*args, device=device, **kwargs)
-
-    def _zeros(self, shape, dtype):
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         code = "bfloat16" if dtype.name == "bfloat16" else dtype.name
-        return torch.zeros(shape, dtype=_torch_dtype(code), device=self._torch_device)
+        return torch.zeros(shape, dtype=_torch_dtype(code), device=self.device)
 
-    def _ix(self, index):
-        return torch.as_tensor(np.asarray(index), device=self._torch_device)
+    def index(self, positions: np.ndarray) -> Any:
+        return torch.as_tensor(np.asarray(positions), device=self.device)
 
-    def _cat(self, parts):
+    def cat(self, parts: list[Any]) -> Any:
         return torch.cat(parts, dim=1)
 
-    @property
-    def nbytes(self) -> int:
-        total = self._k.nbytes + self._v.nbytes
-        if self._code == "int8":
-            total += self._ks.nbytes + self._vs.nbytes
-        return int(total)
+    def foreign(self, *xs: Any) -> bool:
+        return False  # `convert` takes every kind
 
-    def _tensor(self, name: str, x: Any) -> Any:
+    def convert(self, name: str, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
-            x = from_numpy(_fn.as_array(name, x))
-        return x.detach().to(self._torch_device)
+            x = from_numpy(as_array(name, x))
+        return x.detach().to(self.device)
 
-    def _check_kv(self, k, v):
-        k, v = self._tensor("k", k), self._tensor("v", v)
-        _check_dtypes({"k": k, "v": v})
-        for name, t, dim in (("k", k, self.head_dim), ("v", v, self.value_dim)):
-            s = tuple(t.shape)
-            if len(s) != 4 or s[:2] != (self.batch, self.kv_heads) or s[3] != dim:
-                raise ValueError(
-                    f"{name} must have shape (batch={self.batch}, kv_heads={self.kv_heads}, "
-                    f"tokens, {dim}), got {s}"
-                )
-        if k.shape[2] != v.shape[2]:
-            raise ValueError(
-                f"k and v hold different numbers of tokens: {tuple(k.shape)} vs {tuple(v.shape)}"
-            )
-        return k, v
+    def check_out(self, out: Any, shape: tuple[int, ...], q: Any, held: tuple[Any, ...]) -> None:
+        _check_out(out, shape, q.dtype, q.device)
 
-    def _check_q(self, q):
-        q = self._tensor("q", q)
-        _check_dtypes({"q": q})
-        s = tuple(q.shape)
-        if len(s) != 4 or s[0] != self.batch or s[3] != self.head_dim or s[1] % self.kv_heads:
-            raise ValueError(
-                f"q must have shape (batch={self.batch}, heads (a multiple of "
-                f"{self.kv_heads}), tokens, {self.head_dim}), got {s}"
-            )
-        return q
-
-    def _check_out(self, out, q):
-        if out is not None:
-            _check_out(out, self._result_shape(q), q.dtype, q.device)
-
-    def _encode(self, x):
-        if self._code != "int8":
-            return x.to(self._k.dtype), None
+    def encode(self, x: Any, code: str, dtype: np.dtype) -> tuple[Any, Any]:
+        if code != "int8":
+            return x.to(_torch_dtype(code)), None
         x = x.float()
         scale = x.abs().amax(dim=-1) / 127.0
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(x / safe[..., None]), -127, 127).to(torch.int8)
         return q, scale
 
-    def _decode(self, data, scales):
+    def decode(self, data: Any, scales: Any) -> Any:
         if scales is None:
             return data
         return data.float() * scales[..., None]
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return self._len.copy()
-
-    def _run(self, q, k, v, scales, seqs, sink_keys, scale, softcap, out, terms, window=None):
-        opts = mask_options(
-            head_dim=self.head_dim,
-            causal=True,
-            window=None if window is None else (window, 0),
-            scale=scale,
-            softcap=softcap,
-        )
-        shape = self._result_shape(q)
+    def run(
+        self, query: Any, q: Any, k: Any, v: Any, scales: tuple[Any, Any] | None, out: Any
+    ) -> Any:
         if out is None:
-            result = torch.zeros(shape, dtype=q.dtype, device=q.device)
-        else:  # checked by the caller (`_check_out`) before anything was stored
+            result = torch.zeros(query.shape, dtype=q.dtype, device=q.device)
+        else:  # checked by the cache (`check_out`) before anything was stored
             result = out
             result.zero_()
-        aux = {
-            "mask": None,
-            "bias": None,
-            "alibi_slopes": terms.alibi_slopes,
-            "rel_bias": terms.rel_bias,
-            "sinks": terms.sinks,
-            "block_layout": None,
-            "block_size": None,
-        }
-        _validate_extras((self.batch, q.shape[1], q.shape[2], k.shape[2]), 4, aux)
-        for b, q0, q1, k0, k1 in seqs:
+        aux = {"mask": None, "bias": None, "block_layout": None, "block_size": None}
+        aux.update(query.terms)
+        _validate_extras((query.shape[0], q.shape[1], q.shape[2], k.shape[2]), 4, aux)
+        for b, q0, q1, k0, k1 in query.seqs:
             kb, vb = k[b : b + 1, :, k0:k1], v[b : b + 1, :, k0:k1]
             if scales is not None:
-                kb = self._decode(kb, scales[0][b : b + 1, :, k0:k1])
-                vb = self._decode(vb, scales[1][b : b + 1, :, k0:k1])
+                kb = self.decode(kb, scales[0][b : b + 1, :, k0:k1])
+                vb = self.decode(vb, scales[1][b : b + 1, :, k0:k1])
             qb = q[b : b + 1, :, q0:q1]
-            o, _ = _dense(qb, kb, vb, opts, None, aux, False, sink_keys=sink_keys)
+            o, _ = _dense(qb, kb, vb, query.opts, None, aux, False, sink_keys=query.sink_keys)
             with torch.no_grad():
                 result[b : b + 1, :, q0:q1] = o.to(result.dtype)
         return result
+
+
+class _TorchCacheName(type):
+    """What makes ``TorchKVCache`` a name for caches rather than a class of its own."""
+
+    def __instancecheck__(cls, obj: Any) -> bool:
+        return isinstance(getattr(obj, "_store", None), TorchStorage)
+
+    def __call__(cls, *args: Any, device: Any = None, **kwargs: Any) -> Any:
+        # ferroattn.kv_cache sits above this module (it reaches this one through
+        # ferroattn._dispatch), so it is not imported here; importing this module imports the
+        # package first, and the package imports it.
+        cache_class = sys.modules[f"{__package__}.kv_cache"].KVCache
+        return cache_class._with_storage(TorchStorage(device), *args, device=device, **kwargs)
+
+
+class TorchKVCache(metaclass=_TorchCacheName):
+    """A :class:`ferroattn.KVCache` whose keys and values live in torch tensors on a device.
+
+    ``KVCache(..., device="cuda")`` (any torch device other than the CPU) makes one: the same
+    class, the same semantics (ragged batches, windows and sinks, int8, rollback), computed by
+    torch there. Inputs are tensors (moved to the cache's device if elsewhere); results are
+    tensors on it.
+
+    Not a subclass: ``TorchKVCache(...)`` takes :class:`ferroattn.KVCache`'s arguments and
+    builds a ``KVCache`` with torch storage, on the CPU too when ``device`` is ``"cpu"`` or
+    left out (tests use that); ``isinstance(cache, TorchKVCache)`` says whether a cache keeps
+    torch storage.
+    """

@@ -128,18 +128,36 @@ def _per_head(name: str, x: Any, hq: int) -> list[float]:
     return [float(v) for v in arr]
 
 
-def _broadcast(name: str, x: Any, shape4: tuple[int, int, int, int], ndim: int) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim > 4:
-        raise ValueError(f"{name} must have at most 4 dimensions, got shape {arr.shape}")
+_DENSE_KINDS = {"mask": "a boolean array (True = attend)", "bias": "a float array"}
+
+
+def check_dense_term(
+    name: str,
+    shape: tuple[int, ...],
+    dtype: Any,
+    dtype_ok: bool,
+    shape4: tuple[int, int, int, int],
+    ndim: int,
+) -> None:
+    """The checks of ``mask`` or ``bias`` (``name``) on its dtype and shape alone, so NumPy
+    arrays and torch tensors (on any device) meet the same rules and messages.
+
+    ``dtype_ok`` is the array library's answer to "a boolean mask" / "a real bias".
+    """
+    if not dtype_ok:
+        raise TypeError(f"{name} must be {_DENSE_KINDS[name]}, got dtype {dtype}")
+    if len(shape) > 4:
+        raise ValueError(f"{name} must have at most 4 dimensions, got shape {shape}")
     try:
-        return np.broadcast_to(arr, shape4)
+        fits = np.broadcast_shapes(shape, shape4) == shape4
     except ValueError:
+        fits = False
+    if not fits:
         want = shape4[4 - ndim :] if ndim < 4 else shape4
         raise ValueError(
-            f"{name} of shape {arr.shape} does not broadcast to (B, H, Nq, Nk) = {shape4} "
+            f"{name} of shape {shape} does not broadcast to (B, H, Nq, Nk) = {shape4} "
             f"(for {ndim}-D inputs: {want})"
-        ) from None
+        )
 
 
 def extras_kwargs(
@@ -162,14 +180,13 @@ def extras_kwargs(
     out: dict[str, Any] = {}
     if mask is not None:
         m = np.asarray(mask)
-        if m.dtype != np.bool_:
-            raise TypeError(f"mask must be a boolean array (True = attend), got dtype {m.dtype}")
-        out["mask"] = _broadcast("mask", m, shape4, ndim).view(np.uint8)
+        check_dense_term("mask", m.shape, m.dtype, m.dtype == np.bool_, shape4, ndim)
+        out["mask"] = np.broadcast_to(m, shape4).view(np.uint8)
     if bias is not None:
         bb = np.asarray(bias)
-        if bb.dtype.kind not in "fiu" and bb.dtype.name != "bfloat16":
-            raise TypeError(f"bias must be a float array, got dtype {bb.dtype}")
-        out["bias"] = _broadcast("bias", bb.astype(np.float32, copy=False), shape4, ndim)
+        real = bb.dtype.kind in "fiu" or bb.dtype.name == "bfloat16"
+        check_dense_term("bias", bb.shape, bb.dtype, real, shape4, ndim)
+        out["bias"] = np.broadcast_to(bb.astype(np.float32, copy=False), shape4)
     if alibi_slopes is not None:
         out["alibi_slopes"] = _per_head("alibi_slopes", alibi_slopes, hq)
     if sinks is not None:

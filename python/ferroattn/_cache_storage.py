@@ -1,0 +1,190 @@
+"""Where a :class:`ferroattn.KVCache` keeps its keys and values, and what computes over them.
+
+The cache's logic (positions, the ring buffer, sinks, rollback, writes, gathers, checks that
+make a call all-or-nothing) is written once, in :mod:`ferroattn.kv_cache`, over a storage
+object that does the few things that differ between array libraries. Two exist:
+:class:`NumpyStorage` here (NumPy arrays, read in place by the Rust kernels) and
+``ferroattn.torch.TorchStorage`` (torch tensors on a device, computed by torch there).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from . import _ferroattn
+from ._args import MaskOptions, as_array, check_out, dtype_code, kernel_ready
+from ._dispatch import tensor_among
+from .variants import extras_kwargs
+
+__all__ = ["CacheQuery", "CacheStorage", "NumpyStorage", "encode_numpy"]
+
+
+class CacheQuery(NamedTuple):
+    """What one attention call over a cache's keys asks of its storage (a tuple: made on
+    every general call, so cheap to build).
+
+    Attributes:
+        seqs: ``(b, q0, q1, k0, k1)``: queries ``q0:q1`` of sequence ``b`` see keys ``k0:k1``;
+            rows no entry names are zeros.
+        sink_keys: the first keys, which the window does not hide (StreamingLLM sinks).
+        opts: scale, softcap, causal alignment and window.
+        terms: ``alibi_slopes``, ``sinks``, ``rel_bias`` (None where not given).
+        shape: the result's ``(batch, heads, T, value_dim)``.
+        code: the storage type of the keys and values (``"int8"``: with scales).
+    """
+
+    seqs: list[tuple[int, int, int, int, int]]
+    sink_keys: int
+    opts: MaskOptions
+    terms: dict[str, Any]
+    shape: tuple[int, int, int, int]
+    code: str
+
+
+class CacheStorage(Protocol):
+    """The operations a cache's storage supplies (arrays: NumPy arrays or torch tensors)."""
+
+    def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
+        """Zeros of ``shape``, stored as ``dtype`` (a NumPy dtype names the storage type)."""
+
+    def index(self, positions: np.ndarray) -> Any:
+        """An integer or boolean NumPy index, as this storage indexes with it."""
+
+    def cat(self, parts: list[Any]) -> Any:
+        """``parts`` ``(heads, n_i, dim)`` joined along the tokens."""
+
+    def foreign(self, *xs: Any) -> bool:
+        """Whether inputs among ``xs`` are of a kind this storage does not take directly (the
+        cache then runs the call on NumPy views of them)."""
+
+    def convert(self, name: str, x: Any) -> Any:
+        """A caller's input as this storage's array kind (raising ``TypeError`` for what is not
+        an array)."""
+
+    def check_out(self, out: Any, shape: tuple[int, ...], q: Any, held: tuple[Any, ...]) -> None:
+        """Raise unless ``out`` can take a result of ``shape`` for ``q``; ``held`` are the
+        cache's own arrays, which ``out`` must not overlap."""
+
+    def encode(self, x: Any, code: str, dtype: np.dtype) -> tuple[Any, Any | None]:
+        """New tokens in the storage type ``code``/``dtype``: ``(data, int8 scales or None)``."""
+
+    def decode(self, data: Any, scales: Any | None) -> Any:
+        """Stored tokens as floats (int8 times its scales; anything else as it is)."""
+
+    def run(
+        self, query: CacheQuery, q: Any, k: Any, v: Any, scales: tuple[Any, Any] | None, out: Any
+    ) -> Any:
+        """Attention of ``q`` over ``k``/``v`` (int8 with ``scales``) as ``query`` says.
+        Returns the result (``out`` when given, already checked)."""
+
+
+# Where a cache array starts: on a huge-page boundary once it is large enough for NumPy to
+# ask the kernel for huge pages (4 MiB), on a page boundary otherwise. NumPy's own arrays
+# start 16 bytes past a page, so every 64-byte vector load of a row spans two cache lines;
+# decoding over such rows measured 2-5% slower than over aligned ones (benches/NOTES.md).
+_HUGE_ALIGN, _PAGE_ALIGN, _HUGE_FROM = 2 << 20, 4096, 4 << 20
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros of ``shape`` and ``dtype``, their first byte on a page or huge-page boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    align = _HUGE_ALIGN if nbytes >= _HUGE_FROM else _PAGE_ALIGN
+    # The pages of the unused head are never written, so they are never given memory.
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per row (last axis): ``x ≈ q · scale``, ``scale = max |x| / 127``,
+    rounded half to even."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    q, scale = _ferroattn.quantize_int8(x.reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def encode_numpy(x: np.ndarray, code: str, dtype: np.dtype) -> tuple[np.ndarray, Any]:
+    """New tokens in the NumPy storage type (a function: the cache's decoding path calls it
+    directly, without a storage object in between)."""
+    if code == "int8":
+        return _quantize(x)
+    return np.asarray(x).astype(dtype, copy=False), None
+
+
+class NumpyStorage:
+    """NumPy arrays on page boundaries, read in place by the Rust kernels.
+
+    Takes NumPy arrays (and what converts to them); torch tensors given to such a cache are
+    :meth:`foreign`: the cache runs the call on NumPy views of their memory.
+    """
+
+    zeros = staticmethod(_aligned_zeros)
+
+    @staticmethod
+    def index(positions: np.ndarray) -> np.ndarray:
+        return positions
+
+    @staticmethod
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts, axis=1)
+
+    foreign = staticmethod(tensor_among)
+    convert = staticmethod(as_array)
+
+    @staticmethod
+    def check_out(
+        out: Any, shape: tuple[int, ...], q: np.ndarray, held: tuple[np.ndarray, ...]
+    ) -> None:
+        check_out(out, shape, q.dtype, [q])
+        if any(np.may_share_memory(out, a) for a in held):
+            raise ValueError("out must not share memory with the cache's storage")
+
+    encode = staticmethod(encode_numpy)
+
+    @staticmethod
+    def decode(data: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+        if scales is None:
+            return data
+        return data.astype(np.float32) * scales[..., None]
+
+    @staticmethod
+    def run(
+        query: CacheQuery,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        scales: tuple[np.ndarray, np.ndarray] | None,
+        out: np.ndarray | None,
+    ) -> np.ndarray:
+        shape = query.shape
+        result_dtype = q.dtype
+        qk = kernel_ready(q)
+        if out is None:
+            result = np.zeros(shape, dtype=result_dtype)
+        else:  # checked by the cache (`check_out`) before anything was stored
+            result = out
+            result[...] = 0
+        direct = dtype_code(result) == dtype_code(qk) and result.flags.c_contiguous
+        target = result if direct else np.zeros(shape, dtype=qk.dtype)
+        kwargs = query.opts.kwargs()
+        shape4 = (shape[0], q.shape[1], q.shape[2], k.shape[2])
+        kwargs.update(extras_kwargs(shape4=shape4, ndim=4, **query.terms))
+        if scales is not None:
+            kwargs["k_scales"] = scales[0][..., None]
+            kwargs["v_scales"] = scales[1][..., None]
+        _ferroattn.attention(
+            qk,
+            k,
+            v,
+            target,
+            qk.dtype.name,
+            kv_dtype=query.code,
+            sink_keys=query.sink_keys,
+            seqs=query.seqs,
+            **kwargs,
+        )
+        if not direct:
+            result[...] = target
+        return result
