@@ -290,7 +290,7 @@ def test_mixed_kinds_and_bad_backend_are_refused():
 def test_kv_cache_with_tensors(kw):
     g = torch.Generator().manual_seed(4)
     host = ferroattn.KVCache(2, 2, 8, **kw)  # NumPy storage, Rust kernels
-    dev = fa_torch.TorchKVCache(2, 2, 8, device="cpu", **kw)  # torch storage (as on a GPU)
+    dev = ferroattn.KVCache(2, 2, 8, backend="torch", **kw)  # torch storage (as on a GPU)
     ref = ferroattn.KVCache(2, 2, 8, **kw)  # fed NumPy
     for t in (5, 1, 3, 1):
         q, k, v = _randn(g, 2, 4, t, 8), _randn(g, 2, 2, t, 8), _randn(g, 2, 2, t, 8)
@@ -309,7 +309,7 @@ def test_kv_cache_with_tensors(kw):
 
 def test_torch_kv_cache_bad_out_leaves_it_unchanged():
     g = torch.Generator().manual_seed(7)
-    cache = fa_torch.TorchKVCache(2, 2, 8, 8, device="cpu")
+    cache = ferroattn.KVCache(2, 2, 8, 8, backend="torch")
     cache.step(_randn(g, 2, 4, 2, 8), _randn(g, 2, 2, 2, 8), _randn(g, 2, 2, 2, 8))
     keys = cache._k.clone()
     q, k, v = _randn(g, 2, 4, 1, 8), _randn(g, 2, 2, 1, 8), _randn(g, 2, 2, 1, 8)
@@ -327,8 +327,13 @@ def test_torch_kv_cache_bad_out_leaves_it_unchanged():
 
 def test_kv_cache_device_argument_picks_torch_storage():
     cache = ferroattn.KVCache(1, 2, 8, capacity=8, device="meta")
-    assert isinstance(cache, fa_torch.TorchKVCache) and cache._k.device.type == "meta"
-    assert type(ferroattn.KVCache(1, 2, 8, capacity=8, device="cpu")) is ferroattn.KVCache
+    assert cache.backend == "torch" and cache._k.device.type == "meta"
+    assert ferroattn.KVCache(1, 2, 8, capacity=8, device="cpu").backend == "cpu"
+    assert ferroattn.KVCache(1, 2, 8, capacity=8, backend="torch")._k.device.type == "cpu"
+    with pytest.raises(ValueError, match="backend='cpu'"):
+        ferroattn.KVCache(1, 2, 8, capacity=8, device="meta", backend="cpu")
+    with pytest.raises(ValueError, match="backend must be"):
+        ferroattn.KVCache(1, 2, 8, capacity=8, backend="gpu")
 
 
 def test_self_attention_with_tensors():
@@ -345,7 +350,7 @@ def test_self_attention_with_tensors():
     cache = layer.new_cache(2, capacity=16)
     steps = torch.cat([layer.step(xt[:, :4], cache), layer.step(xt[:, 4:], cache)], dim=1)
     _close(steps, layer.forward(x))
-    dev_cache = fa_torch.TorchKVCache(2, 2, 8, 16, device="cpu")
+    dev_cache = ferroattn.KVCache(2, 2, 8, 16, backend="torch")
     steps = torch.cat([layer.step(xt[:, :4], dev_cache), layer.step(xt[:, 4:], dev_cache)], 1)
     _close(steps, layer.forward(x))
 

@@ -128,9 +128,20 @@ def to_numpy(t: Any) -> Any:
     return _torch_module().to_numpy(t)
 
 
-def cache_storage(device: Any) -> Any | None:
-    """The storage of a :class:`ferroattn.KVCache` on ``device``: None for the CPU (NumPy
-    arrays read by the Rust kernels), else torch tensors on that device."""
-    if device is None or str(device) == "cpu":
+def cache_storage(device: Any, backend: Any = "auto") -> Any | None:
+    """The storage of a :class:`ferroattn.KVCache` on ``device`` for ``backend``: None for NumPy
+    arrays read by the Rust kernels (``"cpu"``, and ``"auto"`` on the CPU), else torch tensors
+    on that device computed by torch (``"torch"``, and ``"auto"`` on another device)."""
+    on_cpu = device is None or str(device) == "cpu"
+    if backend == "auto":
+        backend = "cpu" if on_cpu else "torch"
+    if backend == "cpu":
+        if not on_cpu:
+            raise ValueError(
+                f"backend='cpu' keeps the cache in CPU memory, but device={device!r}; "
+                "use backend='auto' or 'torch' for a cache on that device"
+            )
         return None
+    if backend != "torch":
+        raise ValueError(f"backend must be 'auto', 'cpu' or 'torch', got {backend!r}")
     return _torch_module().TorchStorage(device)

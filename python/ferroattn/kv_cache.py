@@ -14,7 +14,7 @@ sink tokens kept as keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -81,9 +81,13 @@ class KVCache:
         device: ``None`` or ``"cpu"`` (default): NumPy storage read by the Rust kernels; the
             methods take NumPy arrays or CPU torch tensors (read in place) and return the kind
             they were given. A torch device (``"cuda"``, ``torch.device("cuda:1")``, ...): the
-            storage is torch tensors on that device and attention runs there through torch
-            (``isinstance(cache, ferroattn.torch.TorchKVCache)`` tells such a cache); inputs
-            are tensors (moved to the device if needed) and results are tensors on it.
+            storage is torch tensors on that device and attention runs there through torch;
+            inputs are tensors (moved to the device if needed) and results are tensors on it.
+        backend: ``"auto"`` (default): the storage follows ``device`` as above. ``"torch"``:
+            torch tensors computed by torch, on ``device`` (the CPU when it is left out), as
+            :func:`ferroattn.attention`'s ``backend="torch"``. ``"cpu"``: NumPy storage read by
+            the Rust kernels (``device`` must then be the CPU). :attr:`backend` says which the
+            cache has.
 
     Appending past ``capacity`` raises ``ValueError``; a call that fails leaves the cache as it
     was.
@@ -115,13 +119,10 @@ class KVCache:
         sinks: int = 0,
         max_rollback: int = 0,
         device: Any = None,
+        backend: Literal["auto", "cpu", "torch"] = "auto",
     ) -> None:
-        # The storage follows `device` unless `_with_storage` set it. (Not `self.__dict__`:
-        # reading that makes CPython keep a real dict per cache, and every attribute read on
-        # the decoding path measured slower.)
-        if getattr(self, "_store", None) is None:
-            on_device = cache_storage(device)
-            self._store = _NUMPY_STORAGE if on_device is None else on_device
+        on_device = cache_storage(device, backend)
+        self._store = _NUMPY_STORAGE if on_device is None else on_device
         for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
             if not isinstance(val, (int, np.integer)) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
@@ -165,21 +166,17 @@ class KVCache:
         self._plain = isinstance(self._store, NumpyStorage) and window is None
         self._plain_opts: dict[tuple[Any, Any], dict[str, Any]] = {}
 
-    @classmethod
-    def _with_storage(cls, store: CacheStorage, *args: Any, **kwargs: Any) -> KVCache:
-        """A cache on ``store`` whatever ``device`` says (``ferroattn.torch.TorchKVCache``:
-        torch storage on the CPU too)."""
-        cache = cls.__new__(cls)
-        cache._store = store
-        cache.__init__(*args, **kwargs)  # type: ignore[misc]
-        return cache
-
     # ----------------------------------------------------------------- facts
 
     @property
     def lengths(self) -> np.ndarray:
         """Tokens seen by each sequence (the position of its next token); a copy."""
         return self._len.copy()
+
+    @property
+    def backend(self) -> str:
+        """``"cpu"`` (NumPy storage, the Rust kernels) or ``"torch"`` (torch tensors, torch)."""
+        return "cpu" if isinstance(self._store, NumpyStorage) else "torch"
 
     @property
     def dtype(self) -> str:

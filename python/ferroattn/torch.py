@@ -26,7 +26,6 @@ ferroattn is an inference library; train with ``torch.nn.functional.scaled_dot_p
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +45,7 @@ from ._args import (
 )
 from .variants import T5Bias, check_dense_term, extras_kwargs
 
-__all__ = ["TorchKVCache", "from_numpy", "is_tensor", "numpy_call", "to_numpy"]
+__all__ = ["TorchStorage", "from_numpy", "is_tensor", "numpy_call", "to_numpy"]
 
 _HALF = (torch.float16, torch.bfloat16)
 # Scores held at once by the explicit path (float32 elements per chunk of queries).
@@ -663,32 +662,3 @@ class TorchStorage:
             with torch.no_grad():
                 result[b : b + 1, :, q0:q1] = o.to(result.dtype)
         return result
-
-
-class _TorchCacheName(type):
-    """What makes ``TorchKVCache`` a name for caches rather than a class of its own."""
-
-    def __instancecheck__(cls, obj: Any) -> bool:
-        return isinstance(getattr(obj, "_store", None), TorchStorage)
-
-    def __call__(cls, *args: Any, device: Any = None, **kwargs: Any) -> Any:
-        # ferroattn.kv_cache sits above this module (it reaches this one through
-        # ferroattn._dispatch), so it is not imported here; importing this module imports the
-        # package first, and the package imports it.
-        cache_class = sys.modules[f"{__package__}.kv_cache"].KVCache
-        return cache_class._with_storage(TorchStorage(device), *args, device=device, **kwargs)
-
-
-class TorchKVCache(metaclass=_TorchCacheName):
-    """A :class:`ferroattn.KVCache` whose keys and values live in torch tensors on a device.
-
-    ``KVCache(..., device="cuda")`` (any torch device other than the CPU) makes one: the same
-    class, the same semantics (ragged batches, windows and sinks, int8, rollback), computed by
-    torch there. Inputs are tensors (moved to the cache's device if elsewhere); results are
-    tensors on it.
-
-    Not a subclass: ``TorchKVCache(...)`` takes :class:`ferroattn.KVCache`'s arguments and
-    builds a ``KVCache`` with torch storage, on the CPU too when ``device`` is ``"cpu"`` or
-    left out (tests use that); ``isinstance(cache, TorchKVCache)`` says whether a cache keeps
-    torch storage.
-    """
