@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -61,6 +63,28 @@ def test_wrong_results_are_reported_and_not_timed(capsys, monkeypatch):
     for r in json.loads(out)["results"]:
         assert "median_ms" not in r["ferroattn"]
         assert r["ferroattn"]["status"].startswith("disagrees with the reference")
+
+
+def test_a_failing_torch_is_reported_not_fatal(capsys, monkeypatch):
+    def sdpa(*args, **kwargs):
+        raise TypeError("got an unexpected keyword argument 'enable_gqa'")
+
+    fake_torch = SimpleNamespace(
+        __version__="0.0",
+        get_num_threads=lambda: 1,
+        set_num_threads=lambda n: None,
+        from_numpy=lambda x: x,
+        inference_mode=contextlib.nullcontext,
+        nn=SimpleNamespace(functional=SimpleNamespace(scaled_dot_product_attention=sdpa)),
+    )
+    monkeypatch.setattr(selfcheck, "_torch", lambda: fake_torch)
+    code, out, _ = _bench(capsys, "--json")
+    assert code == 0
+    for r in json.loads(out)["results"]:
+        assert r["torch"]["status"].startswith("failed: TypeError")
+        assert "median_ms" in r["ferroattn"] and "torch_over_ferroattn" not in r
+    code, out, _ = _bench(capsys)
+    assert code == 0 and "failed: TypeError" in out
 
 
 def test_reference_agrees_with_the_kernels(rng):
