@@ -25,10 +25,11 @@ $PY -m ruff format --check python tests benches
 $PY -m mypy python/ferroattn benches  # also checks the calls into the binding against its .pyi stub
 
 # Run from outside the source tree so the installed package (with its compiled module) is used.
-echo "== benchmark smoke runs (the harnesses run and write well-formed JSON; no timing asserts)"
+echo "== benchmark smoke runs (they run and write well-formed JSON; no timing asserts; seconds)"
 $PY benches/harness.py --quick --no-chart
 $PY benches/bench_prefill.py --quick
 $PY benches/bench_decode.py --quick
+$PY -m ferroattn bench --quick
 
 isas=$(cd /tmp && $PY -c "import ferroattn; print(' '.join(ferroattn.info()['isa_available']))")
 echo "== SIMD paths on this CPU: $isas"

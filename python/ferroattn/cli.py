@@ -1,8 +1,8 @@
-"""Command-line interface: ``ferroattn info`` and ``ferroattn demo``.
+"""Command-line interface: ``ferroattn info``, ``ferroattn demo`` and ``ferroattn bench``.
 
 Run as ``ferroattn ...`` (console script) or ``python -m ferroattn ...``.
 Errors are reported as one line on stderr with exit status 2, never a traceback.
-torch is imported lazily, inside ``info`` only, and is optional.
+torch is optional and imported lazily, by ``info`` and ``bench`` only.
 """
 
 from __future__ import annotations
@@ -435,22 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_bench = sub.add_parser(
         "bench",
-        help="benchmark harness: ferroattn vs torch, ONNX Runtime and NumPy",
-        description="Run the benchmark harness (ferroattn vs torch SDPA, ONNX Runtime and "
-        "NumPy, side by side in one process; see benches/README.md) and write its results "
-        "to ./benches/results (or --out-dir).",
+        help="check and time attention on this machine (a few seconds)",
+        description="Check ferroattn on this machine, then time it: a prefill (B=1 H=16 "
+        "N=2048 D=64), the same prefill causal, and a decode step through KVCache (32 query "
+        "over 8 KV heads, D=128, 16384 cached tokens). Each result is compared with a float64 "
+        "NumPy reference first; torch's scaled_dot_product_attention runs side by side when "
+        "torch is installed. Prints ms, GFLOP/s or GB/s, and torch/ferroattn. The full "
+        "comparison with other libraries is benches/harness.py in the source tree.",
     )
-    from ferroattn import bench as _bench  # numpy only; the peers are imported when it runs
+    from ferroattn import selfcheck  # numpy only; torch is imported when it runs
 
-    _bench.add_arguments(p_bench)
+    selfcheck.add_arguments(p_bench)
     p_bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ferroattn import bench as _bench
+    from ferroattn import selfcheck
 
-    return _bench.run_args(args)
+    return selfcheck.main(args)
 
 
 def main(argv: list[str] | None = None) -> int:
