@@ -77,7 +77,8 @@ def info() -> dict[str, Any]:
     """Version, SIMD path in use, paths this CPU can run, CPU features, threads.
 
     ``stream_prefetch_bytes`` and ``one_row_stream_prefetch`` say how decoding requests its
-    K and V streams ahead on this CPU (picked by CPU vendor; see ``benches/NOTES.md``).
+    K and V streams ahead on this CPU, picked by CPU vendor (``docs/performance.md``, "Stream
+    requests and their distance by vendor" and "One-row streams and ONE_ROW_KEYS").
 
     Never imports torch (``ferroattn info`` on the command line reports torch as well).
     """

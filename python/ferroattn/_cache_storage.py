@@ -83,7 +83,8 @@ class CacheStorage(Protocol):
 # Where a cache array starts: on a huge-page boundary once it is large enough for NumPy to
 # ask the kernel for huge pages (4 MiB), on a page boundary otherwise. NumPy's own arrays
 # start 16 bytes past a page, so every 64-byte vector load of a row spans two cache lines;
-# decoding over such rows measured 2-5% slower than over aligned ones (benches/NOTES.md).
+# decoding over such rows measured 2-5% slower than over aligned ones
+# (docs/performance.md, "Page-aligned cache arrays").
 _HUGE_ALIGN, _PAGE_ALIGN, _HUGE_FROM = 2 << 20, 4096, 4 << 20
 
 
