@@ -12,6 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from fuzz_attention import (
+    _NotT5,
+    per_head_arg,
+    rel_bias_arg,
+    scale_arg,
+    softcap_arg,
+    window_arg,
+)
 from fuzz_inputs import (
     BAD_DTYPES,
     FLOAT_DTYPES,
@@ -22,6 +30,7 @@ from fuzz_inputs import (
     Case,
     array_arg,
     as_f64,
+    assert_close,
     build,
     call_code,
     chance,
@@ -31,15 +40,6 @@ from fuzz_inputs import (
     pick,
     roll,
     size,
-)
-from fuzz_targets import (
-    _NotT5,
-    assert_close,
-    per_head_arg,
-    rel_bias_arg,
-    scale_arg,
-    softcap_arg,
-    window_arg,
 )
 from hypothesis import strategies as st
 from test_cache_model import CacheModel, Config
@@ -55,8 +55,11 @@ import ferroattn
 def _cache_config(draw) -> tuple[dict[str, Arg], Config | None]:
     """Constructor arguments and, when they are valid, the model's configuration."""
     b, h, d = size(draw, 1, 2), size(draw, 1, 2), pick(draw, [1, 3, 8, 16])
-    args = {"batch": int_option(draw, [b]), "kv_heads": int_option(draw, [h]),
-            "head_dim": int_option(draw, [d])}
+    args = {
+        "batch": int_option(draw, [b]),
+        "kv_heads": int_option(draw, [h]),
+        "head_dim": int_option(draw, [d]),
+    }
     windowed = chance(draw, 0.4)
     if windowed:
         args["window"] = int_option(draw, [1, 2, 3, 5], none_ok=True)
@@ -73,26 +76,43 @@ def _cache_config(draw) -> tuple[dict[str, Arg], Config | None]:
     if chance(draw, 0.4):
         args["dtype"] = lit(pick(draw, ["float32", "float16", "bfloat16", "int8"]))
         if chance(draw, 0.2):
-            args["dtype"] = pick(draw, [
-                lit(np.float16, VALID, "float16"), lit(5, INVALID), lit("int4", INVALID),
-                lit("float64", INVALID), lit(None, INVALID)])
+            args["dtype"] = pick(
+                draw,
+                [
+                    lit(np.float16, VALID, "float16"),
+                    lit(5, INVALID),
+                    lit("int4", INVALID),
+                    lit("float64", INVALID),
+                    lit(None, INVALID),
+                ],
+            )
     if chance(draw, 0.3):
         args["value_dim"] = int_option(draw, [1, 4, 8], none_ok=True)
     if chance(draw, 0.1):
-        args["device"] = lit(pick(draw, [None, "cpu"])) if chance(draw, 0.5) else lit(
-            pick(draw, [7, "cpux", 1.5]), INVALID)
+        args["device"] = (
+            lit(pick(draw, [None, "cpu"]))
+            if chance(draw, 0.5)
+            else lit(pick(draw, [7, "cpux", 1.5]), INVALID)
+        )
     m = {k: a.meaning for k, a in args.items()}
     verdicts = {a.verdict for a in args.values()}
-    if INVALID in verdicts or any(a.verdict == LAX and not isinstance(a.value, bool)
-                                  for a in args.values()):
+    if INVALID in verdicts or any(
+        a.verdict == LAX and not isinstance(a.value, bool) for a in args.values()
+    ):
         return args, None
     if any(m.get(k) is not None and m[k] < 1 for k in ("batch", "kv_heads", "head_dim", "window")):
         return args, None
     window = m.get("window")
     cfg = Config(
-        m["batch"], m["kv_heads"], m["head_dim"], m.get("value_dim") or m["head_dim"],
-        None if window else m.get("capacity"), window, m.get("sinks", 0),
-        m.get("max_rollback", 0), m.get("dtype", "float32"),
+        m["batch"],
+        m["kv_heads"],
+        m["head_dim"],
+        m.get("value_dim") or m["head_dim"],
+        None if window else m.get("capacity"),
+        window,
+        m.get("sinks", 0),
+        m.get("max_rollback", 0),
+        m.get("dtype", "float32"),
     )
     if window is None and (cfg.capacity is None or cfg.sinks or cfg.max_rollback):
         return args, None  # neither a capacity nor a window; sinks without a window
@@ -100,8 +120,11 @@ def _cache_config(draw) -> tuple[dict[str, Arg], Config | None]:
 
 
 def _snapshot(cache) -> tuple:
-    return (cache.lengths.tolist(), [np.array(cache.keys(b)) for b in range(cache.batch)],
-            [np.array(cache.values(b)) for b in range(cache.batch)])
+    return (
+        cache.lengths.tolist(),
+        [np.array(cache.keys(b)) for b in range(cache.batch)],
+        [np.array(cache.values(b)) for b in range(cache.batch)],
+    )
 
 
 def _unchanged(cache, before) -> None:
@@ -116,8 +139,10 @@ def _assert_storage(cache, model: CacheModel) -> None:
     assert cache.lengths.tolist() == model.lengths, (cache.lengths.tolist(), model.lengths)
     for b in range(model.cfg.batch):
         pos = model.stored(b)
-        for name, got, hist in (("keys", cache.keys(b), model.k), ("values", cache.values(b),
-                                                                       model.v)):
+        for name, got, hist in (
+            ("keys", cache.keys(b), model.k),
+            ("values", cache.values(b), model.v),
+        ):
             want = hist[b][:, pos]
             assert np.shape(got) == want.shape and np.array_equal(as_f64(got), want), (
                 f"{name}({b}) differ from the model (positions {pos})"
@@ -128,8 +153,20 @@ def _lengths_arg(draw, batch: int, t: int) -> Arg:
     r = roll(draw, 10)
     lens = [draw(st.integers(0, t)) for _ in range(batch)]
     if r == 0:
-        return lit(pick(draw, [[t + 1] * batch, [-1] * batch, lens + [0], [float(x) for x in lens],
-                               "abc", [2**70] * batch]), INVALID)
+        return lit(
+            pick(
+                draw,
+                [
+                    [t + 1] * batch,
+                    [-1] * batch,
+                    lens + [0],
+                    [float(x) for x in lens],
+                    "abc",
+                    [2**70] * batch,
+                ],
+            ),
+            INVALID,
+        )
     if r == 1:
         return Arg(np.asarray(lens, np.uint8), f"np.asarray({lens!r}, np.uint8)", VALID, lens)
     return lit(lens)
@@ -172,16 +209,24 @@ def kv_cache_cases(draw):
         holder["cache"] = ferroattn.KVCache(**values)
         return holder["cache"]
 
-    ctor = Case("KVCache", make, call_code("ferroattn.KVCache", args, ("batch", "kv_heads", "head_dim"), assign="cache = "), args)
+    ctor = Case(
+        "KVCache",
+        make,
+        call_code("ferroattn.KVCache", args, ("batch", "kv_heads", "head_dim"), assign="cache = "),
+        args,
+    )
     # A refusal of the shape of the storage may name any of its parts.
-    ctor.extra_blame = tuple(n for n in ("capacity", "window", "sinks", "max_rollback")
-                             if n in args or n == "capacity")
+    ctor.extra_blame = tuple(
+        n for n in ("capacity", "window", "sinks", "max_rollback") if n in args or n == "capacity"
+    )
     if cfg is None and not ctor.invalid and not any(a.verdict != VALID for a in args.values()):
         ctor.must_fail = True
     if cfg is not None:
+
         def check(cache):
             assert cache.lengths.tolist() == [0] * cfg.batch
             assert cache.dtype == cfg.dtype and cache.value_dim == cfg.value_dim
+
         ctor.check = check
     yield ctor
     if cfg is None or "cache" not in holder:
@@ -195,15 +240,21 @@ def kv_cache_cases(draw):
     if model.room([t0] * cfg.batch):
         cache.append(k0, v0)
         model.append(k0, v0, [t0] * cfg.batch)
-        prefill = f"\ncache.append(build({shape_k!r}, seed={seed}), build({shape_v!r}, seed={seed + 1}))"
+        prefill = (
+            f"\ncache.append(build({shape_k!r}, seed={seed}), build({shape_v!r}, seed={seed + 1}))"
+        )
     method = pick(draw, ["append", "attend", "step", "step", "rollback", "reset", "keys"])
     yield _method_case(draw, cache, model, method, args, prefill)
 
 
 def _method_case(draw, cache, model: CacheModel, method: str, ctor_args, prefill: str) -> Case:
     cfg = model.cfg
-    setup = call_code("ferroattn.KVCache", ctor_args, ("batch", "kv_heads", "head_dim"),
-                      assign="cache = ") + prefill
+    setup = (
+        call_code(
+            "ferroattn.KVCache", ctor_args, ("batch", "kv_heads", "head_dim"), assign="cache = "
+        )
+        + prefill
+    )
     t = size(draw, 0, 3) if method == "append" else size(draw, 1, 3)
     heads = cfg.kv_heads * size(draw, 1, 2) if not chance(draw, 0.05) else 0
     dtype = pick(draw, FLOAT_DTYPES)
@@ -232,13 +283,27 @@ def _method_case(draw, cache, model: CacheModel, method: str, ctor_args, prefill
     values = {k: a.value for k, a in args.items()}
     fn = getattr(cache, method)
     before = _snapshot(cache)
-    pos = {"append": ("k", "v"), "attend": ("q",), "step": ("q", "k", "v"), "rollback": ("n",),
-           "keys": ("seq",)}.get(method, ())
-    case = Case(f"KVCache.{method}", lambda: fn(**values),
-                setup + "\n" + call_code("cache." + method, args, pos), args,
-                after_error=lambda: _unchanged(cache, before))
-    if case.invalid or any(a.verdict == LAX and not isinstance(a.value, bool)
-                           for n, a in args.items() if n != "q"):
+    pos = {
+        "append": ("k", "v"),
+        "attend": ("q",),
+        "step": ("q", "k", "v"),
+        "rollback": ("n",),
+        "keys": ("seq",),
+    }.get(method, ())
+    case = Case(
+        f"KVCache.{method}",
+        lambda: fn(**values),
+        setup + "\n" + call_code("cache." + method, args, pos),
+        args,
+        after_error=lambda: _unchanged(cache, before),
+    )
+    if method in ("attend", "step", "append"):
+        # Refusals about the cache's state (its capacity, what a window cache can still
+        # answer) are about the tokens asked for.
+        case.extra_blame = ("q", "lengths", "capacity") if method != "append" else ("capacity",)
+    if case.invalid or any(
+        a.verdict == LAX and not isinstance(a.value, bool) for n, a in args.items() if n != "q"
+    ):
         return case
     m = {k: a.meaning for k, a in args.items()}
     batch_all = list(range(cfg.batch))
@@ -327,16 +392,19 @@ def self_attention_cases(draw):
     rng = np.random.default_rng(seed)
     with_bias = chance(draw, 0.4)
     params = make_params(rng, d_model, h, h_kv, hd, bias=with_bias)
-    setup = (f"params = make_params(np.random.default_rng({seed}), {d_model}, {h}, {h_kv}, {hd}, "
-             f"bias={with_bias})  # from test_layer")
+    setup = (
+        f"params = make_params(np.random.default_rng({seed}), {d_model}, {h}, {h_kv}, {hd}, "
+        f"bias={with_bias})  # from test_layer"
+    )
     args: dict[str, Arg] = {}
     for name, w in params.items():
         dt = pick(draw, ["float32", "float32", "float64", "float16"])
         w_arg = Arg(w.astype(dt), f"params[{name!r}].astype({dt!r})", setup=setup)
         r = roll(draw, 30)
         if r == 0:
-            w_arg = Arg(w[:-1] if w.shape[0] > 1 else w[:0], f"params[{name!r}][:-1]", INVALID,
-                        setup=setup)
+            w_arg = Arg(
+                w[:-1] if w.shape[0] > 1 else w[:0], f"params[{name!r}][:-1]", INVALID, setup=setup
+            )
         elif r == 1:
             w_arg = Arg(w.astype(np.int32), f"params[{name!r}].astype(np.int32)", INVALID)
         elif r == 2:
@@ -351,6 +419,7 @@ def self_attention_cases(draw):
         args["head_dim"] = int_option(draw, [hd])
     causal = draw(st.booleans())
     args["causal"] = lit(causal)
+    odd_rope = False
     if rope:
         args["rope_theta"] = lit(pick(draw, [10000.0, 500000.0, 100.0]))
         if chance(draw, 0.1):
@@ -358,12 +427,15 @@ def self_attention_cases(draw):
         args["rope_interleaved"] = lit(draw(st.booleans()))
     elif chance(draw, 0.05):
         args["rope_theta"] = lit(10000.0, INVALID if hd % 2 else VALID)
+        odd_rope = bool(hd % 2)
     if chance(draw, 0.25):
         args["window"] = window_arg(draw)
     if chance(draw, 0.2):
         args["softcap"] = softcap_arg(draw)
     if chance(draw, 0.2):
         args["scale"] = scale_arg(draw)
+    # Where RoPE meets an odd head dimension, the refusal is about head_dim (not passed).
+    extra_blame = ("head_dim",) if odd_rope else ()
     if chance(draw, 0.05):
         args["sinks"] = per_head_arg(draw, "sinks", h + 1)
         args["sinks"].verdict = INVALID
@@ -377,8 +449,13 @@ def self_attention_cases(draw):
         return holder["layer"]
 
     pos = ("w_q", "w_k", "w_v", "w_o")
-    ctor = Case("SelfAttention", make, call_code("ferroattn.SelfAttention", args, pos, assign="layer = "),
-                args)
+    ctor = Case(
+        "SelfAttention",
+        make,
+        call_code("ferroattn.SelfAttention", args, pos, assign="layer = "),
+        args,
+        extra_blame=extra_blame,
+    )
     yield ctor
     if "layer" not in holder or ctor.invalid:
         return
@@ -388,8 +465,11 @@ def self_attention_cases(draw):
     m = {k: a.meaning for k, a in args.items()}
     if any(isinstance(v, str) and v == "extreme" for v in m.values()):
         return
-    opts = {k: m[k] for k in ("causal", "rope_theta", "rope_interleaved", "window", "softcap",
-                              "scale") if k in m}
+    opts = {
+        k: m[k]
+        for k in ("causal", "rope_theta", "rope_interleaved", "window", "softcap", "scale")
+        if k in m
+    }
     ref_params = {k: as_f64(v) for k, v in values.items() if k.startswith(("w_", "b_"))}
     b, n = size(draw, 1, 2), size(draw, 0, 6)
     x_arg = array_arg(draw, (b, n, d_model), pick(draw, FLOAT_DTYPES), allow_list=False)
@@ -397,13 +477,19 @@ def self_attention_cases(draw):
     if r == 0:
         x_arg = array_arg(draw, (b, n, d_model + 1), "float32", verdict=INVALID)
     elif r == 1:
-        x_arg = array_arg(draw, (b, n, d_model), pick(draw, ["int32", "complex64"]),
-                          verdict=INVALID, layout="c")
-    fwd = Case("SelfAttention.forward", lambda: layer.forward(x_arg.value),
-               f"layer.forward({x_arg.code})", {"x": x_arg})
+        x_arg = array_arg(
+            draw, (b, n, d_model), pick(draw, ["int32", "complex64"]), verdict=INVALID, layout="c"
+        )
+    fwd = Case(
+        "SelfAttention.forward",
+        lambda: layer.forward(x_arg.value),
+        f"layer.forward({x_arg.code})",
+        {"x": x_arg},
+    )
     if not fwd.invalid and n:
-        want = reference_layer(as_f64(x_arg.value), ref_params, num_heads=h, num_kv_heads=h_kv,
-                               **opts)
+        want = reference_layer(
+            as_f64(x_arg.value), ref_params, num_heads=h, num_kv_heads=h_kv, **opts
+        )
 
         def check(result, want=want):
             assert_close(result, want, np.asarray(x_arg.value).dtype)
@@ -423,10 +509,13 @@ def self_attention_cases(draw):
         return np.concatenate([layer.step(x[:, :cut], cache), layer.step(x[:, cut:], cache)], 1)
 
     low = "dtype" in cache_args
-    case = Case("SelfAttention.step", stepped,
-                f"cache = layer.new_cache({', '.join(f'{k}={a.code}' for k, a in cache_args.items())})"
-                f"\nlayer.step(x[:, :{cut}], cache); layer.step(x[:, {cut}:], cache)",
-                {"x": x_arg})
+    case = Case(
+        "SelfAttention.step",
+        stepped,
+        f"cache = layer.new_cache({', '.join(f'{k}={a.code}' for k, a in cache_args.items())})"
+        f"\nlayer.step(x[:, :{cut}], cache); layer.step(x[:, {cut}:], cache)",
+        {"x": x_arg},
+    )
 
     def check_step(result):
         full = reference_layer(as_f64(x), ref_params, num_heads=h, num_kv_heads=h_kv, **opts)

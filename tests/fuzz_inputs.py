@@ -30,6 +30,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 from hypothesis import strategies as st
+from reference import OUT_RTOL, rel_err
 
 VALID, LAX, INVALID = "valid", "lax", "invalid"
 
@@ -43,6 +44,7 @@ FINDINGS = (
     "unnamed_error",
     "other_exception",
     "state_changed",
+    "fuzzer_error",  # the fuzzer's own code failed (a bug here, not in ferroattn)
 )
 
 # --------------------------------------------------------------------------
@@ -240,7 +242,9 @@ def judge(case: Case) -> Verdict:
     try:
         result = case.call()
     except (ValueError, TypeError, MemoryError) as err:
-        outcome = next(t.__name__ for t in (ValueError, TypeError, MemoryError) if isinstance(err, t))
+        outcome = next(
+            t.__name__ for t in (ValueError, TypeError, MemoryError) if isinstance(err, t)
+        )
         message = f"{type(err).__name__}: {err}"
         if case.after_error is not None:
             try:
@@ -381,3 +385,59 @@ def int_option(draw, valid: Iterable[int], name_bad: Iterable[Any] = (), none_ok
         return lit(None) if bad is None and none_ok else lit(bad, INVALID)
     v = pick(draw, valid)
     return lit(np.int64(v) if r == 3 else v)
+
+
+# --------------------------------------------------------------------------
+# Judging results against the references
+# --------------------------------------------------------------------------
+
+
+def tolerance(dtype: Any) -> float:
+    """Relative tolerance of a result in ``dtype`` (float32 compute, rounded to ``dtype``)."""
+    dt = np.dtype(dtype)
+    if dt.name == "bfloat16":
+        return OUT_RTOL[np.dtype(dt)]
+    if dt.itemsize == 2:
+        return OUT_RTOL[np.dtype(np.float16)]
+    return OUT_RTOL[np.dtype(np.float32)]
+
+
+def result_dtype(arg: Arg) -> np.dtype:
+    """The dtype a result takes for this input (lists are float64 arrays)."""
+    return np.asarray(arg.value).dtype
+
+
+def assert_close(got: Any, want: np.ndarray | None, dtype: Any, what: str = "output") -> None:
+    """Type, dtype, shape and relative error against the reference (``want`` None: the
+    reference could not be formed, e.g. a zero-size head dimension: shape-free checks only)."""
+    assert isinstance(got, np.ndarray), f"{what}: got {type(got).__name__}"
+    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {dtype}"
+    if want is None:
+        return
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    g = as_f64(got)
+    bad = np.isnan(g) & ~np.isnan(want)
+    assert not bad.any(), f"{what}: NaN where the reference has none"
+    err = rel_err(np.where(np.isnan(want), 0, g), np.where(np.isnan(want), 0, want))
+    assert err <= tolerance(dtype), f"{what}: relative error {err:.3g} > {tolerance(dtype):.0e}"
+
+
+def assert_lse(got: Any, want: np.ndarray) -> None:
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32, f"lse: {type(got)}"
+    assert got.shape == want.shape, f"lse: shape {got.shape}, expected {want.shape}"
+    g = got.astype(np.float64)
+    assert not np.isnan(g).any(), "lse: NaN"
+    same_inf = np.isinf(g) == np.isinf(want)
+    assert same_inf.all(), f"lse: -inf at {np.argwhere(~same_inf)[:3].tolist()} differs"
+    fin = ~np.isinf(want)
+    diff = np.abs(g[fin] - want[fin])
+    assert (diff <= 1e-4 * np.maximum(1, np.abs(want[fin]))).all(), f"lse off by {diff.max():.3g}"
+
+
+def reference_or_none(fn, *args, **kwargs):
+    """The reference, or None where it has no answer (a zero-size head dimension, say)."""
+    try:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+    except (ZeroDivisionError, ValueError, IndexError):
+        return None

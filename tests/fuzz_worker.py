@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def all_targets() -> dict:
+    from fuzz_attention import TARGETS as attention
     from fuzz_cache_layer import TARGETS as objects
-    from fuzz_targets import TARGETS as functions
+    from fuzz_functions import TARGETS as functions
 
-    return {**functions, **objects}
+    return {**attention, **functions, **objects}
 
 
 def _signature(func: str, finding: str, detail: str) -> str:
@@ -61,17 +62,27 @@ class Runner:
         finally:
             faulthandler.cancel_dump_traceback_later()
         if self.verbose:
-            print(f"{case.func}: {verdict.outcome} {verdict.finding or ''} {verdict.detail[:200]}"
-                  f"\n    {case.code[:300]}", file=sys.stderr)
+            print(
+                f"{case.func}: {verdict.outcome} {verdict.finding or ''} {verdict.detail[:200]}"
+                f"\n    {case.code[-400:]}",
+                file=sys.stderr,
+            )
         counts = self.counts.setdefault(case.func, Counter())
         counts["calls"] += 1
         counts[verdict.outcome] += 1
         if verdict.finding is not None:
             counts[verdict.finding] += 1
             key = _signature(case.func, verdict.finding, verdict.detail)
-            entry = self.findings.setdefault(key, {
-                "function": case.func, "finding": verdict.finding, "detail": verdict.detail,
-                "code": case.code, "count": 0})
+            entry = self.findings.setdefault(
+                key,
+                {
+                    "function": case.func,
+                    "finding": verdict.finding,
+                    "detail": verdict.detail,
+                    "code": case.code,
+                    "count": 0,
+                },
+            )
             entry["count"] += 1
 
     def target(self, name: str, fn, examples: int, seed: int) -> None:
@@ -80,8 +91,13 @@ class Runner:
         from hypothesis import seed as hseed
         from hypothesis import strategies as st
 
-        @settings(max_examples=examples, database=None, deadline=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=examples,
+            database=None,
+            deadline=None,
+            phases=[Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @hseed(seed)
         @given(st.data())
         def body(data):
@@ -94,9 +110,16 @@ class Runner:
                 counts = self.counts.setdefault(name, Counter())
                 counts["fuzzer_error"] += 1
                 detail = traceback.format_exc(limit=-3)
-                self.findings.setdefault(_signature(name, "fuzzer_error", detail), {
-                    "function": name, "finding": "fuzzer_error", "detail": detail,
-                    "code": "", "count": 0})["count"] += 1
+                self.findings.setdefault(
+                    _signature(name, "fuzzer_error", detail),
+                    {
+                        "function": name,
+                        "finding": "fuzzer_error",
+                        "detail": detail,
+                        "code": "",
+                        "count": 0,
+                    },
+                )["count"] += 1
 
         body()
 
@@ -131,9 +154,20 @@ def spawn(
     env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "in_flight.txt"
-        cmd = [sys.executable, str(here / "fuzz_worker.py"), "--targets", ",".join(targets),
-               "--examples", str(examples), "--seed", str(seed), "--log", str(log),
-               "--call-timeout", str(call_timeout)]
+        cmd = [
+            sys.executable,
+            str(here / "fuzz_worker.py"),
+            "--targets",
+            ",".join(targets),
+            "--examples",
+            str(examples),
+            "--seed",
+            str(seed),
+            "--log",
+            str(log),
+            "--call-timeout",
+            str(call_timeout),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
             rc, out, err = proc.returncode, proc.stdout, proc.stderr

@@ -152,7 +152,9 @@ class CacheModel:
             return False
         if self.cfg.window is None:
             return True
-        return all(self.is_held(b, p) for b, n in enumerate(self.lengths) for p in self.needed(b, n))
+        return all(
+            self.is_held(b, p) for b, n in enumerate(self.lengths) for p in self.needed(b, n)
+        )
 
     def refuses_terms(self, opts: dict[str, Any]) -> bool:
         """ALiBi and T5 biases need contiguous positions: not with the sinks of a window."""
@@ -192,9 +194,12 @@ class CacheModel:
                         s = s - float(slopes[hh]) * np.abs(rel)
                     if rb is not None:
                         table = np.asarray(rb.table, dtype=np.float64)
-                        buckets = t5_bucket(rel, bidirectional=rb.bidirectional,
-                                            num_buckets=table.shape[0],
-                                            max_distance=rb.max_distance)
+                        buckets = t5_bucket(
+                            rel,
+                            bidirectional=rb.bidirectional,
+                            num_buckets=table.shape[0],
+                            max_distance=rb.max_distance,
+                        )
                         s = s + table[buckets, hh]
                     top = s.max() if sink is None else max(s.max(), float(sink[hh]))
                     e = np.exp(s - top)
@@ -245,12 +250,25 @@ class KVCacheMachine(RuleBasedStateMachine):
     @initialize(
         cfg=st.builds(
             lambda b, h, d, dv, windowed, cap, w, s, r, dt: Config(
-                b, h, d, dv, None if windowed else cap, w if windowed else None,
-                s if windowed else 0, r if windowed else 0, dt,
+                b,
+                h,
+                d,
+                dv,
+                None if windowed else cap,
+                w if windowed else None,
+                s if windowed else 0,
+                r if windowed else 0,
+                dt,
             ),
-            st.integers(1, 2), st.integers(1, 2), st.sampled_from([1, 3, 8, 16]),
-            st.sampled_from([1, 4, 8]), st.booleans(), st.integers(1, 12), st.integers(1, 5),
-            st.integers(0, 2), st.integers(0, 2),
+            st.integers(1, 2),
+            st.integers(1, 2),
+            st.sampled_from([1, 3, 8, 16]),
+            st.sampled_from([1, 4, 8]),
+            st.booleans(),
+            st.integers(1, 12),
+            st.integers(1, 5),
+            st.integers(0, 2),
+            st.integers(0, 2),
             st.sampled_from(["float32", "float16", "bfloat16", "int8"]),
         ),
         seed=st.integers(0, 2**16),
@@ -310,8 +328,10 @@ class KVCacheMachine(RuleBasedStateMachine):
         at times misaligned or non-contiguous (copied: valid)."""
         group = data.draw(st.integers(1, 2), label="group")
         dtype = data.draw(st.sampled_from([F32, F32, np.float16, np.float64]), label="q dtype")
-        kind = data.draw(st.sampled_from(["ok"] * 8 + ["zero_heads", "bad_dim", "misaligned",
-                                                       "strided"]), label="q kind")
+        kind = data.draw(
+            st.sampled_from(["ok"] * 8 + ["zero_heads", "bad_dim", "misaligned", "strided"]),
+            label="q kind",
+        )
         if kind == "zero_heads":
             return np.zeros((self.cfg.batch, 0, t, self.cfg.head_dim), dtype), "either"
         if kind == "bad_dim":
@@ -413,8 +433,9 @@ class KVCacheMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def rollback(self, data) -> None:
         n = data.draw(st.sampled_from([0, 1, 1, 2, 3, 5, -1, 1.0]), label="n")
-        seq = data.draw(st.sampled_from([None, 0, self.cfg.batch - 1, self.cfg.batch, -1]),
-                        label="seq")
+        seq = data.draw(
+            st.sampled_from([None, 0, self.cfg.batch - 1, self.cfg.batch, -1]), label="seq"
+        )
         valid_n = isinstance(n, int) and n >= 0
         valid_seq = seq is None or 0 <= seq < self.cfg.batch
         seqs = list(range(self.cfg.batch)) if seq is None else [seq]
@@ -450,8 +471,10 @@ class KVCacheMachine(RuleBasedStateMachine):
         )
         for b in range(self.cfg.batch):
             pos = self.model.stored(b)
-            for name, read, hist in (("keys", self.cache.keys, self.model.k),
-                                     ("values", self.cache.values, self.model.v)):
+            for name, read, hist in (
+                ("keys", self.cache.keys, self.model.k),
+                ("values", self.cache.values, self.model.v),
+            ):
                 got = np.asarray(read(b), dtype=np.float64)
                 want = hist[b][:, pos]
                 assert got.shape == want.shape, (
@@ -462,8 +485,11 @@ class KVCacheMachine(RuleBasedStateMachine):
 
 # Shrinking a failing run of this machine can take minutes: the failing steps are printed as
 # found (at most 15), unless FERROATTN_SHRINK=1 asks for the shortest sequence.
-_PHASES = tuple(Phase) if os.environ.get("FERROATTN_SHRINK") == "1" else (
-    Phase.explicit, Phase.reuse, Phase.generate)
+_PHASES = (
+    tuple(Phase)
+    if os.environ.get("FERROATTN_SHRINK") == "1"
+    else (Phase.explicit, Phase.reuse, Phase.generate)
+)
 KVCacheMachine.TestCase.settings = settings(
     max_examples=100,
     stateful_step_count=15,

@@ -25,8 +25,9 @@ def _report(target: str, res) -> str:
         lines.append(f"stderr tail:\n{res.stderr[-1500:]}")
     for f in res.findings:
         lines.append(f"- {f['finding']} in {f['function']} (x{f['count']}): {f['detail'][:300]}")
-        lines.append("  reproducer (PYTHONPATH=python:tests):\n    " +
-                     f["code"].replace("\n", "\n    "))
+        lines.append(
+            "  reproducer (PYTHONPATH=python:tests):\n    " + f["code"].replace("\n", "\n    ")
+        )
     return "\n".join(lines)
 
 

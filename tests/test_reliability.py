@@ -136,6 +136,8 @@ HUGE_CALLS = {
     ),
     "cache_capacity": ("return KVCache(1, 1, 8, capacity=2**40)", ("capacity",)),
     "cache_window": ("return KVCache(1, 1, 8, window=2**40)", ("window",)),
+    "linear_state": ("return LinearAttentionState(2**31, 6, 4, value_dim=16)", ("batch",)),
+    "cache_value_dim": ("return KVCache(1, 1, 1, capacity=4, value_dim=2**31)", ("value_dim",)),
     "rope": (
         "x = np.broadcast_to(np.ones((1, 1, 1, 8), np.float32), (1, 1, 2**40, 8))\n"
         "return rope(x, np.broadcast_to(np.zeros(1, np.int64), (2**40,)))",
@@ -593,3 +595,87 @@ def test_layout_helpers_refuse_bad_counts(fn, kwargs, arg):
 
 def test_layout_helper_huge_block_count_is_named_error():
     assert_isolated_named("return local_global_layout(2**40)", "n_blocks")
+
+
+def test_window_cache_two_rollbacks_never_read_evicted_tokens():
+    # rollback(2) is refused (the window would need an evicted token), but rollback(1) twice
+    # was accepted and the next step attended to the rolled-back token in the evicted slot.
+    def decoded(rolls):
+        cache = ferroattn.KVCache(1, 1, 2, window=3)
+        for i in range(5):
+            t = np.full((1, 1, 1, 2), i, F32)
+            cache.step(t, t, t)
+        for n in rolls:
+            call_named(lambda n=n: cache.rollback(n), "n")
+        return cache
+
+    cache = decoded([1, 1])
+    n = int(cache.lengths[0])
+    fresh = ferroattn.KVCache(1, 1, 2, window=3)
+    for i in range(n):
+        t = np.full((1, 1, 1, 2), i, F32)
+        fresh.step(t, t, t)
+    t = np.full((1, 1, 1, 2), 0.5, F32)
+    np.testing.assert_allclose(cache.step(t, t, t), fresh.step(t, t, t), rtol=1e-6)
+
+
+def test_window_one_cache_rolls_back_what_it_never_needs():
+    # With window=1 a query sees only itself: rolling back needs no stored token, yet
+    # rollback(2) was refused ("the window would need evicted tokens").
+    cache = ferroattn.KVCache(1, 1, 2, window=1)
+    for i in range(4):
+        t = np.full((1, 1, 1, 2), i, F32)
+        cache.step(t, t, t)
+    cache.rollback(2)
+    assert cache.lengths.tolist() == [2]
+    t = np.full((1, 1, 1, 2), 7.0, F32)
+    np.testing.assert_array_equal(cache.step(t, t, t), t)
+
+
+def test_rel_bias_table_beyond_float32_is_refused_or_exact(rng):
+    q, k, v = qkv(rng, hq=2, nq=4, nk=4, d=8)
+    bias = ferroattn.T5Bias(np.full((8, 2), 1e300))
+    res = call_named(lambda: ferroattn.attention(q, k, v, rel_bias=bias), "rel_bias")
+    if res is not None:
+        assert not np.isnan(res).any()
+
+
+def test_set_num_threads_takes_numpy_ints_and_refuses_absurd_counts(restore_threads):
+    ferroattn.set_num_threads(np.int64(1))
+    assert ferroattn.get_num_threads() == 1
+    # 2^31 threads cannot be started; accepting the count made the next kernel call spawn
+    # threads for ~20 s before it ran.
+    with pytest.raises(ValueError) as excinfo:
+        ferroattn.set_num_threads(2**31)
+    assert_named_error(excinfo, "n")
+
+
+@pytest.mark.parametrize("value", [None, 1])
+def test_return_lse_of_another_type_is_named(rng, value):
+    q, k, v = qkv(rng, hq=1, nq=3, nk=3, d=4)
+    # With another option the call leaves the fast path, which ignored return_lse=None.
+    res = call_named(lambda: ferroattn.attention(q, k, v, window=2, return_lse=value), "return_lse")
+    if res is not None:
+        want = ferroattn.attention(q, k, v, window=2, return_lse=bool(value))
+        assert type(res) is type(want)
+
+
+def test_window_cache_attend_after_rollback_never_reads_evicted_tokens():
+    # The ring holds window + max_rollback = 3 slots. After 8 tokens and rollback(1), the slot
+    # of position 4 holds the rolled-back token 7; attend() over the last 2 positions (within
+    # max_rollback + 1) read it for position 5's window.
+    def filled(n):
+        cache = ferroattn.KVCache(1, 1, 1, window=2, max_rollback=1)
+        for i in range(n):
+            t = np.full((1, 1, 1, 1), i, F32)
+            cache.step(t, t, t)
+        return cache
+
+    cache = filled(8)
+    cache.rollback(1)
+    q = np.ones((1, 1, 2, 1), F32)
+    try:
+        got = cache.attend(q)
+    except ValueError:
+        return  # refusing is honest: position 4 is gone
+    np.testing.assert_allclose(got, filled(7).attend(q), rtol=1e-6)
