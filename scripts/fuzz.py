@@ -2,6 +2,7 @@
 
     PYTHONPATH=python python scripts/fuzz.py --minutes 5
     PYTHONPATH=python python scripts/fuzz.py --minutes 1 --targets attention,KVCache --json out.json
+    PYTHONPATH=python python scripts/fuzz.py --rounds 1 --seed 20260509 --examples 50  # the CI run
 
 Runs the fuzz targets of ``tests/fuzz_*.py`` (the same as ``tests/test_fuzz.py``, which runs a
 bounded profile in CI) in worker processes, one target and seed at a time, round robin, until
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--examples", type=int, default=150, help="examples per worker run")
     p.add_argument("--seed", type=int, default=1, help="first seed (then +1 per round)")
     p.add_argument("--call-timeout", type=float, default=20.0, help="seconds one call may take")
+    p.add_argument("--rounds", type=int, help="stop after this many rounds over the targets")
     p.add_argument("--json", type=Path, help="also write the counts and findings here")
     args = p.parse_args(argv)
 
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     counts: dict[str, Counter] = {}
     findings: dict[tuple, dict] = {}
     runs, seed = 0, args.seed
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (args.rounds is None or seed - args.seed < args.rounds):
         for target in targets:
             if time.monotonic() >= deadline:
                 break
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 findings[key]["count"] += 1
         seed += 1
 
-    print(f"{runs} worker runs, seeds {args.seed}..{seed - 1}, {args.minutes:g} min\n")
+    print(f"{runs} worker runs, seeds {args.seed}..{seed - 1}, {args.examples} examples each\n")
     width = max(len(f) for f in counts) if counts else 8
     print(f"{'function':<{width}} " + " ".join(f"{c:>11}" for c in COLUMNS) + "  findings")
     for func in sorted(counts):

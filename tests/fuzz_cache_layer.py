@@ -172,7 +172,7 @@ def _lengths_arg(draw, batch: int, t: int) -> Arg:
     return lit(lens)
 
 
-def _kv_arg(draw, name, shape, dtype) -> Arg:
+def _kv_arg(draw, shape, dtype) -> Arg:
     r = roll(draw, 15)
     if r == 0:
         return array_arg(draw, shape, pick(draw, BAD_DTYPES), verdict=INVALID, layout="c")
@@ -260,12 +260,12 @@ def _method_case(draw, cache, model: CacheModel, method: str, ctor_args, prefill
     dtype = pick(draw, FLOAT_DTYPES)
     args: dict[str, Arg] = {}
     if method in ("attend", "step"):
-        args["q"] = _kv_arg(draw, "q", (cfg.batch, heads, t, cfg.head_dim), dtype)
+        args["q"] = _kv_arg(draw, (cfg.batch, heads, t, cfg.head_dim), dtype)
         if heads == 0:
             args["q"].verdict = LAX
     if method in ("append", "step"):
-        args["k"] = _kv_arg(draw, "k", (cfg.batch, cfg.kv_heads, t, cfg.head_dim), dtype)
-        args["v"] = _kv_arg(draw, "v", (cfg.batch, cfg.kv_heads, t, cfg.value_dim), dtype)
+        args["k"] = _kv_arg(draw, (cfg.batch, cfg.kv_heads, t, cfg.head_dim), dtype)
+        args["v"] = _kv_arg(draw, (cfg.batch, cfg.kv_heads, t, cfg.value_dim), dtype)
     if method in ("append", "attend", "step") and chance(draw, 0.3):
         args["lengths"] = _lengths_arg(draw, cfg.batch, t)
     if method in ("attend", "step"):
@@ -434,8 +434,11 @@ def self_attention_cases(draw):
         args["softcap"] = softcap_arg(draw)
     if chance(draw, 0.2):
         args["scale"] = scale_arg(draw)
-    # Where RoPE meets an odd head dimension, the refusal is about head_dim (not passed).
+    # Where RoPE meets an odd head dimension, the refusal is about head_dim (not passed); a
+    # weight of the wrong shape may be reported by the weight it disagrees with.
     extra_blame = ("head_dim",) if odd_rope else ()
+    if any(args[n].verdict != VALID for n in params):
+        extra_blame += tuple(params) + ("num_heads", "num_kv_heads", "head_dim")
     if chance(draw, 0.05):
         args["sinks"] = per_head_arg(draw, "sinks", h + 1)
         args["sinks"].verdict = INVALID

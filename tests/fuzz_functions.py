@@ -235,8 +235,6 @@ def linear_state_cases(draw):
 
             case.check = check
         yield case
-        if case.invalid:
-            continue
 
 
 # --------------------------------------------------------------------------
@@ -588,10 +586,9 @@ def layout_case(draw) -> Case:
         if func == "bigbird_layout":
             assert (result | want == result).all(), "a local or global block is missing"
             picks = min(m.get("random_blocks", 2), n)
-            extra = result.sum(axis=1)
-            assert (extra >= np.minimum(want.sum(axis=1), n)).all()
             if not causal:
-                assert (extra >= picks).all(), "a row has fewer than random_blocks blocks"
+                seen = result.sum(axis=1)
+                assert (seen >= picks).all(), "a row has fewer than random_blocks blocks"
             assert (fn(**values) == result).all(), "not deterministic for one seed"
         else:
             assert (result == want).all(), (

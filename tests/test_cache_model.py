@@ -9,7 +9,6 @@ reference over the keys the model says are visible, and a call that fails must c
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from reference import BF16, rel_err
 from test_kv_cache import _plain_int8
-from test_variants import t5_bucket
+from test_variants import reference
 
 import ferroattn
 
@@ -161,50 +160,26 @@ class CacheModel:
         positional = opts.get("alibi_slopes") is not None or opts.get("rel_bias") is not None
         return positional and self.cfg.window is not None and self.cfg.sinks > 0
 
-    def visible(self, p: int) -> list[int]:
-        w, s = self.cfg.window, self.cfg.sinks
-        return [j for j in range(p + 1) if w is None or j >= p - (w - 1) or j < s]
-
     def attention(self, q: np.ndarray, counts: list[int], opts: dict[str, Any]) -> np.ndarray:
         """float64 attention of ``q`` ``(B, H, T, D)``: row ``i < counts[b]`` of sequence ``b``
-        is the query at position ``length - counts[b] + i``; other rows are zero."""
+        is the query at position ``length - counts[b] + i`` and sees the keys at positions
+        ``j <= p`` (and, in a window cache, ``j > p - window`` or ``j < sinks``); other rows
+        are zero. The reference of ``test_variants`` computes it, with those keys as a mask."""
         q = np.asarray(q, dtype=np.float64)
-        bsz, h, t_max, d = q.shape
-        group = h // self.cfg.kv_heads
-        scale = opts.get("scale")
-        scale = 1 / math.sqrt(d) if scale is None else float(scale)
-        softcap, slopes = opts.get("softcap"), opts.get("alibi_slopes")
-        sink = opts.get("sinks")
-        rb = opts.get("rel_bias")
-        out = np.zeros((bsz, h, t_max, self.cfg.value_dim))
-        for b in range(bsz):
-            n, t = self.lengths[b], counts[b]
-            for i in range(t):
-                p = n - t + i
-                js = self.visible(p)
-                if not js:
-                    continue
-                rel = np.asarray(js) - p
-                for hh in range(h):
-                    kk, vv = self.k[b][hh // group][js], self.v[b][hh // group][js]
-                    s = scale * (kk @ q[b, hh, i])
-                    if softcap is not None:
-                        s = softcap * np.tanh(s / softcap)
-                    if slopes is not None:
-                        s = s - float(slopes[hh]) * np.abs(rel)
-                    if rb is not None:
-                        table = np.asarray(rb.table, dtype=np.float64)
-                        buckets = t5_bucket(
-                            rel,
-                            bidirectional=rb.bidirectional,
-                            num_buckets=table.shape[0],
-                            max_distance=rb.max_distance,
-                        )
-                        s = s + table[buckets, hh]
-                    top = s.max() if sink is None else max(s.max(), float(sink[hh]))
-                    e = np.exp(s - top)
-                    z = e.sum() + (0.0 if sink is None else math.exp(float(sink[hh]) - top))
-                    out[b, hh, i] = e @ vv / z
+        out = np.zeros((*q.shape[:3], self.cfg.value_dim))
+        w, s = self.cfg.window, self.cfg.sinks
+        for b, t in enumerate(counts):
+            n = self.lengths[b]
+            if t == 0 or q.shape[1] == 0:
+                continue
+            p, j = np.arange(n - t, n)[:, None], np.arange(n)[None, :]
+            visible = j <= p
+            if w is not None:
+                visible &= (j > p - w) | (j < s)
+            o, _, _ = reference(
+                q[b : b + 1, :, :t], self.k[b][None], self.v[b][None], mask=visible, **opts
+            )
+            out[b, :, :t] = o[0]
         return out
 
 
