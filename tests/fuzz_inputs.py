@@ -13,7 +13,7 @@ requires, of every call:
   argument's name appears in the message), and only when there is such an argument; a failed
   cache call must leave the cache as it was (the case's ``after_error``);
 * never another exception type (``RuntimeError`` is ferroattn's "internal error"), an abort
-  or a hang (those are caught by the worker's parent: see ``fuzz_targets.py``).
+  or a hang (those are caught by the worker's parent: see ``fuzz_worker.py``).
 
 Arrays are built by :func:`build` from a shape, dtype, memory layout and seed, so a case's
 reproducer is a few lines of Python (``from fuzz_inputs import build``).
