@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import numbers
 from typing import Any
 
 from . import _ferroattn
@@ -58,14 +59,21 @@ __all__ = [
 ]
 
 
+# Far more threads than any CPU has cores (oversubscription past a few per core only adds
+# switching); a larger count is a mistake, and the pool would spend seconds starting it.
+MAX_THREADS = 4096
+
+
 def set_num_threads(n: int) -> None:
     """Set the number of threads ferroattn's kernels use (its own pool; default: all cores,
-    or ``FERROATTN_NUM_THREADS``)."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    or ``FERROATTN_NUM_THREADS``). ``n`` is an int (a NumPy int too) in ``[1, 4096]``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # NumPy ints are Integral
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    _ferroattn.set_num_threads(n)
+    if n > MAX_THREADS:
+        raise ValueError(f"n must be at most {MAX_THREADS}, got {n}")
+    _ferroattn.set_num_threads(int(n))
 
 
 def get_num_threads() -> int:

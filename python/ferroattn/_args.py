@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ._memory import allocating, nbytes
+
 
 def as_array(name: str, x: Any) -> np.ndarray:
     """Return ``x`` as an ndarray, refusing things that are not numeric arrays."""
@@ -73,13 +75,25 @@ def check_dtypes(arrays: dict[str, Any]) -> Any:
     return first
 
 
-def kernel_ready(arr: np.ndarray) -> np.ndarray:
-    """A view (or, only when needed, a copy) the kernels can read directly."""
-    if dtype_code(arr) is None:
-        arr = arr.astype(np.float32)
+def aligned_copy(name: str, arr: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """A C-contiguous, aligned copy of ``arr`` (as ``dtype`` when given), refused by name when
+    it cannot be allocated. ``np.ascontiguousarray`` is no such copy: it returns a contiguous
+    but misaligned array as it is."""
+    dtype = arr.dtype if dtype is None else np.dtype(dtype)
+    with allocating(name, nbytes(arr.shape, dtype)):
+        out = np.empty(arr.shape, dtype=dtype)
+    out[...] = arr
+    return out
+
+
+def kernel_ready(name: str, arr: np.ndarray) -> np.ndarray:
+    """``arr`` itself when the kernels can read it directly (a native kernel dtype, a
+    contiguous last axis, aligned to the item size), else one aligned C-order copy of it (in
+    float32 when its dtype needs converting)."""
+    convert = dtype_code(arr) is None
     last_ok = arr.shape[-1] <= 1 or arr.strides[-1] == arr.itemsize
-    if not last_ok or not arr.flags.aligned:
-        arr = np.ascontiguousarray(arr)
+    if convert or not last_ok or not arr.flags.aligned:
+        arr = aligned_copy(name, arr, np.float32 if convert else None)
     return arr
 
 
@@ -123,7 +137,9 @@ def check_shapes(q4: Any, k4: Any, v4: Any | None, shapes: str) -> None:
         raise ValueError(f"q and k have different batch sizes; {shapes}")
     if dk != d:
         raise ValueError(f"q and k have different head dimensions ({d} vs {dk}); {shapes}")
-    if hk < 1 or hq % hk:
+    if hk < 1:
+        raise ValueError(f"k: key/value heads must be at least 1, got {hk}; {shapes}")
+    if hq % hk:
         raise ValueError(
             f"query heads ({hq}) must be a multiple of key/value heads ({hk}); {shapes}"
         )
@@ -138,7 +154,7 @@ def prepare(
     named: dict[str, Any],
     layout: Any,
     convert: Callable[[str, Any], Any],
-    ready: Callable[[Any], Any],
+    ready: Callable[[str, Any], Any],
 ) -> tuple[list[Any], list[Any], Any, int]:
     """Check ``q``, ``k`` (and ``v``) together: ``(inputs, head-major views, dtype, rank)``.
 
@@ -153,8 +169,11 @@ def prepare(
     if len({a.ndim for a in arrays.values()}) != 1:
         raise ValueError(f"q, k and v must have the same number of dimensions; got {shapes}")
     ndim = arrays["q"].ndim
-    views = [to_bhsd(n, ready(a), layout) for n, a in arrays.items()]
+    # Shapes first, on the caller's arrays: a float64 input is converted (copied) only once
+    # it is known to fit the others.
+    views = [to_bhsd(n, a, layout) for n, a in arrays.items()]
     check_shapes(views[0], views[1], views[2] if len(views) == 3 else None, f"got {shapes}")
+    views = [ready(n, a) for n, a in zip(arrays, views, strict=True)]
     return list(arrays.values()), views, dtype, ndim
 
 
@@ -189,11 +208,29 @@ class MaskOptions:
         }
 
 
+# The largest finite float32: the kernels compute in float32, so an option or a bias beyond
+# it would become inf (and scores NaN) there.
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_flag(name: str, x: Any) -> bool:
+    """A yes/no option: a bool (or NumPy bool); anything else is refused by name."""
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    raise TypeError(f"{name} must be a bool, got {x!r}")
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, (numbers.Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _window_side(x: Any) -> int | None:
+# Window sides at least this long are unbounded whatever the sequence: no array holds 2**62
+# tokens, and the kernels compute positions in 64-bit integers, which a side near 2**63 would
+# overflow.
+_FAR = 2**62
+
+
+def _window_side(x: Any, span: int) -> int | None:
     if x is None:
         return None
     if not _is_int(x):
@@ -202,13 +239,26 @@ def _window_side(x: Any) -> int | None:
         return None
     if x < 0:
         raise ValueError(f"window sides must be >= 0 (or -1/None for unbounded), got {x}")
-    return int(x)
+    # A side that reaches past every key and query hides nothing: the same as unbounded.
+    return None if x >= span else int(x)
 
 
 def mask_options(
-    *, head_dim: int, causal: Any, window: Any, scale: Any, softcap: Any
+    *,
+    head_dim: int,
+    causal: Any,
+    window: Any,
+    scale: Any,
+    softcap: Any,
+    span: int = _FAR,
 ) -> MaskOptions:
-    """Validate ``causal``, ``window``, ``scale`` and ``softcap``."""
+    """Validate ``causal``, ``window``, ``scale`` and ``softcap``.
+
+    ``span``: ``max(Nq, Nk)`` when known. A window side of at least that many tokens sees
+    every key a side can reach, so it is passed on as unbounded (exactly the same mask), and
+    so is any side of ``2**62`` or more (huge ints included).
+    """
+    span = min(span, _FAR)
     top_left = False
     if isinstance(causal, str):
         if causal not in ("bottom_right", "top_left"):
@@ -225,9 +275,9 @@ def mask_options(
     elif _is_int(window):
         if window < 1:
             raise ValueError(f"window must be >= 1 (the number of keys seen), got {window}")
-        left, right = int(window) - 1, 0
+        left, right = _window_side(window - 1, span), 0
     elif isinstance(window, (tuple, list)) and len(window) == 2:
-        left, right = _window_side(window[0]), _window_side(window[1])
+        left, right = _window_side(window[0], span), _window_side(window[1], span)
     else:
         raise ValueError(f"window must be None, an int or a (left, right) pair, got {window!r}")
 
@@ -240,6 +290,8 @@ def mask_options(
             raise TypeError(f"scale must be a number, got {scale!r}") from e
         if not math.isfinite(scale_f):
             raise ValueError(f"scale must be finite, got {scale!r}")
+        if abs(scale_f) > F32_MAX:  # the kernels multiply in float32: it would be inf there
+            raise ValueError(f"scale must lie within float32's range (±{F32_MAX:.4g}), got {scale!r}")
 
     if softcap is None:
         cap = None
@@ -250,6 +302,10 @@ def mask_options(
             raise TypeError(f"softcap must be a number, got {softcap!r}") from e
         if not (math.isfinite(cap) and cap > 0):
             raise ValueError(f"softcap must be a positive finite number, got {softcap!r}")
+        if cap > F32_MAX or np.float32(cap) == 0:  # the kernels divide by it in float32
+            raise ValueError(
+                f"softcap must be a positive number within float32's range, got {softcap!r}"
+            )
 
     return MaskOptions(scale_f, cap, is_causal, top_left, left, right)
 

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from . import _ferroattn
-from ._args import MaskOptions, as_array, check_out, dtype_code, kernel_ready
+from ._args import MaskOptions, aligned_copy, as_array, check_out, dtype_code, kernel_ready
 from ._dispatch import tensor_among
+from ._memory import zeros
 from .variants import extras_kwargs
 
 __all__ = ["CacheQuery", "CacheStorage", "NumpyStorage", "encode_numpy"]
@@ -67,6 +68,11 @@ class CacheStorage(Protocol):
         """Raise unless ``out`` can take a result of ``shape`` for ``q``; ``held`` are the
         cache's own arrays, which ``out`` must not overlap."""
 
+    def check_terms(self, shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
+        """Raise unless the score terms (``alibi_slopes``, ``sinks``, ``rel_bias``) fit
+        queries of ``shape4`` ``(B, Hq, T, ·)``: what :meth:`run` will be given, checked
+        before a step stores anything."""
+
     def encode(self, x: Any, code: str, dtype: np.dtype) -> tuple[Any, Any | None]:
         """New tokens in the storage type ``code``/``dtype``: ``(data, int8 scales or None)``."""
 
@@ -101,7 +107,8 @@ def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row (last axis): ``x ≈ q · scale``, ``scale = max |x| / 127``,
     rounded half to even."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.dtype != np.float32 or not (x.flags.c_contiguous and x.flags.aligned):
+        x = aligned_copy("k and v (as float32, for int8 storage)", x, np.float32)
     q, scale = _ferroattn.quantize_int8(x.reshape(-1, x.shape[-1]))
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
@@ -142,6 +149,10 @@ class NumpyStorage:
         if any(np.may_share_memory(out, a) for a in held):
             raise ValueError("out must not share memory with the cache's storage")
 
+    @staticmethod
+    def check_terms(shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
+        extras_kwargs(shape4=shape4, ndim=4, **terms)
+
     encode = staticmethod(encode_numpy)
 
     @staticmethod
@@ -161,14 +172,18 @@ class NumpyStorage:
     ) -> np.ndarray:
         shape = query.shape
         result_dtype = q.dtype
-        qk = kernel_ready(q)
+        qk = kernel_ready("q", q)
         if out is None:
-            result = np.zeros(shape, dtype=result_dtype)
+            result = zeros("the output of q", shape, result_dtype)
         else:  # checked by the cache (`check_out`) before anything was stored
             result = out
             result[...] = 0
-        direct = dtype_code(result) == dtype_code(qk) and result.flags.c_contiguous
-        target = result if direct else np.zeros(shape, dtype=qk.dtype)
+        direct = (
+            dtype_code(result) == dtype_code(qk)
+            and result.flags.c_contiguous
+            and result.flags.aligned
+        )
+        target = result if direct else zeros("out (a float32 buffer for it)", shape, qk.dtype)
         kwargs = query.opts.kwargs()
         shape4 = (shape[0], q.shape[1], q.shape[2], k.shape[2])
         kwargs.update(extras_kwargs(shape4=shape4, ndim=4, **query.terms))

@@ -12,6 +12,7 @@ from ._args import (
     MaskOptions,
     as_array,
     check_cu_seqlens,
+    check_flag,
     check_kv_lengths,
     check_out,
     check_packed,
@@ -22,6 +23,7 @@ from ._args import (
     prepare,
     to_bhsd,
 )
+from ._memory import allocating, empty
 from .variants import T5Bias, extras_kwargs
 
 Causal = bool | Literal["bottom_right", "top_left"]
@@ -60,7 +62,7 @@ def _run(
         and (out4.shape[-1] <= 1 or out4.strides[-1] == out4.itemsize)
         and out4.flags.aligned
     )
-    target = out4 if direct else np.empty(out4.shape, dtype=q4.dtype)
+    target = out4 if direct else empty("out (a float32 buffer for it)", out4.shape, q4.dtype)
     lse = _ferroattn.attention(
         q4, k4, v4, target, q4.dtype.name, return_lse=return_lse, **opts.kwargs(), **seqs
     )
@@ -84,7 +86,10 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
     d = q.shape[3]
     if d < 1:
         return None
-    result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
+    try:
+        result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
+    except (MemoryError, ValueError):
+        return None  # the general path reports it, by name
     _ferroattn.attention(q, k, v, result, "float32", scale=1.0 / math.sqrt(d), causal=causal)
     return result
 
@@ -183,7 +188,7 @@ def attention(
         and scale is None
         and kv_lengths is None
         and softcap is None
-        and not return_lse
+        and return_lse is False
         and layout == "bhsd"
         and backend == "auto"
         and mask is None
@@ -223,11 +228,17 @@ def attention(
             },
             backend,
         )
+    return_lse = check_flag("return_lse", return_lse)
     arrays, (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
-    opts = mask_options(
-        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
-    )
     b, hq, nq, _ = q4.shape
+    opts = mask_options(
+        head_dim=q4.shape[3],
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        span=max(nq, k4.shape[2]),
+    )
     lens = check_kv_lengths(kv_lengths, b, k4.shape[2])
     extras = extras_kwargs(
         shape4=(b, hq, nq, k4.shape[2]),
@@ -243,7 +254,7 @@ def attention(
     shape4 = (b, hq, nq, v4.shape[3])
     user_shape = from_bhsd_shape(shape4, ndim, layout)
     if out is None:
-        result = np.empty(user_shape, dtype=dtype)
+        result = empty("the output of q, k and v", user_shape, dtype)
     else:
         check_out(out, user_shape, dtype, arrays)
         result = out
@@ -308,17 +319,23 @@ def attention_varlen(
             },
             backend,
         )
+    return_lse = check_flag("return_lse", return_lse)
     named = {"q": as_array("q", q), "k": as_array("k", k), "v": as_array("v", v)}
     check_packed(named)
     arrays, (q4, k4, v4), dtype, _ = _prepare(named["q"], named["k"], named["v"], layout="bshd")
+    _, hq, total_q, _ = q4.shape
     opts = mask_options(
-        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+        head_dim=q4.shape[3],
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        span=max(total_q, k4.shape[2]),
     )
     cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q4.shape[2], k4.shape[2])
-    _, hq, total_q, _ = q4.shape
     user_shape = (total_q, hq, v4.shape[3])
     if out is None:
-        result = np.empty(user_shape, dtype=dtype)
+        result = empty("the output of q, k and v", user_shape, dtype)
     else:
         check_out(out, user_shape, dtype, arrays)
         result = out
@@ -387,11 +404,16 @@ def attention_weights(
             backend,
         )
     _, (q4, k4), dtype, ndim = _prepare(q, k, _NO_VALUES, layout)
-    opts = mask_options(
-        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
-    )
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
+    opts = mask_options(
+        head_dim=q4.shape[3],
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        span=max(nq, nk),
+    )
     lens = check_kv_lengths(kv_lengths, b, nk)
     extras = extras_kwargs(
         shape4=(b, hq, nq, nk),
@@ -409,4 +431,7 @@ def attention_weights(
     )
     w: np.ndarray = flat.reshape(b, hq, nq, nk)
     w = w.reshape(w.shape[4 - ndim :])
-    return w if w.dtype == dtype else w.astype(dtype)
+    if w.dtype == dtype:
+        return w
+    with allocating("the weights of q and k (in their dtype)"):
+        return w.astype(dtype)

@@ -19,17 +19,29 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _ferroattn
-from ._args import NATIVE_CODES, check_dtypes, mask_options
+from ._args import NATIVE_CODES, MaskOptions, check_dtypes, mask_options
 from ._cache_storage import CacheQuery, CacheStorage, NumpyStorage, encode_numpy
 from ._dispatch import cache_storage, on_tensor_views
+from ._memory import allocating, nbytes
 
 __all__ = ["KVCache"]
 
 _STORAGE = ("float32", "float16", "bfloat16", "int8")
 
 
+def _count(name: str, value: Any, lo: int = 0) -> int:
+    """A size argument of the constructor: an int of at least ``lo``, refused by name."""
+    if not isinstance(value, (int, np.integer)) or value < lo:
+        kind = "a positive int" if lo == 1 else f"an int >= {lo}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
 def _storage_dtype(dtype: Any) -> tuple[str, np.dtype]:
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    try:
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError as e:
+        raise TypeError(f"dtype must be one of {', '.join(_STORAGE)}, got {dtype!r}") from e
     if name not in _STORAGE:
         raise TypeError(f"dtype must be one of {', '.join(_STORAGE)}, got {dtype!r}")
     if name == "bfloat16":
@@ -121,46 +133,49 @@ class KVCache:
         device: Any = None,
         backend: Literal["auto", "cpu", "torch"] = "auto",
     ) -> None:
-        on_device = cache_storage(device, backend)
-        self._store = _NUMPY_STORAGE if on_device is None else on_device
-        for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
-            if not isinstance(val, (int, np.integer)) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
-        value_dim = head_dim if value_dim is None else value_dim
-        if not isinstance(value_dim, (int, np.integer)) or value_dim < 1:
-            raise ValueError(f"value_dim must be a positive int, got {value_dim!r}")
+        # Every argument is checked before anything is allocated.
+        self.batch, self.kv_heads = _count("batch", batch, 1), _count("kv_heads", kv_heads, 1)
+        self.head_dim = _count("head_dim", head_dim, 1)
+        self.value_dim = self.head_dim if value_dim is None else _count("value_dim", value_dim, 1)
+        self.sinks, self.max_rollback = _count("sinks", sinks), _count("max_rollback", max_rollback)
         if window is not None:
-            if not isinstance(window, (int, np.integer)) or window < 1:
-                raise ValueError(f"window must be a positive int, got {window!r}")
-            if sinks < 0 or max_rollback < 0:
-                raise ValueError(
-                    f"sinks and max_rollback must be >= 0, got {sinks} and {max_rollback}"
-                )
-            ring = int(window) + int(max_rollback)
-            slots = int(sinks) + ring
+            _count("window", window, 1)
+            ring = int(window) + self.max_rollback
+            slots = self.sinks + ring
+            sizes = f"window={window}, sinks={sinks}, max_rollback={max_rollback}"
         else:
-            if sinks or max_rollback:
+            if self.sinks or self.max_rollback:
                 raise ValueError("sinks and max_rollback only apply to a window cache")
-            if not isinstance(capacity, (int, np.integer)) or capacity < 1:
-                raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+            slots = _count("capacity", capacity, 1)
             ring = 0
-            slots = int(capacity)
-        self.batch, self.kv_heads, self.head_dim = int(batch), int(kv_heads), int(head_dim)
-        self.value_dim = int(value_dim)
-        self.window, self.sinks, self.max_rollback = window, int(sinks), int(max_rollback)
+            sizes = f"capacity={capacity}"
+        self.window = window
         self._ring = ring
         self._code, self._dtype = _storage_dtype(dtype)
+        on_device = cache_storage(device, backend)
+        self._store = _NUMPY_STORAGE if on_device is None else on_device
         self.capacity = slots if window is None else None
+        self.device = device
         shape_k = (self.batch, self.kv_heads, slots, self.head_dim)
         shape_v = (self.batch, self.kv_heads, slots, self.value_dim)
-        self.device = device
-        zeros = self._store.zeros
-        self._k = zeros(shape_k, self._dtype)
-        self._v = zeros(shape_v, self._dtype)
-        if self._code == "int8":
-            self._ks = zeros(shape_k[:3], np.dtype(np.float32))
-            self._vs = zeros(shape_v[:3], np.dtype(np.float32))
-        self._len = np.zeros(self.batch, dtype=np.int64)
+        scales = self._code == "int8"
+        total = nbytes(shape_k, self._dtype) + nbytes(shape_v, self._dtype)
+        total += 8 * nbytes(shape_k[:3], np.float32) if scales else 0
+        what = (
+            f"the storage of KVCache(batch={batch}, kv_heads={kv_heads}, head_dim={head_dim}, "
+            f"value_dim={self.value_dim}, {sizes}, dtype={self._code!r})"
+        )
+        with allocating(what, total):
+            zeros = self._store.zeros
+            self._k = zeros(shape_k, self._dtype)
+            self._v = zeros(shape_v, self._dtype)
+            if scales:
+                self._ks = zeros(shape_k[:3], np.dtype(np.float32))
+                self._vs = zeros(shape_v[:3], np.dtype(np.float32))
+            self._len = np.zeros(self.batch, dtype=np.int64)
+            # Window caches: per sequence, the oldest position the ring still holds (rolled-back
+            # tokens stay in the slots of older positions, which are then gone): see `_stored`.
+            self._oldest = np.zeros(self.batch, dtype=np.int64)
         # Decoding calls the same few options every step: see `_plain_call`. The kernels read
         # NumPy storage directly, so only it has that path.
         self._plain = isinstance(self._store, NumpyStorage) and window is None
@@ -213,7 +228,13 @@ class KVCache:
         if self.window is None:
             return np.arange(n)
         s = self.sinks
-        return np.concatenate([np.arange(min(n, s)), np.arange(max(s, n - self._ring), n)])
+        return np.concatenate([np.arange(min(n, s)), np.arange(self._first_held(b), n)])
+
+    def _first_held(self, b: int) -> int:
+        """The oldest position past the sinks that sequence ``b``'s ring still holds: the
+        ring keeps the last ``ring`` positions, less those whose slots a rolled-back token
+        took (``_oldest``); every position from it up to the length is held."""
+        return max(self.sinks, int(self._len[b]) - self._ring, int(self._oldest[b]))
 
     def _valid_counts(self, lengths: Any, t: int) -> np.ndarray:
         if lengths is None:
@@ -306,8 +327,11 @@ class KVCache:
         """Empty one sequence slot (or all), to reuse it for a new sequence."""
         if seq is None:
             self._len[:] = 0
+            self._oldest[:] = 0
         else:
-            self._len[self._seq_index(seq)] = 0
+            b = self._seq_index(seq)
+            self._len[b] = 0
+            self._oldest[b] = 0
 
     def rollback(self, n: int, seq: int | None = None) -> None:
         """Drop the last ``n`` tokens of one sequence (or of all), e.g. rejected draft tokens.
@@ -321,17 +345,22 @@ class KVCache:
         for b in seqs:
             length = int(self._len[b])
             if n > length:
-                raise ValueError(f"cannot roll back {n} tokens: sequence {b} has {length}")
+                raise ValueError(f"cannot roll back n={n} tokens: sequence {b} has {length}")
             if self.window is not None:
                 new = length - n
+                # The next query (position `new`) needs the window - 1 positions before it.
                 oldest_needed = max(self.sinks, new - (self.window - 1))
-                oldest_kept = max(self.sinks, length - self._ring)
-                if new > self.sinks and oldest_needed < oldest_kept:
+                if oldest_needed < new and oldest_needed < self._first_held(b):
                     raise ValueError(
-                        f"cannot roll back {n} tokens of sequence {b}: the window would need "
+                        f"cannot roll back n={n} tokens of sequence {b}: the window would need "
                         f"evicted tokens (create the cache with a larger max_rollback)"
                     )
         for b in seqs:
+            if self.window is not None:
+                # The dropped tokens keep the slots of positions before them: what the ring
+                # holds now starts where it started before the rollback (or at the new
+                # length, when that is all gone), not `ring` positions before the new length.
+                self._oldest[b] = min(self._first_held(b), int(self._len[b]) - n)
             self._len[b] -= n
 
     def _seq_index(self, seq: Any) -> int:
@@ -414,19 +443,54 @@ class KVCache:
         self._check_out(out, q)
         counts = self._valid_counts(lengths, q.shape[2])
         terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
+        opts = self._options(q, scale, softcap, terms)
         if self.window is not None:
-            slack = self._ring - (self.window - 1)
-            if np.any(counts > slack):
-                raise ValueError(
-                    f"a window cache can attend at most {slack} queries after append(); "
-                    "use step(q, k, v) to process longer chunks"
-                )
+            self._check_window_queries(counts)
             gathered = [self._gather(b, int(counts[b]), None) for b in range(self.batch)]
-            return self._attend_gathered(q, counts, gathered, scale, softcap, out, terms)
+            return self._attend_gathered(q, counts, gathered, opts, out, terms)
+        return self._attend_stored(q, counts, opts, out, terms)
+
+    def _attend_stored(self, q: Any, counts: np.ndarray, opts: Any, out: Any, terms: Any) -> Any:
+        """Attention of a cache without window: the last ``counts[b]`` positions of each
+        sequence over everything it holds."""
         seqs = [
             (b, 0, int(counts[b]), 0, int(self._len[b])) for b in range(self.batch) if counts[b] > 0
         ]
-        return self._run(q, self._k, self._v, self._scales(), seqs, 0, scale, softcap, out, terms)
+        return self._run(q, self._k, self._v, self._scales(), seqs, 0, opts, out, terms)
+
+    def _options(self, q: Any, scale: Any, softcap: Any, terms: _ScoreTerms) -> MaskOptions:
+        """Checks ``scale``, ``softcap`` and the score terms for queries ``q`` (before a step
+        stores anything); returns the kernels' mask options."""
+        window = None if self.window is None else (self.window - 1, 0)
+        opts = mask_options(
+            head_dim=self.head_dim, causal=True, window=window, scale=scale, softcap=softcap
+        )
+        if self.sinks and terms.positional():
+            raise ValueError(
+                "alibi_slopes and rel_bias need contiguous positions: not available with the "
+                "sinks of a window cache"
+            )
+        self._store.check_terms((self.batch, q.shape[1], q.shape[2], 1), terms.kwargs())
+        return opts
+
+    def _check_window_queries(self, counts: np.ndarray) -> None:
+        """A window cache answers the queries of the last tokens only while the ring holds
+        every key their windows reach: at most ``max_rollback + 1`` of them, and none whose
+        window reaches a position a rollback gave away."""
+        assert self.window is not None
+        slack = self._ring - (self.window - 1)
+        if np.any(counts > slack):
+            raise ValueError(
+                f"a window cache can attend at most {slack} queries after append(); "
+                "use step(q, k, v) to process longer chunks"
+            )
+        for b, (c, n) in enumerate(zip(counts.tolist(), self._len.tolist(), strict=True)):
+            needed = max(self.sinks, n - c - (self.window - 1))
+            if needed < n and needed < self._first_held(b):
+                raise ValueError(
+                    f"q: the {c} last queries of sequence {b} would see position {needed}, "
+                    "which a rollback gave away; attend fewer queries or use step(q, k, v)"
+                )
 
     def step(
         self,
@@ -455,7 +519,11 @@ class KVCache:
                 and self._plain_out(out, q)
                 and self._append_plain(k, v, q.shape[2])
             ):
-                return self._attend_plain(q, *plain, out)
+                try:
+                    return self._attend_plain(q, *plain, out)
+                except BaseException:
+                    self._len -= q.shape[2]  # all or nothing, as on the general path
+                    raise
         if self._store.foreign(q, k, v, out):
             return self._on_views(
                 self.step,
@@ -478,23 +546,21 @@ class KVCache:
             raise ValueError(f"q and k hold different numbers of tokens: {q.shape} vs {k.shape}")
         counts = self._valid_counts(lengths, k.shape[2])
         self._check_room(counts)
+        terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
+        opts = self._options(q, scale, softcap, terms)
+        # Every argument is checked: from here on the call stores its tokens and attends, and
+        # a failure (out of memory) leaves the cache as it was.
         enc_k, enc_v = self._encode(k), self._encode(v)
         if self.window is None:
             self._write(enc_k, enc_v, counts)
-            return self.attend(
-                q,
-                lengths=counts,
-                scale=scale,
-                softcap=softcap,
-                out=out,
-                alibi_slopes=alibi_slopes,
-                sinks=sinks,
-                rel_bias=rel_bias,
-            )
+            try:
+                return self._attend_stored(q, counts, opts, out, terms)
+            except BaseException:
+                self._len -= counts  # what was written lies past the lengths again: unseen
+                raise
         # The ring may not hold a whole chunk: attend over old ring + new tokens, then store.
         gathered = [self._gather(b, 0, (enc_k, enc_v, int(counts[b]))) for b in range(self.batch)]
-        terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
-        result = self._attend_gathered(q, counts, gathered, scale, softcap, out, terms)
+        result = self._attend_gathered(q, counts, gathered, opts, out, terms)
         self._write(enc_k, enc_v, counts)
         return result
 
@@ -549,6 +615,7 @@ class KVCache:
             and out.dtype == q.dtype
             and out.shape == self._result_shape(q)
             and out.flags.c_contiguous
+            and out.flags.aligned
             and out.flags.writeable
             and not any(np.may_share_memory(out, a) for a in (q, *self._storage()))
         )
@@ -666,7 +733,7 @@ class KVCache:
             return gk, gv, None, None
         return gk, gv, cat(parts_sk), cat(parts_sv)
 
-    def _attend_gathered(self, q, counts, gathered, scale, softcap, out, terms) -> Any:
+    def _attend_gathered(self, q, counts, gathered, opts, out, terms) -> Any:
         """One kernel call over the per-sequence gathered keys, padded into one array."""
         n = max((g[0].shape[1] for g in gathered), default=0)
         shape_k = (self.batch, self.kv_heads, n, self.head_dim)
@@ -686,25 +753,10 @@ class KVCache:
                 scales[0][b, :, :m], scales[1][b, :, :m] = sk, sv
             if counts[b] > 0:
                 seqs.append((b, 0, int(counts[b]), 0, m))
-        if self.sinks and terms.positional():
-            raise ValueError(
-                "alibi_slopes and rel_bias need contiguous positions: not available with the "
-                "sinks of a window cache"
-            )
-        assert self.window is not None  # only window caches gather
-        return self._run(
-            q, k, v, scales, seqs, self.sinks, scale, softcap, out, terms, window=self.window - 1
-        )
+        return self._run(q, k, v, scales, seqs, self.sinks, opts, out, terms)
 
-    def _run(self, q, k, v, scales, seqs, sink_keys, scale, softcap, out, terms, window=None):
+    def _run(self, q, k, v, scales, seqs, sink_keys, opts, out, terms):
         """Attention over ``k``/``v`` as ``seqs`` pair them with ``q`` (see
-        ``CacheStorage.run``), causal, and windowed when ``window`` (left) is given."""
-        opts = mask_options(
-            head_dim=self.head_dim,
-            causal=True,
-            window=None if window is None else (window, 0),
-            scale=scale,
-            softcap=softcap,
-        )
+        ``CacheStorage.run``) with the mask options ``opts`` (from :meth:`_options`)."""
         query = CacheQuery(seqs, sink_keys, opts, terms.kwargs(), self._result_shape(q), self._code)
         return self._store.run(query, q, k, v, scales, out)

@@ -25,6 +25,7 @@ from ._args import (
     prepare,
     to_bhsd,
 )
+from ._memory import empty, zeros
 
 __all__ = ["LinearAttentionState", "linear_attention"]
 
@@ -76,7 +77,7 @@ def _run(
         and (out4.shape[-1] <= 1 or out4.strides[-1] == out4.itemsize)
         and out4.flags.aligned
     )
-    target = out4 if direct else np.empty(out4.shape, dtype=q4.dtype)
+    target = out4 if direct else empty("out (a float32 buffer for it)", out4.shape, q4.dtype)
     _ferroattn.linear_attention(
         q4,
         k4,
@@ -143,7 +144,7 @@ def linear_attention(
         )
     user_shape = from_bhsd_shape((b, hq, n, v4.shape[3]), ndim, "bhsd")
     if out is None:
-        result = np.empty(user_shape, dtype=dtype)
+        result = empty("the output of q, k and v", user_shape, dtype)
     else:
         check_out(out, user_shape, dtype, arrays)
         result = out
@@ -211,9 +212,13 @@ class LinearAttentionState:
         self.feature_map = _check_feature_map(feature_map)
         self.eps = _check_eps(eps)
         b, h, d = self.batch, self.kv_heads, self.head_dim
-        self._s = np.zeros((b, h, d, self.value_dim), dtype=np.float32)
+        what = (
+            f"the state of batch={b}, heads={self.heads}, kv_heads={h}, head_dim={d}, "
+            f"value_dim={self.value_dim}"
+        )
+        self._s = zeros(what, (b, h, d, self.value_dim), np.float32)
         # 4-D for the kernel: (B, Hkv, 1, D).
-        self._z = np.zeros((b, h, 1, d), dtype=np.float32)
+        self._z = zeros(what, (b, h, 1, d), np.float32)
 
     @property
     def state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +273,7 @@ class LinearAttentionState:
                 )
         user_shape = from_bhsd_shape((b, h, t, dv), ndim, "bhsd")
         if out is None:
-            result = np.empty(user_shape, dtype=dtype)
+            result = empty("the output of q, k and v", user_shape, dtype)
         else:
             check_out(out, user_shape, dtype, arrays)
             result = out

@@ -9,8 +9,11 @@ from typing import Any
 import numpy as np
 
 from ._args import as_array
+from ._memory import allocating, empty
 
 __all__ = ["rope"]
+
+_INT64_MAX = 2**63 - 1
 
 
 def _float_dtype(name: str, x: np.ndarray) -> np.dtype:
@@ -45,7 +48,10 @@ def _check_positions(positions: Any, shape: tuple[int, ...]) -> np.ndarray:
     pos = as_array("positions", positions)
     if pos.dtype.kind not in "iu" and not (pos.size == 0 and pos.dtype.kind == "f"):
         raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
-    pos = pos.astype(np.int64)
+    if pos.dtype.kind == "u" and pos.dtype.itemsize == 8 and pos.size and pos.max() > _INT64_MAX:
+        # Not wrapped to negative positions, as a cast to int64 would.
+        raise ValueError(f"positions must fit in int64 (at most 2**63 - 1), got {pos.max()}")
+    pos = pos.astype(np.int64, copy=False)
     n = shape[-2]
     if pos.ndim == 1 and pos.shape[0] == n:
         return pos
@@ -126,7 +132,7 @@ def rope(
     if not (math.isfinite(theta_f) and theta_f > 0):
         raise ValueError(f"theta must be a positive finite number, got {theta!r}")
     if out is None:
-        out = np.empty(x.shape, dtype=dtype)
+        out = empty("the output of x", x.shape, dtype)
     else:
         if not isinstance(out, np.ndarray):
             raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
@@ -139,16 +145,18 @@ def rope(
 
     compute = np.float64 if dtype == np.float64 else np.float32
     half = rd // 2
-    cos, sin = _cos_sin(pos, half, rd, theta_f, compute)
-    if interleaved:
-        first, second = slice(0, rd, 2), slice(1, rd, 2)
-    else:
-        first, second = slice(0, half), slice(half, rd)
-    # astype copies, so both halves are read before anything is written: out may alias x.
-    a = x[..., first].astype(compute)
-    b = x[..., second].astype(compute)
-    out[..., first] = a * cos - b * sin
-    out[..., second] = b * cos + a * sin
+    # The angles and rotated halves are as large as x (positions may be a broadcast view).
+    with allocating("x and positions (the rotation's working arrays)"):
+        cos, sin = _cos_sin(pos, half, rd, theta_f, compute)
+        if interleaved:
+            first, second = slice(0, rd, 2), slice(1, rd, 2)
+        else:
+            first, second = slice(0, half), slice(half, rd)
+        # astype copies, so both halves are read before anything is written: out may alias x.
+        a = x[..., first].astype(compute)
+        b = x[..., second].astype(compute)
+        out[..., first] = a * cos - b * sin
+        out[..., second] = b * cos + a * sin
     if rd < x.shape[-1] and out is not x:
         out[..., rd:] = x[..., rd:]
     return out

@@ -210,7 +210,7 @@ def _prepare(q: Any, k: Any, v: Any | None, layout: str) -> tuple[list[Any], Any
     """The checks of the NumPy path (one set, one set of messages) on tensors:
     ``(head-major views, dtype, rank)``."""
     named = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    _, views, dtype, ndim = prepare(named, layout, lambda _, t: t, lambda t: t.detach())
+    _, views, dtype, ndim = prepare(named, layout, lambda _, t: t, lambda _, t: t.detach())
     return views, dtype, ndim
 
 
@@ -604,11 +604,19 @@ class TorchStorage:
     """
 
     def __init__(self, device: Any = None) -> None:
-        self.device = torch.device("cpu" if device is None else device)
+        try:
+            self.device = torch.device("cpu" if device is None else device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device must name a torch device, got {device!r}: {e}") from e
 
     def zeros(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
         code = "bfloat16" if dtype.name == "bfloat16" else dtype.name
-        return torch.zeros(shape, dtype=_torch_dtype(code), device=self.device)
+        try:
+            return torch.zeros(shape, dtype=_torch_dtype(code), device=self.device)
+        except RuntimeError as e:  # torch reports both a full and an absent device this way
+            if "memory" in str(e).lower():
+                raise MemoryError(str(e)) from e
+            raise ValueError(f"device {self.device} cannot hold the cache: {e}") from e
 
     def index(self, positions: np.ndarray) -> Any:
         return torch.as_tensor(np.asarray(positions), device=self.device)
@@ -626,6 +634,10 @@ class TorchStorage:
 
     def check_out(self, out: Any, shape: tuple[int, ...], q: Any, held: tuple[Any, ...]) -> None:
         _check_out(out, shape, q.dtype, q.device)
+
+    def check_terms(self, shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
+        aux = {"mask": None, "bias": None, "block_layout": None, "block_size": None, **terms}
+        _validate_extras(shape4, 4, aux)
 
     def encode(self, x: Any, code: str, dtype: np.dtype) -> tuple[Any, Any]:
         if code != "int8":

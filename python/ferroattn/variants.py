@@ -8,10 +8,14 @@ are read through broadcast strides, never expanded.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from ._args import F32_MAX, aligned_copy
+from ._memory import allocating
 
 __all__ = [
     "T5Bias",
@@ -42,11 +46,17 @@ class T5Bias:
     max_distance: int = 128
 
 
+# More heads than any model has by orders of magnitude (and 4 MiB of slopes): a count beyond
+# it is a mistake, refused before anything is built.
+MAX_ALIBI_HEADS = 2**20
+
+
 def alibi_slopes(num_heads: int) -> np.ndarray:
     """The standard ALiBi slopes for ``num_heads`` heads (Press et al.; as in BLOOM/MPT).
 
     A power of two ``n`` gets ``2^(-8/n · (i+1))``; other counts take those of the next lower
     power of two and interleave the odd ones of the next higher, as the reference code does.
+    ``num_heads`` is an int in ``[1, 2**20]``.
 
     Example:
         >>> ferroattn.alibi_slopes(4).tolist()
@@ -54,17 +64,29 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
     """
     if not isinstance(num_heads, (int, np.integer)) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if num_heads > MAX_ALIBI_HEADS:
+        raise ValueError(f"num_heads must be at most {MAX_ALIBI_HEADS}, got {num_heads}")
+    n = int(num_heads)
 
-    def power_of_two(n: int) -> list[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start * start**i for i in range(n)]
+    def power_of_two(m: int) -> np.ndarray:
+        start = 2.0 ** (-(2.0 ** -(math.log2(m) - 3)))
+        return start ** np.arange(1, m + 1, dtype=np.float64)
 
-    if math.log2(num_heads).is_integer():
-        slopes = power_of_two(num_heads)
-    else:
-        closest = 2 ** math.floor(math.log2(num_heads))
-        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: num_heads - closest]
-    return np.asarray(slopes, dtype=np.float32)
+    low = 2 ** math.floor(math.log2(n))
+    slopes = power_of_two(low)
+    if low != n:
+        slopes = np.concatenate([slopes, power_of_two(2 * low)[0::2][: n - low]])
+    return slopes.astype(np.float32)
+
+
+def _count(name: str, x: Any, lo: int = 0) -> int:
+    """A count option of the layout helpers: an int (a bool counts as 0 or 1) of at least
+    ``lo``."""
+    if not isinstance(x, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {x!r}")
+    if x < lo:
+        raise ValueError(f"{name} must be at least {lo}, got {x}")
+    return int(x)
 
 
 def _blocks(n_blocks: int, name: str = "n_blocks") -> int:
@@ -73,18 +95,27 @@ def _blocks(n_blocks: int, name: str = "n_blocks") -> int:
     return int(n_blocks)
 
 
+def _building(n: int) -> AbstractContextManager[None]:
+    """The allocations of an ``(n, n)`` layout, refused by name when they cannot be made."""
+    return allocating(f"a layout of n_blocks={n} blocks squared", n * n)
+
+
 def local_global_layout(
     n_blocks: int, *, window: int = 1, global_blocks: int = 1, causal: bool = False
 ) -> np.ndarray:
     """Longformer: each block sees ``window`` blocks on each side, and the first
     ``global_blocks`` blocks see and are seen by all. Returns a bool ``(n_blocks, n_blocks)``.
+
+    ``window`` and ``global_blocks`` are ints ``>= 0``.
     """
     n = _blocks(n_blocks)
-    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    layout = np.abs(i - j) <= window
-    layout[:global_blocks, :] = True
-    layout[:, :global_blocks] = True
-    return np.tril(layout) if causal else layout
+    w, g = _count("window", window), _count("global_blocks", global_blocks)
+    with _building(n):
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        layout = np.abs(i - j) <= min(w, n)
+        layout[:g, :] = True
+        layout[:, :g] = True
+        return np.tril(layout) if causal else layout
 
 
 def bigbird_layout(
@@ -96,13 +127,16 @@ def bigbird_layout(
     seed: int = 0,
     causal: bool = False,
 ) -> np.ndarray:
-    """BigBird: local window + global blocks + ``random_blocks`` random blocks per row."""
-    layout = local_global_layout(n_blocks, window=window, global_blocks=global_blocks)
-    rng = np.random.default_rng(seed)
-    n = layout.shape[0]
+    """BigBird: local window + global blocks + ``random_blocks`` random blocks per row.
+
+    Counts are ints ``>= 0``; ``seed`` a non-negative int (the same seed, the same layout).
+    """
+    n = _blocks(n_blocks)
+    picks = min(_count("random_blocks", random_blocks), n)
+    rng = np.random.default_rng(_count("seed", seed))
+    layout = local_global_layout(n, window=window, global_blocks=global_blocks)
     for row in range(n):
-        picks = rng.choice(n, size=min(random_blocks, n), replace=False)
-        layout[row, picks] = True
+        layout[row, rng.choice(n, size=picks, replace=False)] = True
     return np.tril(layout) if causal else layout
 
 
@@ -110,22 +144,57 @@ def strided_layout(
     n_blocks: int, *, local: int = 1, stride: int = 4, causal: bool = True
 ) -> np.ndarray:
     """Sparse Transformer (strided): the previous ``local`` blocks and every ``stride``-th
-    block (the "summary" columns ``j ≡ stride−1 mod stride``)."""
+    block (the "summary" columns ``j ≡ stride−1 mod stride``). ``local >= 0``, ``stride >= 1``.
+    """
     n = _blocks(n_blocks)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
-    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
-    layout = (np.abs(i - j) < local + 1) | (j % stride == stride - 1)
-    return np.tril(layout) if causal else layout
+    loc, st = _count("local", local), _count("stride", stride, lo=1)
+    with _building(n):
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        layout = np.abs(i - j) < min(loc, n) + 1
+        if st <= n:  # a longer stride has no summary column among n blocks
+            layout |= j % st == st - 1
+        return np.tril(layout) if causal else layout
+
+
+def _beyond_float32(x: np.ndarray) -> bool:
+    """Whether ``x`` holds finite values that float32 cannot (they would be inf there)."""
+    if x.dtype.kind != "f" or x.dtype.itemsize <= 4 or x.size == 0:
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.any(np.isfinite(x) & (np.abs(x) > F32_MAX)))
 
 
 def _per_head(name: str, x: Any, hq: int) -> list[float]:
-    arr = np.asarray(x, dtype=np.float64)
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be numbers, one per query head, got {x!r:.80}") from e
     if arr.shape != (hq,):
         raise ValueError(f"{name} must have one value per query head ({hq},), got {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite")
+    if _beyond_float32(arr):
+        raise ValueError(f"{name} holds values beyond float32's range (±{F32_MAX:.4g})")
     return [float(v) for v in arr]
+
+
+def _stored_values(x: np.ndarray) -> np.ndarray:
+    """The values ``x`` holds, once each: its broadcast (zero-stride) axes cut to length 1."""
+    return x[tuple(slice(0, 1) if st == 0 else slice(None) for st in x.strides)]
+
+
+def _bias_float32(bb: np.ndarray) -> np.ndarray:
+    """``bias`` as an aligned float32 array of its shape, converting only the values it holds
+    (a broadcast view stays a broadcast view); finite values beyond float32 are refused."""
+    held = _stored_values(bb)
+    if _beyond_float32(held):
+        raise ValueError(
+            f"bias holds values beyond float32's range (±{F32_MAX:.4g}), where the kernels "
+            "add it to the scores"
+        )
+    if held.dtype != np.float32 or not held.flags.aligned:
+        held = aligned_copy("bias", held, np.float32)
+    return np.broadcast_to(held, bb.shape)
 
 
 _DENSE_KINDS = {"mask": "a boolean array (True = attend)", "bias": "a float array"}
@@ -186,7 +255,7 @@ def extras_kwargs(
         bb = np.asarray(bias)
         real = bb.dtype.kind in "fiu" or bb.dtype.name == "bfloat16"
         check_dense_term("bias", bb.shape, bb.dtype, real, shape4, ndim)
-        out["bias"] = np.broadcast_to(bb.astype(np.float32, copy=False), shape4)
+        out["bias"] = np.broadcast_to(_bias_float32(bb), shape4)
     if alibi_slopes is not None:
         out["alibi_slopes"] = _per_head("alibi_slopes", alibi_slopes, hq)
     if sinks is not None:
@@ -194,11 +263,17 @@ def extras_kwargs(
     if rel_bias is not None:
         if not isinstance(rel_bias, T5Bias):
             raise TypeError(f"rel_bias must be a ferroattn.T5Bias, got {type(rel_bias).__name__}")
-        table = np.asarray(rel_bias.table, dtype=np.float32)
+        try:
+            table = np.asarray(rel_bias.table, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"rel_bias.table must be an array of numbers: {e}") from e
         if table.ndim != 2 or table.shape[1] != hq:
             raise ValueError(
                 f"rel_bias.table must have shape (num_buckets >= 2, heads={hq}), got {table.shape}"
             )
+        if _beyond_float32(table):
+            raise ValueError(f"rel_bias.table holds values beyond float32's range (±{F32_MAX:.4g})")
+        table = table.astype(np.float32)
         buckets = table.shape[0]
         per_side = buckets // 2 if rel_bias.bidirectional else buckets
         if per_side // 2 < 1:
@@ -209,6 +284,10 @@ def extras_kwargs(
             raise ValueError(
                 f"rel_bias.max_distance must exceed half the buckets per direction "
                 f"({per_side // 2}), got {rel_bias.max_distance!r}"
+            )
+        if rel_bias.max_distance >= 2**64:  # the kernels take it as a 64-bit count
+            raise ValueError(
+                f"rel_bias.max_distance must be below 2**64, got {rel_bias.max_distance}"
             )
         out["rel_bias"] = (
             table.ravel().tolist(),

@@ -2,8 +2,8 @@
 
 use std::fmt;
 
-/// Why a call was refused. The binding maps `Shape`/`Value` to `ValueError` and `DType` to
-/// `TypeError`.
+/// Why a call was refused. The binding maps `Shape`/`Value` to `ValueError`, `DType` to
+/// `TypeError` and `Memory` to `MemoryError`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Error {
     /// Shapes, strides or lengths that do not fit together.
@@ -12,12 +12,14 @@ pub enum Error {
     Value(String),
     /// An element type that does not fit.
     DType(String),
+    /// Memory a call's sizes ask for that cannot be allocated (the message names the sizes).
+    Memory(String),
 }
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Shape(m) | Error::Value(m) | Error::DType(m) => f.write_str(m),
+            Error::Shape(m) | Error::Value(m) | Error::DType(m) | Error::Memory(m) => f.write_str(m),
         }
     }
 }

@@ -1,13 +1,14 @@
 //! Core errors and panics as the Python exceptions users already catch.
 
 use ferroattn_core::Error;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::PyErr;
 
 pub(crate) fn to_py(e: Error) -> PyErr {
     match e {
         Error::Shape(m) | Error::Value(m) => PyValueError::new_err(m),
         Error::DType(m) => PyTypeError::new_err(m),
+        Error::Memory(m) => PyMemoryError::new_err(m),
     }
 }
 

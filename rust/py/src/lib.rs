@@ -5,6 +5,7 @@
 mod arrays;
 mod errors;
 mod linear;
+mod memory;
 
 use arrays::Raw;
 use ferroattn_core as core;
@@ -175,8 +176,18 @@ fn attention<'py>(
     };
     let (rq, rk, rv, ro, rks, rvs, extras) = convert().map_err(errors::to_py)?;
     let opts = options(scale, softcap, causal, top_left, window_left, window_right, sink_keys);
-    let [b, hq, sq, _] = q.shape().try_into().unwrap_or([0; 4]);
-    let mut lse = return_lse.then(|| vec![0f32; b * hq * sq]);
+    let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
+    let (hkv, dv) = (k.shape().get(1).copied().unwrap_or(0), v.shape().get(3).copied().unwrap_or(0));
+    let sizes = || -> Result<_, core::Error> {
+        let [b, hq, sq, _] = q_shape;
+        let lse = match return_lse {
+            true => Some(memory::zeroed::<f32>(memory::count(&[b, hq, sq], "q")?, "q (its log-sum-exp)")?),
+            false => None,
+        };
+        memory::check_attention(q_shape, hkv, dv, core::num_threads(), "q, k and v (the kernels' working memory)")?;
+        Ok(lse)
+    };
+    let mut lse = sizes().map_err(errors::to_py)?;
     py.detach(|| {
         errors::catch(|| {
             // SAFETY: the arrays are borrowed by this call and outlive it; `out` was checked
@@ -190,12 +201,21 @@ fn attention<'py>(
                 }
             }
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens, seqs)?;
+            if no_query_heads(&qv, &kv) {
+                return Ok(());
+            }
             // SAFETY: bias and mask are borrowed by this call.
             let extras = unsafe { extras.extras()? };
             core::attention_with(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params, &extras)
         })
     })?;
     Ok(lse.map(|l| PyArray1::from_vec(py, l)))
+}
+
+/// Zero query heads (and at least one key/value head): nothing to compute, and the core's
+/// task plan divides by the query heads per key/value head.
+fn no_query_heads(q: &core::Strided, k: &core::Strided) -> bool {
+    q.shape()[1] == 0 && k.shape()[1] >= 1
 }
 
 /// The `(B, Hq, Nq, Nk)` softmax probabilities, flat, as float32.
@@ -230,14 +250,20 @@ fn attention_weights<'py>(
     };
     let (rq, rk, extras) = convert().map_err(errors::to_py)?;
     let opts = options(scale, softcap, causal, top_left, window_left, window_right, 0);
-    let ([b, hq, sq, _], sk) = (q.shape().try_into().unwrap_or([0; 4]), k.shape().get(2).copied().unwrap_or(0));
+    let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
+    let (hkv, sk) = (k.shape().get(1).copied().unwrap_or(0), k.shape().get(2).copied().unwrap_or(0));
     let weights = py.detach(|| {
         errors::catch(|| {
-            let mut w = vec![0f32; b * hq * sq * sk];
+            let [b, hq, sq, d] = q_shape;
+            let what = "q and k (their attention weights)";
+            let mut w = memory::zeroed::<f32>(memory::count(&[b, hq, sq, sk], what)?, what)?;
+            memory::check_attention(q_shape, hkv, d, core::num_threads(), "q and k (the kernels' working memory)")?;
             // SAFETY: the arrays are borrowed by this call and outlive it.
             let (qv, kv, extras) = unsafe { (rq.view()?, rk.view()?, extras.extras()?) };
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None, None)?;
-            core::attention_weights_with(&qv, &kv, &mut w, &seqs, &opts.params, &extras)?;
+            if !no_query_heads(&qv, &kv) {
+                core::attention_weights_with(&qv, &kv, &mut w, &seqs, &opts.params, &extras)?;
+            }
             Ok(w)
         })
     })?;
@@ -253,7 +279,10 @@ type Quantized<'py> = (Bound<'py, PyArray1<i8>>, Bound<'py, PyArray1<f32>>);
 fn quantize_int8<'py>(py: Python<'py>, x: PyReadonlyArray2<'py, f32>) -> PyResult<Quantized<'py>> {
     let [rows, d] = [x.shape()[0], x.shape()[1]];
     let data = x.as_slice().map_err(|_| pyo3::exceptions::PyValueError::new_err("x must be C-contiguous"))?;
-    let (mut q, mut scales) = (vec![0i8; rows * d], vec![0f32; rows]);
+    let sizes = || -> Result<_, core::Error> {
+        Ok((memory::zeroed::<i8>(memory::count(&[rows, d], "x")?, "x")?, memory::zeroed::<f32>(rows, "x")?))
+    };
+    let (mut q, mut scales) = sizes().map_err(errors::to_py)?;
     // A prefill chunk can be megabytes: other Python threads may run meanwhile.
     py.detach(|| errors::catch(|| core::quantize_int8(data, d, &mut q, &mut scales)))?;
     Ok((PyArray1::from_vec(py, q), PyArray1::from_vec(py, scales)))

@@ -1,0 +1,66 @@
+"""Allocations whose size a caller controls: refused as ``MemoryError`` naming the argument.
+
+NumPy reports an allocation it cannot make in three ways, none of which says which of the
+caller's arguments asked for it: ``MemoryError("Unable to allocate 4.00 TiB ...")``,
+``ValueError("array is too big; ...")`` when the byte count overflows, and
+``ValueError("Maximum allowed dimension exceeded")`` for a shape beyond ``intp``. Every
+allocation ferroattn makes on a caller's behalf (results, converted copies, cache storage,
+layouts) goes through :func:`allocating`, which turns all three into one ``MemoryError`` whose
+message starts with what asked for the memory (the arguments, by name) and the bytes asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+__all__ = ["allocating", "empty", "nbytes", "zeros"]
+
+# NumPy's words for a size it cannot even represent (the messages of NumPy 1.x and 2.x).
+_TOO_BIG = ("array is too big", "maximum allowed dimension", "maximum supported dimension")
+_INT64_MAX = 2**63 - 1
+
+
+def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    """Bytes of an array of ``shape`` and ``dtype``, as an exact Python int (no overflow)."""
+    return math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+
+
+def _refusal(what: str, size: int | None, detail: str) -> MemoryError:
+    asked = "" if size is None else f" ({size} bytes)"
+    return MemoryError(f"{what}: cannot allocate the memory asked for{asked}: {detail}")
+
+
+@contextmanager
+def allocating(what: str, size: int | None = None) -> Iterator[None]:
+    """Runs the allocations of the block, reporting any that fails as a ``MemoryError``
+    that begins with ``what`` (the arguments behind the size, by name) and, when given, the
+    bytes asked for (NumPy's own message, which holds its size, follows)."""
+    if size is not None and size > _INT64_MAX:
+        raise _refusal(what, size, "more bytes than a 64-bit size holds")
+    try:
+        yield
+    except MemoryError as e:
+        raise _refusal(what, size, str(e) or "out of memory") from e
+    except ValueError as e:
+        if not any(words in str(e).lower() for words in _TOO_BIG):
+            raise
+        raise _refusal(what, size, str(e)) from e
+    except OverflowError as e:  # a dimension beyond intp, from Python ints
+        raise _refusal(what, size, str(e)) from e
+
+
+def empty(what: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``np.empty(shape, dtype)``, refused by name (see :func:`allocating`)."""
+    with allocating(what, nbytes(shape, dtype)):
+        return np.empty(shape, dtype=dtype)
+
+
+def zeros(what: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``np.zeros(shape, dtype)``, refused by name (see :func:`allocating`)."""
+    with allocating(what, nbytes(shape, dtype)):
+        return np.zeros(shape, dtype=dtype)
