@@ -12,9 +12,9 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
-import numbers
 from typing import Any
 
 from . import _ferroattn

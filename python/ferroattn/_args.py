@@ -97,6 +97,18 @@ def kernel_ready(name: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def kernel_views(*views: np.ndarray) -> list[np.ndarray]:
+    """The 4-D views of ``q``, ``k`` (, ``v``) as the kernels read them (:func:`kernel_ready`):
+    converted or copied only once every argument of the call has been checked."""
+    return [kernel_ready(name, a) for name, a in zip("qkv", views, strict=False)]
+
+
+def as_is(name: str, arr: Any) -> Any:
+    """The ``ready`` of :func:`prepare` that leaves the views as they are, for a caller that
+    checks more (options, lengths, ``out``) before it makes them :func:`kernel_ready`."""
+    return arr
+
+
 def to_bhsd(name: str, arr: Any, layout: str) -> Any:
     """View an input of rank 2, 3 or 4 in ``layout`` as 4-D head-major ``(B, H, N, D)``.
 
@@ -291,7 +303,9 @@ def mask_options(
         if not math.isfinite(scale_f):
             raise ValueError(f"scale must be finite, got {scale!r}")
         if abs(scale_f) > F32_MAX:  # the kernels multiply in float32: it would be inf there
-            raise ValueError(f"scale must lie within float32's range (±{F32_MAX:.4g}), got {scale!r}")
+            raise ValueError(
+                f"scale must lie within float32's range (±{F32_MAX:.4g}), got {scale!r}"
+            )
 
     if softcap is None:
         cap = None

@@ -11,6 +11,7 @@ from . import _dispatch, _ferroattn
 from ._args import (
     MaskOptions,
     as_array,
+    as_is,
     check_cu_seqlens,
     check_flag,
     check_kv_lengths,
@@ -18,7 +19,7 @@ from ._args import (
     check_packed,
     dtype_code,
     from_bhsd_shape,
-    kernel_ready,
+    kernel_views,
     mask_options,
     prepare,
     to_bhsd,
@@ -39,12 +40,13 @@ _NO_VALUES = object()
 def _prepare(
     q: Any, k: Any, v: Any, layout: str
 ) -> tuple[list[np.ndarray], list[np.ndarray], np.dtype, int]:
-    """Validate ranks and dtypes; return user arrays, kernel-ready 4-D views, dtype, rank.
+    """Validate ranks, dtypes and shapes; return user arrays, their 4-D head-major views
+    (not converted yet: see :func:`kernel_views`), dtype, rank.
 
     ``v`` is ``_NO_VALUES`` for :func:`attention_weights`.
     """
     named = {"q": q, "k": k} if v is _NO_VALUES else {"q": q, "k": k, "v": v}
-    return prepare(named, layout, as_array, kernel_ready)
+    return prepare(named, layout, as_array, as_is)
 
 
 def _run(
@@ -128,10 +130,11 @@ def attention(
             ``i + k_len - q_len`` and sees keys ``j <= position`` (flash-attn's convention, right
             for decoding with a cache). ``"top_left"``: position ``i`` (torch's ``is_causal``).
         window: ``(left, right)``: a query at position ``p`` sees keys ``p-left <= j <= p+right``;
-            ``None`` or ``-1`` leaves a side unbounded. An int ``w`` means ``(w - 1, 0)``, the
-            last ``w`` keys including its own (Mistral's ``sliding_window``). Positions follow
-            the causal alignment (bottom-right unless ``causal="top_left"``). Cost is
-            ``O(N·w)``.
+            ``None`` or ``-1`` leaves a side unbounded, and so does a side longer than the
+            sequence (any int, however large: it hides nothing). An int ``w`` means
+            ``(w - 1, 0)``, the last ``w`` keys including its own (Mistral's
+            ``sliding_window``). Positions follow the causal alignment (bottom-right unless
+            ``causal="top_left"``). Cost is ``O(N·w)``.
         scale: multiplies ``q·k``; defaults to ``1/sqrt(D)``.
         kv_lengths: ``(B,)`` integers: batch ``b`` has ``kv_lengths[b]`` valid keys (right
             padding); positions and causal alignment use that length.
@@ -139,7 +142,7 @@ def attention(
         layout: ``"bhsd"`` (head-major) or ``"bshd"`` (token-major, flash-attn/HF); the output
             uses the same layout.
         return_lse: also return the natural log-sum-exp of each row's scores, float32
-            ``(B, Hq, Nq)``.
+            ``(B, Hq, Nq)``. A bool (anything else is a ``TypeError``).
         out: array of the output's shape and dtype to write into (returned as is).
         mask: booleans broadcastable to ``(B, Hq, Nq, Nk)`` (2-D ``(Nq, Nk)``, 3-D, 4-D):
             ``True`` = may attend. Combined with the other masks; tiles with no ``True`` are
@@ -174,7 +177,14 @@ def attention(
         ``(out, lse)``. A query that sees no key gets zeros and ``lse = -inf``.
 
     float32, float16 and bfloat16 (``ml_dtypes``) are computed with float32 accumulation;
-    float64 and byte-swapped inputs are converted to float32 once and the result cast back.
+    float64 and byte-swapped inputs are converted to float32 once (after the shapes are
+    checked) and the result cast back; misaligned arrays are copied to aligned memory.
+
+    Zero sizes: ``B``, ``Hq`` or ``Nq`` of 0 give an empty result (and lse) of the right shape;
+    ``Nk = 0`` gives zeros and ``lse = -inf``; ``Hkv``, ``D`` or ``Dv`` of 0 raise
+    ``ValueError``. A result too large to allocate raises ``MemoryError`` naming ``q``, ``k``
+    and ``v`` and the bytes asked for. Options the float32 kernels cannot hold (a ``bias``,
+    ``scale``, ``softcap`` or per-head value beyond float32's range) raise ``ValueError``.
 
     Example:
         >>> import numpy as np, ferroattn
@@ -258,6 +268,7 @@ def attention(
     else:
         check_out(out, user_shape, dtype, arrays)
         result = out
+    q4, k4, v4 = kernel_views(q4, k4, v4)
     lse = _run(
         q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens, **extras
     )
@@ -339,6 +350,7 @@ def attention_varlen(
     else:
         check_out(out, user_shape, dtype, arrays)
         result = out
+    q4, k4, v4 = kernel_views(q4, k4, v4)
     lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck))
     if not return_lse:
         return result
@@ -426,6 +438,7 @@ def attention_weights(
         block_layout=block_layout,
         block_size=block_size,
     )
+    q4, k4 = kernel_views(q4, k4)
     flat = _ferroattn.attention_weights(
         q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs(), **extras
     )

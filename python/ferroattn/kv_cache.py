@@ -22,7 +22,7 @@ from . import _ferroattn
 from ._args import NATIVE_CODES, MaskOptions, check_dtypes, mask_options
 from ._cache_storage import CacheQuery, CacheStorage, NumpyStorage, encode_numpy
 from ._dispatch import cache_storage, on_tensor_views
-from ._memory import allocating, nbytes
+from ._memory import allocating, nbytes, zeros
 
 __all__ = ["KVCache"]
 
@@ -101,8 +101,13 @@ class KVCache:
             the Rust kernels (``device`` must then be the CPU). :attr:`backend` says which the
             cache has.
 
-    Appending past ``capacity`` raises ``ValueError``; a call that fails leaves the cache as it
-    was.
+    Appending past ``capacity`` raises ``ValueError``. Every call is all or nothing: all its
+    arguments are checked before anything is stored, and a call that fails (out of memory
+    included) leaves lengths, keys and values as they were. Sizes are ints (``batch``,
+    ``kv_heads``, ``head_dim``, ``value_dim``, ``capacity``, ``window`` at least 1; ``sinks``,
+    ``max_rollback`` at least 0); storage too large to allocate raises ``MemoryError`` naming
+    them. Queries with zero heads give an empty result (``step`` still stores its keys and
+    values: it is an append and an attend). Misaligned inputs are copied.
 
     Example:
         >>> import numpy as np, ferroattn
@@ -268,8 +273,10 @@ class KVCache:
         return k, v
 
     def _encode(self, x: Any) -> tuple[Any, Any]:
-        """New tokens in the storage representation."""
-        return self._store.encode(x, self._code, self._dtype)
+        """New tokens in the storage representation (a converted copy, refused by name when
+        it cannot be allocated)."""
+        with allocating("k and v (converted to the cache's dtype)"):
+            return self._store.encode(x, self._code, self._dtype)
 
     def _check_room(self, counts: np.ndarray) -> None:
         if self.window is None:
@@ -337,7 +344,9 @@ class KVCache:
         """Drop the last ``n`` tokens of one sequence (or of all), e.g. rejected draft tokens.
 
         A window cache can roll back only while the tokens the window then needs are still
-        stored (``max_rollback + 1`` tokens after a decode step).
+        stored (``max_rollback + 1`` tokens after a decode step). The rolled-back tokens keep
+        their ring slots until overwritten, so the positions those slots held before are gone:
+        :meth:`keys`, :meth:`values` and attention never read them.
         """
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -413,7 +422,8 @@ class KVCache:
                 ``i`` of sequence ``b`` belongs to position ``length_b − t_b + i``
                 (bottom-right causal, as for decoding).
             lengths: ``(batch,)`` valid queries per sequence (``t_b``; default ``T``); rows past
-                it come back as zeros.
+                it come back as zeros. A window cache answers at most ``max_rollback + 1``
+                queries per sequence, and only while it holds every key they see.
             scale, softcap: as in :func:`ferroattn.attention`.
             alibi_slopes, sinks, rel_bias: as in :func:`ferroattn.attention`, with positions
                 counted over the whole history (not available with ``sinks`` tokens of a
@@ -559,7 +569,10 @@ class KVCache:
                 self._len -= counts  # what was written lies past the lengths again: unseen
                 raise
         # The ring may not hold a whole chunk: attend over old ring + new tokens, then store.
-        gathered = [self._gather(b, 0, (enc_k, enc_v, int(counts[b]))) for b in range(self.batch)]
+        with allocating("k and v (the keys the window of their queries sees)"):
+            gathered = [
+                self._gather(b, 0, (enc_k, enc_v, int(counts[b]))) for b in range(self.batch)
+            ]
         result = self._attend_gathered(q, counts, gathered, opts, out, terms)
         self._write(enc_k, enc_v, counts)
         return result
@@ -626,7 +639,10 @@ class KVCache:
         t = q.shape[2]
         seqs = [(b, 0, t, 0, n) for b, n in enumerate(self._len.tolist())]
         if out is None:
-            result = np.zeros(self._result_shape(q), dtype=q.dtype)
+            try:
+                result = np.zeros(self._result_shape(q), dtype=q.dtype)
+            except (MemoryError, ValueError):  # q is a huge broadcast: report it by name
+                result = zeros("the output of q", self._result_shape(q), q.dtype)
         else:
             result = out
             result.fill(0)
@@ -738,13 +754,13 @@ class KVCache:
         n = max((g[0].shape[1] for g in gathered), default=0)
         shape_k = (self.batch, self.kv_heads, n, self.head_dim)
         shape_v = (self.batch, self.kv_heads, n, self.value_dim)
-        zeros = self._store.zeros
-        k = zeros(shape_k, self._dtype)
-        v = zeros(shape_v, self._dtype)
-        scales = None
-        if self._code == "int8":
-            f32 = np.dtype(np.float32)
-            scales = (zeros(shape_k[:3], f32), zeros(shape_v[:3], f32))
+        with allocating("q, k and v (the keys their window sees)"):
+            k = self._store.zeros(shape_k, self._dtype)
+            v = self._store.zeros(shape_v, self._dtype)
+            scales = None
+            if self._code == "int8":
+                f32 = np.dtype(np.float32)
+                scales = (self._store.zeros(shape_k[:3], f32), self._store.zeros(shape_v[:3], f32))
         seqs = []
         for b, (gk, gv, sk, sv) in enumerate(gathered):
             m = gk.shape[1]

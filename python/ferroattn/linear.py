@@ -18,10 +18,11 @@ import numpy as np
 from . import _ferroattn
 from ._args import (
     as_array,
+    as_is,
     check_out,
     dtype_code,
     from_bhsd_shape,
-    kernel_ready,
+    kernel_views,
     prepare,
     to_bhsd,
 )
@@ -56,8 +57,9 @@ def _check_causal(causal: Any) -> bool:
 
 
 def _prepare(q: Any, k: Any, v: Any) -> tuple[list[np.ndarray], list[np.ndarray], np.dtype, int]:
-    """User arrays, kernel-ready 4-D views, the common dtype and the rank."""
-    return prepare({"q": q, "k": k, "v": v}, "bhsd", as_array, kernel_ready)
+    """User arrays, their 4-D views (checked, not converted: see :func:`kernel_views`), the common
+    dtype and the rank."""
+    return prepare({"q": q, "k": k, "v": v}, "bhsd", as_array, as_is)
 
 
 def _run(
@@ -148,6 +150,7 @@ def linear_attention(
     else:
         check_out(out, user_shape, dtype, arrays)
         result = out
+    q4, k4, v4 = kernel_views(q4, k4, v4)
     _run(q4, k4, v4, to_bhsd("out", result, "bhsd"), causal=is_causal, feature_map=fm, eps=eps_f)
     return result
 
@@ -277,6 +280,7 @@ class LinearAttentionState:
         else:
             check_out(out, user_shape, dtype, arrays)
             result = out
+        q4, k4, v4 = kernel_views(q4, k4, v4)
         _run(
             q4,
             k4,

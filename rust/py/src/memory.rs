@@ -51,9 +51,10 @@ fn round_up(x: usize, m: usize) -> Option<usize> {
 /// `(B, Hq, Nq, D)`, `hkv` key/value heads and value dimension `dv`, on `threads` workers.
 ///
 /// An upper bound after `ferroattn-core`'s `attention::Plan` and `blocked::Scratch` (64 query
-/// rows per task, 128 keys per tile, rows padded to 32) and its split-K partial results.
+/// rows per task, 128 keys per tile, rows padded to 32), its split-K partial results, and its
+/// lists of sequences (one per batch entry) and tasks (per sequence, KV head and query tile).
 pub(crate) fn check_attention(q: [usize; 4], hkv: usize, dv: usize, threads: usize, what: &str) -> Result<(), Error> {
-    let [_, hq, nq, d] = q;
+    let [b, hq, nq, d] = q;
     let estimate = || -> Option<usize> {
         let group = hq.checked_div(hkv)?.max(1);
         let tq = (64 / group).max(1).min(nq.max(1));
@@ -63,7 +64,10 @@ pub(crate) fn check_attention(q: [usize; 4], hkv: usize, dv: usize, threads: usi
         let tiles = keys.checked_mul(d.checked_add(dvp)?.checked_add(8)?)?.checked_add(d.max(dv))?;
         let worker = rows.checked_mul(per_row)?.checked_add(tiles)?;
         let partials = threads.checked_mul(8)?.checked_mul(rows)?.checked_mul(dv.checked_add(2)?)?;
-        threads.checked_add(1)?.checked_mul(worker)?.checked_add(partials)?.checked_mul(4)
+        let floats = threads.checked_add(1)?.checked_mul(worker)?.checked_add(partials)?.checked_mul(4)?;
+        // Sequences of 5 words; tasks of 4 words, grown by doubling, plus an order of 1 word.
+        let tasks = b.checked_mul(hkv)?.checked_mul(nq.div_ceil(tq).max(1))?.checked_mul(9 * 8)?;
+        floats.checked_add(b.checked_mul(5 * 8)?)?.checked_add(tasks)
     };
     probe(estimate(), what)
 }
