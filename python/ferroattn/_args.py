@@ -373,13 +373,15 @@ def check_cu_seqlens(
     return cq, ck
 
 
-def check_out_fits(out: Any, shape: tuple[int, ...], dtype: Any, dtype_note: str = "") -> None:
+def check_out_fits(
+    out: Any, shape: tuple[int, ...], dtype: Any, dtype_note: str = "", shape_note: str = ""
+) -> None:
     """A caller's ``out`` (NumPy array or torch tensor) has the result's dtype and shape.
-    ``dtype_note`` follows the expected dtype in its error message."""
+    ``dtype_note`` and ``shape_note`` follow the expected dtype and shape in its messages."""
     if out.dtype != dtype:
         raise TypeError(f"out has dtype {out.dtype}, expected {dtype}{dtype_note}")
     if tuple(out.shape) != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}")
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {shape}{shape_note}")
 
 
 def check_out(
@@ -393,7 +395,9 @@ def check_out(
     (named q, k, v). `dtype_note` follows the expected dtype in its error message."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
-    check_out_fits(out, shape, dtype, dtype_note)
+    names = [n for n, _ in zip(("q", "k", "v"), inputs, strict=False)]
+    source = f" (the result's, from {', '.join(names)})" if names else ""
+    check_out_fits(out, shape, dtype, dtype_note, source)
     if not out.flags.writeable:
         raise ValueError("out is read-only")
     for name, a in zip(("q", "k", "v"), inputs, strict=False):

@@ -32,7 +32,9 @@ def nbytes(shape: tuple[int, ...], dtype: Any) -> int:
 
 def _refusal(what: str, size: int | None, detail: str) -> MemoryError:
     asked = "" if size is None else f" ({size} bytes)"
-    return MemoryError(f"{what}: cannot allocate the memory asked for{asked}: {detail}")
+    err = MemoryError(f"{what}: cannot allocate the memory asked for{asked}: {detail}")
+    err.named = True  # type: ignore[attr-defined]  # an outer `allocating` passes it on as is
+    return err
 
 
 @contextmanager
@@ -45,6 +47,8 @@ def allocating(what: str, size: int | None = None) -> Iterator[None]:
     try:
         yield
     except MemoryError as e:
+        if getattr(e, "named", False):
+            raise
         raise _refusal(what, size, str(e) or "out of memory") from e
     except ValueError as e:
         if not any(words in str(e).lower() for words in _TOO_BIG):

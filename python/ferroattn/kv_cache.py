@@ -165,18 +165,18 @@ class KVCache:
         shape_v = (self.batch, self.kv_heads, slots, self.value_dim)
         scales = self._code == "int8"
         total = nbytes(shape_k, self._dtype) + nbytes(shape_v, self._dtype)
-        total += 8 * nbytes(shape_k[:3], np.float32) if scales else 0
+        total += 2 * nbytes(shape_k[:3], np.float32) if scales else 0
         what = (
             f"the storage of KVCache(batch={batch}, kv_heads={kv_heads}, head_dim={head_dim}, "
             f"value_dim={self.value_dim}, {sizes}, dtype={self._code!r})"
         )
         with allocating(what, total):
-            zeros = self._store.zeros
-            self._k = zeros(shape_k, self._dtype)
-            self._v = zeros(shape_v, self._dtype)
+            store = self._store
+            self._k = store.zeros(shape_k, self._dtype)
+            self._v = store.zeros(shape_v, self._dtype)
             if scales:
-                self._ks = zeros(shape_k[:3], np.dtype(np.float32))
-                self._vs = zeros(shape_v[:3], np.dtype(np.float32))
+                self._ks = store.zeros(shape_k[:3], np.dtype(np.float32))
+                self._vs = store.zeros(shape_v[:3], np.dtype(np.float32))
             self._len = np.zeros(self.batch, dtype=np.int64)
             # Window caches: per sequence, the oldest position the ring still holds (rolled-back
             # tokens stay in the slots of older positions, which are then gone): see `_stored`.

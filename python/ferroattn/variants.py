@@ -170,7 +170,7 @@ def _per_head(name: str, x: Any, hq: int) -> list[float]:
     except (TypeError, ValueError) as e:
         raise TypeError(f"{name} must be numbers, one per query head, got {x!r:.80}") from e
     if arr.shape != (hq,):
-        raise ValueError(f"{name} must have one value per query head ({hq},), got {arr.shape}")
+        raise ValueError(f"{name} must have one value per query head of q ({hq},), got {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} must be finite")
     if _beyond_float32(arr):
@@ -224,8 +224,8 @@ def check_dense_term(
     if not fits:
         want = shape4[4 - ndim :] if ndim < 4 else shape4
         raise ValueError(
-            f"{name} of shape {shape} does not broadcast to (B, H, Nq, Nk) = {shape4} "
-            f"(for {ndim}-D inputs: {want})"
+            f"{name} of shape {shape} does not broadcast to (B, H, Nq, Nk) = {shape4}, "
+            f"the shapes of q and k (for {ndim}-D inputs: {want})"
         )
 
 
@@ -269,7 +269,8 @@ def extras_kwargs(
             raise TypeError(f"rel_bias.table must be an array of numbers: {e}") from e
         if table.ndim != 2 or table.shape[1] != hq:
             raise ValueError(
-                f"rel_bias.table must have shape (num_buckets >= 2, heads={hq}), got {table.shape}"
+                f"rel_bias.table must have shape (num_buckets >= 2, heads={hq}: the query heads "
+                f"of q), got {table.shape}"
             )
         if _beyond_float32(table):
             raise ValueError(f"rel_bias.table holds values beyond float32's range (±{F32_MAX:.4g})")
@@ -302,7 +303,8 @@ def extras_kwargs(
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if nq % block_size or nk % block_size:
             raise ValueError(
-                f"block_size {block_size} must divide the query length {nq} and the key length {nk}"
+                f"block_size {block_size} must divide the query length {nq} of q and the key "
+                f"length {nk} of k"
             )
         lay = np.asarray(block_layout)
         if lay.dtype != np.bool_:
@@ -313,7 +315,8 @@ def extras_kwargs(
         if lay.ndim != 3 or lay.shape[1:] != want or lay.shape[0] not in (1, hq):
             raise ValueError(
                 f"block_layout must have shape {want} or ({hq}, {want[0]}, {want[1]}) for "
-                f"block_size {block_size}, got {np.shape(block_layout)}"
+                f"block_size {block_size} and the heads and lengths of q and k, "
+                f"got {np.shape(block_layout)}"
             )
         out["blocks"] = (
             np.ascontiguousarray(lay, dtype=np.uint8).ravel().tolist(),
