@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._memory import allocating, nbytes
+from ._memory import empty
 
 
 def as_array(name: str, x: Any) -> np.ndarray:
@@ -79,9 +79,7 @@ def aligned_copy(name: str, arr: np.ndarray, dtype: Any = None) -> np.ndarray:
     """A C-contiguous, aligned copy of ``arr`` (as ``dtype`` when given), refused by name when
     it cannot be allocated. ``np.ascontiguousarray`` is no such copy: it returns a contiguous
     but misaligned array as it is."""
-    dtype = arr.dtype if dtype is None else np.dtype(dtype)
-    with allocating(name, nbytes(arr.shape, dtype)):
-        out = np.empty(arr.shape, dtype=dtype)
+    out = empty(name, arr.shape, arr.dtype if dtype is None else dtype)
     out[...] = arr
     return out
 
@@ -185,7 +183,8 @@ def prepare(
     # it is known to fit the others.
     views = [to_bhsd(n, a, layout) for n, a in arrays.items()]
     check_shapes(views[0], views[1], views[2] if len(views) == 3 else None, f"got {shapes}")
-    views = [ready(n, a) for n, a in zip(arrays, views, strict=True)]
+    if ready is not as_is:
+        views = [ready(n, a) for n, a in zip(arrays, views, strict=True)]
     return list(arrays.values()), views, dtype, ndim
 
 

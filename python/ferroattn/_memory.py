@@ -60,11 +60,17 @@ def allocating(what: str, size: int | None = None) -> Iterator[None]:
 
 def empty(what: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """``np.empty(shape, dtype)``, refused by name (see :func:`allocating`)."""
-    with allocating(what, nbytes(shape, dtype)):
+    try:  # the plain call first: on the general paths of tiny calls, the checks would show
         return np.empty(shape, dtype=dtype)
+    except (MemoryError, ValueError, OverflowError):
+        with allocating(what, nbytes(shape, dtype)):
+            return np.empty(shape, dtype=dtype)
 
 
 def zeros(what: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """``np.zeros(shape, dtype)``, refused by name (see :func:`allocating`)."""
-    with allocating(what, nbytes(shape, dtype)):
+    try:
         return np.zeros(shape, dtype=dtype)
+    except (MemoryError, ValueError, OverflowError):
+        with allocating(what, nbytes(shape, dtype)):
+            return np.zeros(shape, dtype=dtype)
