@@ -106,8 +106,9 @@ def rope(
         in float64, the rotation in float32 (float64 for float64 input).
 
     Raises:
-        ValueError: odd ``D`` or ``rotary_dim``, positions of the wrong shape, a bad ``theta``
-            or ``out`` shape.
+        ValueError: odd ``D`` or ``rotary_dim``, positions of the wrong shape or beyond
+            int64 (a uint64 position ``>= 2**63``), a bad ``theta`` or ``out`` shape.
+        MemoryError: a result (or working array) too large to allocate, naming ``x``.
         TypeError: non-float ``x``, non-integer positions, ``out`` of another dtype.
 
     Example:
