@@ -12,8 +12,6 @@ message starts with what asked for the memory (the arguments, by name) and the b
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,25 +35,32 @@ def _refusal(what: str, size: int | None, detail: str) -> MemoryError:
     return err
 
 
-@contextmanager
-def allocating(what: str, size: int | None = None) -> Iterator[None]:
-    """Runs the allocations of the block, reporting any that fails as a ``MemoryError``
-    that begins with ``what`` (the arguments behind the size, by name) and, when given, the
-    bytes asked for (NumPy's own message, which holds its size, follows)."""
-    if size is not None and size > _INT64_MAX:
-        raise _refusal(what, size, "more bytes than a 64-bit size holds")
-    try:
-        yield
-    except MemoryError as e:
-        if getattr(e, "named", False):
-            raise
-        raise _refusal(what, size, str(e) or "out of memory") from e
-    except ValueError as e:
-        if not any(words in str(e).lower() for words in _TOO_BIG):
-            raise
-        raise _refusal(what, size, str(e)) from e
-    except OverflowError as e:  # a dimension beyond intp, from Python ints
-        raise _refusal(what, size, str(e)) from e
+class allocating:  # noqa: N801 - used as a function: `with allocating(...):`
+    """Runs the allocations of a ``with`` block, reporting any that fails as a
+    ``MemoryError`` that begins with ``what`` (the arguments behind the size, by name) and,
+    when given, the bytes asked for (NumPy's own message, which holds its size, follows).
+
+    A class rather than ``contextlib.contextmanager``: it sits on the general call paths,
+    where a generator per call would show.
+    """
+
+    __slots__ = ("size", "what")
+
+    def __init__(self, what: str, size: int | None = None) -> None:
+        self.what, self.size = what, size
+
+    def __enter__(self) -> None:
+        if self.size is not None and self.size > _INT64_MAX:
+            raise _refusal(self.what, self.size, "more bytes than a 64-bit size holds")
+
+    def __exit__(self, kind: type | None, err: BaseException | None, tb: Any) -> None:
+        if err is None or getattr(err, "named", False):
+            return  # nothing failed, or an inner `allocating` named it already
+        if isinstance(err, ValueError) and not any(w in str(err).lower() for w in _TOO_BIG):
+            return
+        if isinstance(err, (MemoryError, ValueError, OverflowError)):
+            # OverflowError: a dimension beyond intp, from Python ints.
+            raise _refusal(self.what, self.size, str(err) or "out of memory") from err
 
 
 def empty(what: str, shape: tuple[int, ...], dtype: Any) -> np.ndarray:

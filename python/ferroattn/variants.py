@@ -8,7 +8,6 @@ are read through broadcast strides, never expanded.
 from __future__ import annotations
 
 import math
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +94,7 @@ def _blocks(n_blocks: int, name: str = "n_blocks") -> int:
     return int(n_blocks)
 
 
-def _building(n: int) -> AbstractContextManager[None]:
+def _building(n: int) -> allocating:
     """The allocations of an ``(n, n)`` layout, refused by name when they cannot be made."""
     return allocating(f"a layout of n_blocks={n} blocks squared", n * n)
 
