@@ -145,3 +145,9 @@ def test_layout_counts_beyond_the_block_count():
     assert ferroattn.strided_layout(n, stride=2**70, local=2**70, causal=False).all()
     assert ferroattn.local_global_layout(n, window=2**70, global_blocks=2**70).all()
     assert ferroattn.bigbird_layout(n, random_blocks=2**70, seed=2**40).all()
+
+
+def test_self_attention_rope_theta_of_another_kind_is_named():
+    w = np.ones((4, 4), F32)
+    with pytest.raises(TypeError, match="rope_theta"):
+        ferroattn.SelfAttention(w, w, w, w, num_heads=2, rope_theta="x")

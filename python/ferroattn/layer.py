@@ -188,7 +188,10 @@ class SelfAttention:
         # Validate the mask options now rather than at the first forward.
         mask_options(head_dim=hd, causal=causal, window=window, scale=scale, softcap=softcap)
         if rope_theta is not None:
-            theta = float(rope_theta)
+            try:
+                theta = float(rope_theta)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"rope_theta must be a number, got {rope_theta!r}") from e
             if not (math.isfinite(theta) and theta > 0):
                 raise ValueError(f"rope_theta must be a positive finite number, got {rope_theta}")
             if hd % 2:

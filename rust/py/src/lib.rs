@@ -1,6 +1,7 @@
 //! The Python extension `ferroattn._ferroattn`: converts arguments, releases the GIL, calls
 //! `ferroattn-core`, converts results. All argument normalization (ranks, layouts, dtypes,
-//! defaults) happens in the Python package; this layer re-checks only what memory safety needs.
+//! defaults) happens in the Python package; this layer re-checks only what memory safety needs,
+//! and refuses sizes it cannot allocate (`memory`) instead of letting an allocation abort.
 
 mod arrays;
 mod errors;
