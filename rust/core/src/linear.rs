@@ -9,7 +9,7 @@
 //! comes from the running state (`φ(Q_c)·[S|z]`), the part inside it from a small masked product
 //! (`tril(φ(Q_c)φ(K_c)ᵀ)·[V_c|1]`), then the state absorbs the chunk. All products are the
 //! register-blocked [`gemm`] of the softmax kernels, instantiated per ISA through the kernel
-//! table (`simd::dispatch`).
+//! table (`simd::kernel_entry!`).
 //!
 //! Work is split over (batch, KV head) units, each carrying the query heads that share its state
 //! (GQA). When there are fewer units than threads, a unit's tokens are cut into segments: the
@@ -20,7 +20,7 @@ use crate::error::{ensure_shape, Error, Result};
 use crate::gemm::{gemm, A, B, C};
 use crate::layout::{check_qkv, DType, RowWriter, Strided, StridedMut};
 use crate::parallel;
-use crate::simd::{dispatch, round_up, Isa, Kernel, Simd, MAX_LANES};
+use crate::simd::{kernel_entry, round_up, Isa, Simd, MAX_LANES};
 use rayon::prelude::*;
 
 /// Tokens per chunk of the causal scan: the masked intra-chunk product costs `CHUNK·(D+Dv)` per
@@ -259,7 +259,7 @@ fn linear_attention_isa(
         let go = |job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch| {
             // SAFETY: `isa` is available (the caller's promise) and each job writes only its own
             // state buffer and the output rows of its own unit and tokens.
-            unsafe { dispatch(isa, Run { ctx: &ctx, job, unit, t0, t1, sc }) }
+            unsafe { run(isa, &ctx, job, unit, t0, t1, sc) }
         };
         // buf[u][s]: a state of unit u, per segment.
         let mut buf = vec![0f32; units * segs * len];
@@ -336,30 +336,17 @@ fn linear_attention_isa(
     Ok(())
 }
 
-/// One job as a [`Kernel`] (run through `simd::dispatch`): tokens `t0..t1` of `unit`.
-///
-/// Safety of running it: no other job may write the output rows of `unit`, `t0..t1`.
-struct Run<'a> {
-    ctx: &'a Ctx<'a>,
-    job: Job<'a>,
-    unit: usize,
-    t0: usize,
-    t1: usize,
-    sc: &'a mut Scratch,
-}
-
-impl Kernel for Run<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    unsafe fn run<S: Simd>(self) {
-        // SAFETY: forwarded from the caller.
-        unsafe { body::<S>(self.ctx, self.job, self.unit, self.t0, self.t1, self.sc) }
-    }
+kernel_entry! {
+    /// Runs one job (tokens `t0..t1` of `unit`) on the kernel of `isa`.
+    ///
+    /// # Safety
+    /// `isa` must be available on this CPU, and no other job may write the output rows of
+    /// `unit`, `t0..t1`.
+    unsafe fn run(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) => body
 }
 
 /// # Safety
-/// As for [`Run`], with `S` available.
+/// As for [`run`], with `S` available.
 #[inline(always)]
 unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) {
     let Dims { hkv, group, .. } = ctx.dims;

@@ -95,11 +95,28 @@ pub(crate) unsafe fn typed_tile<S: Simd>(
         return true;
     }
     // The transposed layout holds one tile.
-    if kn > plan.bc {
-        return false;
-    }
+    // SAFETY: forwarded.
+    kn <= plan.bc && unsafe { transposed::<S>(ctx, sc, dims, krows, vrows, k0, kn) }
+}
+
+/// The tile with scores kept transposed, as the blocked step keeps them: for attention with
+/// biases, which fold into that layout. Returns false (the blocked step then runs) when there
+/// are too many rows for dot products.
+///
+/// # Safety
+/// As for [`typed_tile`]; `kn` is at most the plan's tile.
+#[inline(always)]
+unsafe fn transposed<S: Simd>(
+    ctx: &Ctx,
+    sc: &mut Scratch,
+    dims: &Dims,
+    krows: TypedRows,
+    vrows: TypedRows,
+    k0: usize,
+    kn: usize,
+) -> bool {
+    let plan = ctx.plan;
     let pf = prefetch_of(vrows, plan.dv);
-    // Biases: the transposed layout, which the bias folding reads.
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         let ok = match krows {
@@ -409,6 +426,7 @@ pub(crate) fn part_len(plan: &Plan) -> usize {
 pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], out: &Output) {
     let (plan, dv) = (ctx.plan, ctx.plan.dv);
     let slot = part_len(&plan);
+    // Parts of one task are consecutive: merge each task's slices into its rows.
     let mut firsts: Vec<usize> = (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
     firsts.push(parts.len());
     parallel::for_each(

@@ -4,15 +4,19 @@
 //! A call is planned into tasks (one sequence × one KV head × a tile of queries, holding the
 //! rows of every query head of the group: see `tile`), run in parallel longest first; when a
 //! decode step leaves fewer tasks than threads, their keys are split too and the partial
-//! results merged (`decode`). What one task does is in `task`; the modules below it never
-//! import each other:
+//! results merged (`decode`). The modules below never import each other sideways or upwards:
 //!
 //! ```text
-//! mod ──> task ──> prefill ──┐
-//!  │        └────> decode ───┼──> tile ──> dots, online
-//!  ├──> decode (split-K)     │      └────> output
-//!  └──> weights ─────────────┘
+//! mod      entry points, checks, planning; tasks or split-K parts, merge  → task, decode, weights, tile, output
+//! task     one task: each key tile through the first step that applies   → prefill, decode, tile, output
+//! prefill  the blocked step on one key tile (many rows)                   → tile
+//! decode   the typed few-rows step; split-K and its merge                 → tile, dots, online, output
+//! weights  the probability matrix, two passes                             → tile, online
+//! tile     plan, scratch, queries, score tiles, masks, widening, P·V      → dots, online
+//! dots     dot-product score kernels  ·  online  the online softmax  ·  output  rows and LSE out
 //! ```
+//!
+//! (Besides, they use the crate's `simd`, `gemm`, `layout`, `mask` and `extras`.)
 
 mod decode;
 mod dots;
@@ -28,7 +32,7 @@ use crate::extras::Extras;
 use crate::layout::{check_qkv, DType, Strided, StridedMut};
 use crate::mask::{visible, Params, Sequence};
 use crate::parallel;
-use crate::simd::{dispatch, Isa};
+use crate::simd::Isa;
 use decode::Part;
 use output::{LsePtr, Output};
 use rayon::prelude::*;
@@ -47,7 +51,15 @@ fn longest_first(ctx: &Ctx, work: &[Task]) -> Vec<usize> {
     order
 }
 
-fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence], params: &Params) -> Result<()> {
+/// The checks every entry point makes: options, q/k/v shapes, sequences, extras.
+fn check_inputs(
+    q: &Strided,
+    k: &Strided,
+    v_shape: [usize; 4],
+    seqs: &[Sequence],
+    params: &Params,
+    extras: &Extras,
+) -> Result<()> {
     params.validate()?;
     check_qkv(q.shape(), k.shape(), v_shape)?;
     let [_, _, sq, _] = q.shape();
@@ -60,10 +72,10 @@ fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence]
             k.shape()
         );
     }
-    Ok(())
+    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])
 }
 
-/// The checks of [`attention_with`] beyond [`check_inputs`]: extras, output shape, dtypes,
+/// The checks of [`attention_with`]: [`check_inputs`], then the output shape, dtypes,
 /// readable K/V, and the LSE buffer's length.
 #[allow(clippy::too_many_arguments)]
 fn check_attention(
@@ -76,8 +88,7 @@ fn check_attention(
     params: &Params,
     extras: &Extras,
 ) -> Result<()> {
-    check_inputs(q, k, v.shape(), seqs, params)?;
-    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])?;
+    check_inputs(q, k, v.shape(), seqs, params, extras)?;
     let [b, hq, sq, _] = q.shape();
     let dv = v.shape()[3];
     ensure_shape!(out.shape() == [b, hq, sq, dv], "out has shape {:?}, expected {:?}", out.shape(), [b, hq, sq, dv]);
@@ -198,7 +209,7 @@ fn run_here(isa: Isa, ctx: &Ctx, work: &[Task], out: &Output) {
     let mut sc = Scratch::new(&ctx.plan);
     for task in work {
         // SAFETY: `isa` was detected on this CPU; one thread writes every row.
-        unsafe { dispatch(isa, task::Run { ctx, job: Job::Rows(out), task, sc: &mut sc }) };
+        unsafe { task::run(isa, ctx, Job::Rows(out), task, &mut sc) };
     }
 }
 
@@ -212,7 +223,7 @@ fn run_tasks(isa: Isa, ctx: &Ctx, work: &[Task], out: &Output) {
         |sc, i| {
             let task = &work[order[i]];
             // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-            unsafe { dispatch(isa, task::Run { ctx, job: Job::Rows(out), task, sc }) }
+            unsafe { task::run(isa, ctx, Job::Rows(out), task, sc) }
         },
     )
 }
@@ -232,7 +243,7 @@ fn run_parts(isa: Isa, ctx: &Ctx, work: &[Task], parts: &[Part]) -> Vec<f32> {
             let mut buf = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
             let job = Job::Partial { buf: &mut buf[..], k0, k1 };
             // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
-            unsafe { dispatch(isa, task::Run { ctx, job, task: &work[task], sc }) }
+            unsafe { task::run(isa, ctx, job, &work[task], sc) }
         },
     );
     drop(bufs);
@@ -260,8 +271,7 @@ pub fn attention_weights_with(
     params: &Params,
     extras: &Extras,
 ) -> Result<()> {
-    check_inputs(q, k, k.shape(), seqs, params)?;
-    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])?;
+    check_inputs(q, k, k.shape(), seqs, params, extras)?;
     k.check_readable("k")?;
     let [b, hq, sq, d] = q.shape();
     let [_, hkv, sk, _] = k.shape();
@@ -281,7 +291,7 @@ pub fn attention_weights_with(
         let mut sc = Scratch::new(&plan);
         for task in &work {
             // SAFETY: `isa` was detected on this CPU; one thread writes every row.
-            unsafe { dispatch(isa, weights::Run { ctx, dest, task, sc: &mut sc }) };
+            unsafe { weights::run(isa, ctx, dest, task, &mut sc) };
         }
         return Ok(());
     }
@@ -289,7 +299,7 @@ pub fn attention_weights_with(
         work.par_iter().for_each_init(
             || Scratch::new(&plan),
             // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-            |sc, task| unsafe { dispatch(isa, weights::Run { ctx, dest, task, sc }) },
+            |sc, task| unsafe { weights::run(isa, ctx, dest, task, sc) },
         )
     });
     Ok(())

@@ -41,6 +41,7 @@ impl Online {
 
     /// Starts `rows` rows afresh (nothing seen: `m = −∞`, `l = 0`) and zeroes the first `acc`
     /// accumulator floats (none for a pass that makes no output rows).
+    #[inline]
     pub(crate) fn start(&mut self, rows: usize, acc: usize) {
         self.m[..rows].fill(f32::NEG_INFINITY);
         self.l[..rows].fill(0.0);
@@ -144,12 +145,14 @@ impl Online {
 
     /// Row `r`'s output (its first `dv` values, accumulators `dvp` apart) into `out`, and its
     /// natural LSE; see [`finish_row`].
+    #[inline]
     pub(crate) fn finish(&self, r: usize, dv: usize, dvp: usize, out: &mut [f32], sink: Option<f32>) -> f32 {
         finish_row(&self.acc[r * dvp..r * dvp + dv], self.m[r], self.l[r], out, sink)
     }
 
     /// Stores the state of the first `rows` rows (their first `dv` values, accumulators `dvp`
     /// apart) into `buf` (see [`partial_len`]).
+    #[inline]
     pub(crate) fn save(&self, buf: &mut [f32], rows: usize, dv: usize, dvp: usize) {
         let (ms, rest) = buf.split_at_mut(rows);
         let (ls, accs) = rest.split_at_mut(rows);

@@ -12,7 +12,7 @@ use super::decode;
 use super::output::Output;
 use super::prefill;
 use super::tile::{load_queries, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
-use crate::simd::{Kernel, Simd};
+use crate::simd::{kernel_entry, Simd};
 
 /// What a task produces: its output rows, or the partial state of one slice of its keys.
 pub(crate) enum Job<'a> {
@@ -25,40 +25,37 @@ pub(crate) enum Job<'a> {
     },
 }
 
-/// One task as a [`Kernel`] (run through `simd::dispatch`).
-///
-/// Safety of running it: no other task may write the rows of `task` (or `job`'s buffer), and
-/// the scratch is made for the plan of `ctx`.
-pub(crate) struct Run<'a> {
-    pub ctx: &'a Ctx<'a>,
-    pub job: Job<'a>,
-    pub task: &'a Task,
-    pub sc: &'a mut Scratch,
+kernel_entry! {
+    /// Runs one task on the kernel of `isa`.
+    ///
+    /// # Safety
+    /// `isa` must be available on this CPU, no other task may write the rows of `task` (or
+    /// `job`'s buffer), and the scratch must be made for the plan of `ctx`.
+    pub(crate) unsafe fn run(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) => body
 }
 
-impl Kernel for Run<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    unsafe fn run<S: Simd>(self) {
-        let Run { ctx, job, task, sc } = self;
-        let dims = load_queries::<S>(ctx, task, sc);
-        sc.soft.start(dims.rows_p, dims.rows_p * dims.dvp);
-        let (j0, j1) = match job {
-            Job::Rows(_) => (0, usize::MAX),
-            Job::Partial { k0, k1, .. } => (k0, k1),
-        };
-        for (lo, hi) in ctx.key_ranges(task) {
-            let (lo, hi) = (lo.max(j0), hi.min(j1));
-            if lo < hi {
-                // SAFETY: `S` is available (the caller's promise); scratch sized for the plan.
-                unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi) };
-            }
+/// See [`run`].
+///
+/// # Safety
+/// As for [`run`], with `S` available.
+#[inline(always)]
+unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
+    let dims = load_queries::<S>(ctx, task, sc);
+    sc.soft.start(dims.rows_p, dims.rows_p * dims.dvp);
+    let (j0, j1) = match job {
+        Job::Rows(_) => (0, usize::MAX),
+        Job::Partial { k0, k1, .. } => (k0, k1),
+    };
+    for (lo, hi) in ctx.key_ranges(task) {
+        let (lo, hi) = (lo.max(j0), hi.min(j1));
+        if lo < hi {
+            // SAFETY: `S` is available (the caller's promise); scratch sized for the plan.
+            unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi) };
         }
-        match job {
-            Job::Rows(out) => write_rows(ctx, out, task, sc, &dims),
-            Job::Partial { buf, .. } => sc.soft.save(buf, dims.rows, ctx.plan.dv, dims.dvp),
-        }
+    }
+    match job {
+        Job::Rows(out) => write_rows(ctx, out, task, sc, &dims),
+        Job::Partial { buf, .. } => sc.soft.save(buf, dims.rows, ctx.plan.dv, dims.dvp),
     }
 }
 

@@ -89,6 +89,7 @@ impl<'a> Ctx<'a> {
     }
 
     /// The values (kernels that make output rows run only with them).
+    #[inline]
     pub(crate) fn values(&self) -> &'a Strided<'a> {
         self.v.expect("attention has values")
     }

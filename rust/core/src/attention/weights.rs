@@ -3,7 +3,7 @@
 
 use super::online::with_sink;
 use super::tile::{load_queries, row_of, score_tile, tile_is_dead, Ctx, Scratch, Task};
-use crate::simd::{Isa, Kernel, Simd};
+use crate::simd::{kernel_entry, Isa, Simd};
 
 /// `(B, Hq, Sq, Sk)` contiguous f32 destination; `dims` are the strides of batch, head, query.
 pub(crate) struct Dest {
@@ -24,32 +24,20 @@ pub(crate) fn isa(active: Isa) -> Isa {
     }
 }
 
-/// One task's rows of the weights as a [`Kernel`] (run through `simd::dispatch`).
-///
-/// Safety of running it: no other task may write the rows of `task`, and the scratch is made
-/// for the plan of `ctx`.
-pub(crate) struct Run<'a> {
-    pub ctx: &'a Ctx<'a>,
-    pub dest: &'a Dest,
-    pub task: &'a Task,
-    pub sc: &'a mut Scratch,
-}
-
-impl Kernel for Run<'_> {
-    type Output = ();
-
-    #[inline(always)]
-    unsafe fn run<S: Simd>(self) {
-        // SAFETY: forwarded from the caller.
-        unsafe { body::<S>(self.ctx, self.dest, self.task, self.sc) }
-    }
+kernel_entry! {
+    /// Writes the weights of one task's rows on the kernel of `isa` (see [`isa`]).
+    ///
+    /// # Safety
+    /// `isa` must be available on this CPU, no other task may write the rows of `task`, and
+    /// the scratch must be made for the plan of `ctx`.
+    pub(crate) unsafe fn run(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) => body
 }
 
 /// Writes the weights of `task`'s rows: a first pass for each row's max and sum, a second to
 /// write the probabilities.
 ///
 /// # Safety
-/// `S` is available; as for [`Run`] otherwise.
+/// As for [`run`], with `S` available.
 #[inline(always)]
 unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
     let ranges = ctx.key_ranges(task);

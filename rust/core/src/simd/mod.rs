@@ -1,7 +1,7 @@
 //! Vector primitives and the instruction-set choice.
 //!
 //! Kernels are written once, generic over [`Simd`], and marked `#[inline(always)]`; each ISA gets
-//! a `#[target_feature]` entry point that instantiates them (the table in [`dispatch`]), so one
+//! a `#[target_feature]` entry point that instantiates them (the table in `dispatch`), so one
 //! binary built for the baseline target runs the best path the CPU offers. The path is chosen
 //! once per process ([`Isa::active`]); `FERROATTN_ISA=scalar|avx2|avx512|neon` forces a path
 //! (lower ones only: a path the CPU lacks is refused and the best available one is used instead).
@@ -18,7 +18,7 @@ pub(crate) mod vnni;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
-pub(crate) use dispatch::{dispatch, Kernel};
+pub(crate) use dispatch::kernel_entry;
 
 /// The widest `LANES` of any ISA: buffers padded to multiples of it fit every path.
 pub(crate) const MAX_LANES: usize = 16;
