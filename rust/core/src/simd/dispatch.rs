@@ -24,7 +24,7 @@
 /// Defines `unsafe fn NAME(isa: Isa, args...)`, which runs the generic kernel body
 /// `BODY::<S>(args...)` with `S` the vector type of `isa`:
 ///
-/// ```ignore
+/// ```text
 /// kernel_entry! {
 ///     /// Runs one task on the kernel of `isa`.
 ///     pub(crate) unsafe fn run(ctx: &Ctx, task: &Task) => body
