@@ -228,3 +228,84 @@ pub(crate) fn merge_row(parts: &[&[f32]], rows: usize, dv: usize, r: usize, acc:
     }
     (m, l)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::scalar::Scalar;
+
+    /// Base-2 score of row `r` and key `j`: reproducible, with a fully masked key.
+    fn score(r: usize, j: usize) -> f32 {
+        if j == 3 {
+            f32::NEG_INFINITY
+        } else {
+            ((r * 7 + j * 3) % 11) as f32 * 0.7 - 2.0
+        }
+    }
+
+    #[test]
+    fn transposed_and_row_major_tiles_update_alike() {
+        let (rows, ld) = (3, 16);
+        let (mut cols, mut by_rows) = (Online::new(rows, 0), Online::new(rows, 0));
+        cols.start(rows, 0);
+        by_rows.start(rows, 0);
+        let mut k0 = 0;
+        for kn in [5, 9] {
+            let mut t: Vec<f32> = (0..kn * rows).map(|i| score(i % rows, k0 + i / rows)).collect();
+            let mut rm = vec![0f32; rows * ld];
+            for r in 0..rows {
+                for j in 0..kn {
+                    rm[r * ld + j] = score(r, k0 + j);
+                }
+            }
+            // SAFETY: `t` holds kn × rows floats, `rm` rows × ld with kn ≤ ld.
+            unsafe {
+                cols.update_cols::<Scalar>(&mut t, rows, rows, kn);
+                by_rows.update_rows::<Scalar>(&mut rm, rows, ld, kn);
+            }
+            for r in 0..rows {
+                assert_eq!((cols.m[r], cols.l[r], cols.alpha[r]), (by_rows.m[r], by_rows.l[r], by_rows.alpha[r]));
+                for j in 0..kn {
+                    assert_eq!(t[j * rows + r], rm[r * ld + j], "row {r} key {}", k0 + j);
+                }
+            }
+            k0 += kn;
+        }
+    }
+
+    /// Runs keys `k0..k1` of one row (value of key j: `[j, 1]`) through an `Online`.
+    fn one_row(k0: usize, k1: usize) -> Online {
+        let mut s = Online::new(1, 2);
+        s.start(1, 2);
+        let mut st: Vec<f32> = (k0..k1).map(|j| score(0, j)).collect();
+        // SAFETY: st holds k1 − k0 floats, one row.
+        unsafe { s.update_rows::<Scalar>(&mut st, 1, k1 - k0, k1 - k0) };
+        s.rescale(1, 2);
+        for (j, p) in (k0..k1).zip(&st) {
+            s.acc[0] += p * j as f32;
+            s.acc[1] += p;
+        }
+        s
+    }
+
+    #[test]
+    fn merged_partial_states_equal_one_pass() {
+        let whole = one_row(0, 12);
+        let mut bufs = vec![vec![0f32; partial_len(1, 2)]; 3];
+        for (buf, (k0, k1)) in bufs.iter_mut().zip([(0, 3), (3, 4), (4, 12)]) {
+            one_row(k0, k1).save(buf, 1, 2, 2);
+        }
+        let parts: Vec<&[f32]> = bufs.iter().map(|b| &b[..]).collect();
+        let mut acc = [0f32; 2];
+        let (m, l) = merge_row(&parts, 1, 2, 0, &mut acc);
+        let (mut a, mut b) = ([0f32; 2], [0f32; 2]);
+        let lse_merged = finish_row(&acc, m, l, &mut a, Some(0.5));
+        let lse_whole = whole.finish(0, 2, 2, &mut b, Some(0.5));
+        assert!((lse_merged - lse_whole).abs() <= 1e-5, "{lse_merged} vs {lse_whole}");
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{a:?} vs {b:?}");
+        }
+        // A part that saw only a masked key leaves the merge unchanged.
+        assert_eq!(one_row(3, 4).m[0], f32::NEG_INFINITY);
+    }
+}
