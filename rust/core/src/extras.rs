@@ -7,6 +7,7 @@
 //! follows its density). An option that is off costs one branch per tile.
 
 use crate::error::{ensure_shape, Error, Result};
+use crate::layout::fits;
 
 /// A read-only array of shape `(B, H, Nq, Nk)` with arbitrary (also zero: broadcast) strides.
 #[derive(Clone, Copy)]
@@ -20,21 +21,10 @@ pub struct Dense<'a, T> {
 impl<'a, T: Copy> Dense<'a, T> {
     /// `offset` is the index of element `[0, 0, 0, 0]`; strides count elements and may be 0.
     pub fn new(name: &str, data: &'a [T], offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
-        if !shape.contains(&0) {
-            let (mut lo, mut hi) = (offset as i128, offset as i128);
-            for (&n, &s) in shape.iter().zip(&strides) {
-                let span = (n as i128 - 1) * s as i128;
-                if span < 0 {
-                    lo += span;
-                } else {
-                    hi += span;
-                }
-            }
-            ensure_shape!(
-                lo >= 0 && hi < data.len() as i128,
-                "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer"
-            );
-        }
+        ensure_shape!(
+            fits(data.len(), offset, shape, strides),
+            "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer"
+        );
         Ok(Dense { data, offset, shape, strides })
     }
 

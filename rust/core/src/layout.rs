@@ -82,10 +82,11 @@ impl ElemsMut<'_> {
     }
 }
 
-/// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`.
-fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
+/// Whether every index of `shape` under `strides` (in elements, any sign), offset by `offset`,
+/// lies in `0..len` (an empty shape has none).
+pub(crate) fn fits(len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> bool {
     if shape.contains(&0) {
-        return Ok(());
+        return true;
     }
     let (mut lo, mut hi) = (offset as i128, offset as i128);
     for (&n, &s) in shape.iter().zip(&strides) {
@@ -96,10 +97,42 @@ fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], stride
             hi += span;
         }
     }
+    lo >= 0 && hi < len as i128
+}
+
+/// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`.
+fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
     ensure_shape!(
-        lo >= 0 && hi < len as i128,
+        fits(len, offset, shape, strides),
         "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer of {len} elements"
     );
+    Ok(())
+}
+
+/// The checks every view makes: a contiguous last axis, and every index inside the buffer.
+fn check_view(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
+    ensure_shape!(
+        shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
+        "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
+    );
+    check_extent(name, len, offset, shape, strides)
+}
+
+/// Checks that `q (B, Hq, Nq, D)`, `k (B, Hkv, Nk, D)` and `v (B, Hkv, Nk, Dv)` fit together:
+/// the same batch, head dimension and key length, at least one element per head, and whole
+/// groups of query heads per KV head (GQA: query head `h` reads KV head `h / (Hq / Hkv)`).
+pub(crate) fn check_qkv(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<()> {
+    let [b, hq, _, d] = q;
+    let [bk, hkv, _, dk] = k;
+    ensure_shape!(d >= 1, "q: head dimension must be at least 1, got shape {q:?}");
+    ensure_shape!(bk == b, "q and k have different batch sizes: {q:?} vs {k:?}");
+    ensure_shape!(dk == d, "q and k have different head dimensions: {q:?} vs {k:?}");
+    ensure_shape!(
+        hkv >= 1 && hq % hkv == 0,
+        "query heads ({hq}) must be a multiple of key/value heads ({hkv}); q {q:?}, k {k:?}"
+    );
+    ensure_shape!(v[..3] == k[..3], "k and v must agree in batch, heads and length: k {k:?}, v {v:?}");
+    ensure_shape!(v[3] >= 1, "v: value dimension must be at least 1, got shape {v:?}");
     Ok(())
 }
 
@@ -117,11 +150,7 @@ pub struct Strided<'a> {
 impl<'a> Strided<'a> {
     /// `offset` is the index of element `[0, 0, 0, 0]` in `data`; strides count elements.
     pub fn new(name: &str, data: Elems<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
-        ensure_shape!(
-            shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
-            "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
-        );
-        check_extent(name, data.len(), offset, shape, strides)?;
+        check_view(name, data.len(), offset, shape, strides)?;
         Ok(Strided { data, offset, shape, strides, scales: None })
     }
 
@@ -257,11 +286,7 @@ pub struct StridedMut<'a> {
 
 impl<'a> StridedMut<'a> {
     pub fn new(name: &str, data: ElemsMut<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
-        ensure_shape!(
-            shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
-            "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
-        );
-        check_extent(name, data.len(), offset, shape, strides)?;
+        check_view(name, data.len(), offset, shape, strides)?;
         // Rows are written from several threads: no two indices may alias. Sorted by |stride|,
         // each stride must step over everything the smaller axes span. (Empty views write
         // nothing.)

@@ -23,6 +23,7 @@
 mod attention;
 mod error;
 mod extras;
+mod gemm;
 mod layout;
 mod linear;
 mod mask;

@@ -8,31 +8,25 @@
 //! The causal form is a chunked scan: per chunk of [`CHUNK`] tokens, the part before the chunk
 //! comes from the running state (`φ(Q_c)·[S|z]`), the part inside it from a small masked product
 //! (`tril(φ(Q_c)φ(K_c)ᵀ)·[V_c|1]`), then the state absorbs the chunk. All products are the
-//! register-blocked [`gemm`] of the softmax kernels, instantiated per ISA.
+//! register-blocked [`gemm`] of the softmax kernels, instantiated per ISA through the kernel
+//! table (`simd::kernel_entry!`).
 //!
 //! Work is split over (batch, KV head) units, each carrying the query heads that share its state
 //! (GQA). When there are fewer units than threads, a unit's tokens are cut into segments: the
 //! state contribution of every segment is computed in parallel, prefix-summed, and each segment
 //! is then scanned from its own starting state — a quarter more arithmetic for full parallelism.
 
-use crate::attention::gemm::gemm;
 use crate::error::{ensure_shape, Error, Result};
-use crate::layout::{DType, RowWriter, Strided, StridedMut};
+use crate::gemm::{gemm, A, B, C};
+use crate::layout::{check_qkv, DType, RowWriter, Strided, StridedMut};
 use crate::parallel;
-use crate::simd::{scalar::Scalar, Isa, Simd};
+use crate::simd::{kernel_entry, round_up, Isa, Simd, MAX_LANES};
 use rayon::prelude::*;
 
 /// Tokens per chunk of the causal scan: the masked intra-chunk product costs `CHUNK·(D+Dv)` per
 /// token against `D·Dv` for the state, so 64 keeps it at most comparable for head dims ≥ 64,
 /// and 64 is a multiple of every ISA's lane count (the score tile needs no padding).
 const CHUNK: usize = 64;
-
-/// The widest lane count of any ISA: the padded state width is the same on every path.
-const MAX_LANES: usize = 16;
-
-fn round_up(x: usize, m: usize) -> usize {
-    x.div_ceil(m) * m
-}
 
 /// The elementwise feature map φ applied to queries and keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,25 +194,10 @@ fn check(q: &Strided, k: &Strided, v: &Strided, out: &StridedMut, params: &Linea
     if !(params.eps > 0.0 && params.eps.is_finite()) {
         return Err(Error::Value(format!("eps must be positive and finite, got {}", params.eps)));
     }
+    check_qkv(q.shape(), k.shape(), v.shape())?;
     let [b, hq, n, d] = q.shape();
-    let [bk, hkv, m, dk] = k.shape();
+    let [_, hkv, m, _] = k.shape();
     let dv = v.shape()[3];
-    ensure_shape!(d >= 1, "q: head dimension must be at least 1, got shape {:?}", q.shape());
-    ensure_shape!(bk == b, "q and k have different batch sizes: {:?} vs {:?}", q.shape(), k.shape());
-    ensure_shape!(dk == d, "q and k have different head dimensions: {:?} vs {:?}", q.shape(), k.shape());
-    ensure_shape!(
-        hkv >= 1 && hq % hkv == 0,
-        "query heads ({hq}) must be a multiple of key/value heads ({hkv}); q {:?}, k {:?}",
-        q.shape(),
-        k.shape()
-    );
-    ensure_shape!(
-        v.shape()[..3] == k.shape()[..3],
-        "k and v must agree in batch, heads and length: k {:?}, v {:?}",
-        k.shape(),
-        v.shape()
-    );
-    ensure_shape!(dv >= 1, "v: value dimension must be at least 1, got shape {:?}", v.shape());
     ensure_shape!(out.shape() == [b, hq, n, dv], "out has shape {:?}, expected {:?}", out.shape(), [b, hq, n, dv]);
     ensure_shape!(
         !params.causal || n == m,
@@ -357,44 +336,22 @@ fn linear_attention_isa(
     Ok(())
 }
 
-/// Runs one job on the kernel of `isa`.
-///
-/// # Safety
-/// `isa` must be available on this CPU, and no other job may write the output rows of
-/// `unit`, `t0..t1`.
-unsafe fn run(isa: Isa, ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) {
-    // SAFETY: forwarded from the caller; each entry point needs only its ISA.
-    unsafe {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => run_avx512(ctx, job, unit, t0, t1, sc),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => run_avx2(ctx, job, unit, t0, t1, sc),
-            _ => body::<Scalar>(ctx, job, unit, t0, t1, sc),
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_avx2(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) {
-    // SAFETY: the caller checked the ISA and owns the job's rows.
-    unsafe { body::<crate::simd::x86::Avx2>(ctx, job, unit, t0, t1, sc) }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn run_avx512(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) {
-    // SAFETY: the caller checked the ISA and owns the job's rows.
-    unsafe { body::<crate::simd::x86::Avx512>(ctx, job, unit, t0, t1, sc) }
+kernel_entry! {
+    /// Runs one job (tokens `t0..t1` of `unit`) on the kernel of `isa`.
+    ///
+    /// # Safety
+    /// `isa` must be available on this CPU, and no other job may write the output rows of
+    /// `unit`, `t0..t1`.
+    unsafe fn run(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) => body
 }
 
 /// # Safety
 /// As for [`run`], with `S` available.
 #[inline(always)]
 unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch) {
-    let Dims { hkv, group, d, dvp, .. } = ctx.dims;
+    let Dims { hkv, group, .. } = ctx.dims;
     let (b, kvh) = (unit / hkv, unit % hkv);
+    let heads = kvh * group..(kvh + 1) * group;
     match job {
         Job::Delta { state } => {
             state.fill(0.0);
@@ -409,111 +366,79 @@ unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, unit: usize, t0: usize, t1: usize, 
             for c0 in (t0..t1).step_by(CHUNK) {
                 let l = (t1 - c0).min(CHUNK);
                 let finite = load_keys::<S>(ctx, b, kvh, c0, l, sc, true);
-                let n = round_up(l, S::LANES);
-                for h in kvh * group..(kvh + 1) * group {
-                    load_queries::<S>(ctx, b, h, c0, l, sc);
-                    // SAFETY: every operand lies inside its `Scratch` / state buffer: `fq` is
-                    // `l × d` (ld d), `state` `d × dvp`, `fkt` `d × CHUNK` with `n ≤ CHUNK`
-                    // columns, `a` and `o` `l × CHUNK` / `l × dvp`; outputs overlap no input.
+                for h in heads.clone() {
+                    // SAFETY: as for `Delta`; this job alone writes rows `t0..t1` of its unit's
+                    // heads.
                     unsafe {
-                        gemm::<S, f32>(
-                            sc.fq.as_ptr(),
-                            d as isize,
-                            1,
-                            state.as_ptr(),
-                            dvp as isize,
-                            sc.o.as_mut_ptr(),
-                            dvp,
-                            l,
-                            dvp,
-                            d,
-                            false,
-                        );
-                        gemm::<S, f32>(
-                            sc.fq.as_ptr(),
-                            d as isize,
-                            1,
-                            sc.fkt.as_ptr(),
-                            CHUNK as isize,
-                            sc.a.as_mut_ptr(),
-                            CHUNK,
-                            l,
-                            n,
-                            d,
-                            false,
-                        );
+                        from_state::<S>(ctx, b, h, c0, l, sc, state);
+                        within_chunk::<S>(ctx, l, finite, sc);
+                        write_rows(ctx, b, h, c0, l, sc);
                     }
-                    // Key j is visible to query i of the chunk when j ≤ i.
-                    for i in 0..l {
-                        sc.a[i * CHUNK + i + 1..i * CHUNK + l].fill(0.0);
-                    }
-                    if finite {
-                        // SAFETY: as above; `a` has `l` columns used of ld CHUNK, `vx` is `l × dvp`.
-                        unsafe {
-                            gemm::<S, f32>(
-                                sc.a.as_ptr(),
-                                CHUNK as isize,
-                                1,
-                                sc.vx.as_ptr(),
-                                dvp as isize,
-                                sc.o.as_mut_ptr(),
-                                dvp,
-                                l,
-                                dvp,
-                                l,
-                                true,
-                            );
-                        }
-                    } else {
-                        // A masked weight of 0 times an infinite or NaN future value is NaN: let
-                        // each row read only the values it sees, so the future never leaks.
-                        for i in 0..l {
-                            // SAFETY: row `i` of `a` and `o`, the first `i + 1` rows of `vx`.
-                            unsafe {
-                                gemm::<S, f32>(
-                                    sc.a[i * CHUNK..].as_ptr(),
-                                    CHUNK as isize,
-                                    1,
-                                    sc.vx.as_ptr(),
-                                    dvp as isize,
-                                    sc.o[i * dvp..].as_mut_ptr(),
-                                    dvp,
-                                    1,
-                                    dvp,
-                                    i + 1,
-                                    true,
-                                );
-                            }
-                        }
-                    }
-                    // SAFETY: this job alone writes rows `t0..t1` of its unit's heads.
-                    unsafe { write_rows(ctx, b, h, c0, l, sc) };
                 }
                 // SAFETY: as for `Delta`.
                 unsafe { absorb::<S>(ctx, l, sc, state) };
             }
         }
         Job::Rows { state } => {
-            let l = t1 - t0;
-            for h in kvh * group..(kvh + 1) * group {
-                load_queries::<S>(ctx, b, h, t0, l, sc);
+            for h in heads {
                 // SAFETY: as in `Scan`.
                 unsafe {
-                    gemm::<S, f32>(
-                        sc.fq.as_ptr(),
-                        d as isize,
-                        1,
-                        state.as_ptr(),
-                        dvp as isize,
-                        sc.o.as_mut_ptr(),
-                        dvp,
-                        l,
-                        dvp,
-                        d,
-                        false,
-                    );
-                    write_rows(ctx, b, h, t0, l, sc);
+                    from_state::<S>(ctx, b, h, t0, t1 - t0, sc, state);
+                    write_rows(ctx, b, h, t0, t1 - t0, sc);
                 }
+            }
+        }
+    }
+}
+
+/// φ of queries `c0..c0 + l` of head `h`, and their numerators and denominators against
+/// `state` into `o` (`o = φ(Q)·[S|z]`).
+///
+/// # Safety
+/// `l ≤ CHUNK`, `state` holds `d × dvp` floats, `S` is available.
+#[inline(always)]
+unsafe fn from_state<S: Simd>(ctx: &Ctx, b: usize, h: usize, c0: usize, l: usize, sc: &mut Scratch, state: &[f32]) {
+    let Dims { d, dvp, .. } = ctx.dims;
+    load_queries::<S>(ctx, b, h, c0, l, sc);
+    // SAFETY: `fq` is `l × d` (ld d), `state` `d × dvp`, `o` `l × dvp`; `o` overlaps neither.
+    unsafe {
+        let (fq, s, o) =
+            (A::rows(sc.fq.as_ptr(), d), B::new(state.as_ptr(), dvp as isize), C::new(sc.o.as_mut_ptr(), dvp));
+        gemm::<S, f32>(fq, s, o, l, dvp, d, false);
+    }
+}
+
+/// Adds the chunk's own keys to the numerators and denominators of its `l` queries (φ of both
+/// in the scratch): `o += tril(φ(Q)φ(K)ᵀ)·[V|1]`. `finite`: whether every value is finite.
+///
+/// # Safety
+/// `l ≤ CHUNK`, `S` is available.
+#[inline(always)]
+unsafe fn within_chunk<S: Simd>(ctx: &Ctx, l: usize, finite: bool, sc: &mut Scratch) {
+    let Dims { d, dvp, .. } = ctx.dims;
+    let n = round_up(l, S::LANES);
+    let (vx, a) = (B::new(sc.vx.as_ptr(), dvp as isize), A::rows(sc.a.as_ptr(), CHUNK));
+    // SAFETY: `fq` is `l × d` (ld d), `fkt` `d × CHUNK` with `n ≤ CHUNK` columns, `a` `l × CHUNK`;
+    // `a` overlaps neither.
+    unsafe {
+        let (fq, fkt) = (A::rows(sc.fq.as_ptr(), d), B::new(sc.fkt.as_ptr(), CHUNK as isize));
+        gemm::<S, f32>(fq, fkt, C::new(sc.a.as_mut_ptr(), CHUNK), l, n, d, false);
+    }
+    // Key j is visible to query i of the chunk when j ≤ i.
+    for i in 0..l {
+        sc.a[i * CHUNK + i + 1..i * CHUNK + l].fill(0.0);
+    }
+    if finite {
+        // SAFETY: `a` has `l` columns used of ld CHUNK, `vx` is `l × dvp`, `o` `l × dvp`.
+        unsafe { gemm::<S, f32>(a, vx, C::new(sc.o.as_mut_ptr(), dvp), l, dvp, l, true) };
+    } else {
+        // A masked weight of 0 times an infinite or NaN future value is NaN: let
+        // each row read only the values it sees, so the future never leaks.
+        for i in 0..l {
+            // SAFETY: row `i` of `a` and `o`, the first `i + 1` rows of `vx`.
+            unsafe {
+                let (ai, oi) = (A::rows(sc.a[i * CHUNK..].as_ptr(), CHUNK), C::new(sc.o[i * dvp..].as_mut_ptr(), dvp));
+                gemm::<S, f32>(ai, vx, oi, 1, dvp, i + 1, true);
             }
         }
     }
@@ -530,19 +455,8 @@ unsafe fn absorb<S: Simd>(ctx: &Ctx, l: usize, sc: &Scratch, state: &mut [f32]) 
     // SAFETY: `fk` is `l × d` row-major, read transposed (element (dd, j) at j·d + dd); `vx` is
     // `l × dvp`; `state` is `d × dvp` and overlaps neither.
     unsafe {
-        gemm::<S, f32>(
-            sc.fk.as_ptr(),
-            1,
-            d as isize,
-            sc.vx.as_ptr(),
-            dvp as isize,
-            state.as_mut_ptr(),
-            dvp,
-            d,
-            dvp,
-            l,
-            true,
-        )
+        let (fkt, vx) = (A::transposed(sc.fk.as_ptr(), d), B::new(sc.vx.as_ptr(), dvp as isize));
+        gemm::<S, f32>(fkt, vx, C::new(state.as_mut_ptr(), dvp), d, dvp, l, true)
     }
 }
 

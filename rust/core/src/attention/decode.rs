@@ -1,16 +1,24 @@
-//! The few-rows path (decoding): keys and values read once, straight from their storage type.
+//! The few-rows path (decoding): keys and values read once, straight from their storage type;
+//! and split-K, which spreads the keys of too few tasks over the threads and merges after.
 //!
 //! With one or a few query tokens, each K/V element feeds only the handful of query heads of
 //! its group, so the work is bound by reading K and V. This path reads the rows in place —
 //! f32, f16, bf16 or int8 — and widens them in registers: no tile is converted into a buffer.
 //! int8 scales are per row, so they multiply a key's scores after the dot products and a
-//! value's probabilities before P·V.
+//! value's probabilities before P·V. A task's tile loop offers each tile here first
+//! ([`typed_tile`]); what this path declines goes through the blocked step (`prefill`).
+//!
+//! A decode step has one task per sequence and KV head, often fewer than threads: its keys are
+//! then cut into parts ([`split_keys`]) that run as tasks of their own, each leaving a partial
+//! softmax state, and [`merge`] combines them exactly (flash-decoding).
 
-use super::blocked::{mask_tile, rescale_acc, scores_few, softmax_update, Dims, Scratch};
-use super::gemm::{gemm, stream_rows};
-use super::{Ctx, Task};
+use super::dots::scores_rows;
+use super::online::{finish_row, merge_row, partial_len};
+use super::output::Output;
+use super::tile::{mask_tile, pv, pv_transposed, row_of, scale_rows, scores_few, Ctx, Dims, Plan, Scratch, Task};
 use crate::layout::{DType, TypedRows};
-use crate::simd::{elem::Elem, request_one_row_streams, row_ptrs, Prefetch, Simd};
+use crate::parallel;
+use crate::simd::{request_one_row_streams, Prefetch, Simd};
 use half::{bf16, f16};
 
 /// Keys per step for a streamed row (see [`streamed_row`]): K and V are read in runs this
@@ -21,11 +29,11 @@ use half::{bf16, f16};
 /// also requested ahead, see [`request_one_row_streams`].
 pub(crate) const ONE_ROW_KEYS: usize = 2048;
 
-/// How many keys `accumulate` hands to [`tile`] at a time: [`ONE_ROW_KEYS`] for a plain
+/// How many keys a task's tile loop hands to [`typed_tile`] at a time: [`ONE_ROW_KEYS`] for a plain
 /// streamed row that sees all of `kmin..kmax`, the plan's tile otherwise.
 pub(crate) fn keys_per_step<S: Simd>(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, kmax: usize) -> usize {
     let one_row = streamed_row::<S>(ctx, dims) && ctx.extras.is_plain();
-    if one_row && sc.vis[0].sees_all(kmin, kmax) && ldr(ONE_ROW_KEYS) <= sc.st.len() {
+    if one_row && sc.q.vis[0].sees_all(kmin, kmax) && ldr(ONE_ROW_KEYS) <= sc.s.st.len() {
         ONE_ROW_KEYS
     } else {
         ctx.plan.bc
@@ -57,7 +65,7 @@ fn at_least<T: Copy + Default>(buf: &mut Vec<T>, len: usize) {
 /// # Safety
 /// The scratch is sized for the plan; the views were validated.
 #[inline(always)]
-pub(crate) unsafe fn tile<S: Simd>(
+pub(crate) unsafe fn typed_tile<S: Simd>(
     ctx: &Ctx,
     task: &Task,
     sc: &mut Scratch,
@@ -71,27 +79,44 @@ pub(crate) unsafe fn tile<S: Simd>(
     }
     // A partly masked tile takes the general path (it also keeps NaN values of masked keys
     // away from the rows that do not see them).
-    if !(0..dims.rows).all(|r| sc.vis[r].sees_all(k0, k0 + kn)) {
+    if !(0..dims.rows).all(|r| sc.q.vis[r].sees_all(k0, k0 + kn)) {
         return false;
     }
     let seq = &ctx.seqs[task.seq];
     let first = seq.k_start + k0;
-    let v_view = ctx.v.expect("attention has values");
-    let (krows, vrows) = (ctx.k.typed_rows(seq.batch, task.kvh, first), v_view.typed_rows(seq.batch, task.kvh, first));
+    let (krows, vrows) =
+        (ctx.k.typed_rows(seq.batch, task.kvh, first), ctx.values().typed_rows(seq.batch, task.kvh, first));
     if matches!(krows, TypedRows::Unreadable) || matches!(vrows, TypedRows::Unreadable) {
         return false;
     }
-    if ctx.extras.is_plain() && dims.rows * ldr(kn.max(plan.bc)) <= sc.st.len() {
+    if ctx.extras.is_plain() && dims.rows * ldr(kn.max(plan.bc)) <= sc.s.st.len() {
         // SAFETY: forwarded; the score rows fit in `st` (checked above).
         unsafe { row_major::<S>(ctx, sc, dims, krows, vrows, kn) };
         return true;
     }
     // The transposed layout holds one tile.
-    if kn > plan.bc {
-        return false;
-    }
+    // SAFETY: forwarded.
+    kn <= plan.bc && unsafe { transposed::<S>(ctx, sc, dims, krows, vrows, k0, kn) }
+}
+
+/// The tile with scores kept transposed, as the blocked step keeps them: for attention with
+/// biases, which fold into that layout. Returns false (the blocked step then runs) when there
+/// are too many rows for dot products.
+///
+/// # Safety
+/// As for [`typed_tile`]; `kn` is at most the plan's tile.
+#[inline(always)]
+unsafe fn transposed<S: Simd>(
+    ctx: &Ctx,
+    sc: &mut Scratch,
+    dims: &Dims,
+    krows: TypedRows,
+    vrows: TypedRows,
+    k0: usize,
+    kn: usize,
+) -> bool {
+    let plan = ctx.plan;
     let pf = prefetch_of(vrows, plan.dv);
-    // Biases: the transposed layout, which the bias folding reads.
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         let ok = match krows {
@@ -109,19 +134,9 @@ pub(crate) unsafe fn tile<S: Simd>(
             return false;
         }
         mask_tile(ctx, sc, dims, k0, kn);
-        softmax_update::<S>(sc, dims, kn);
-        rescale_acc(sc, dims);
-        let (st, rs, ks) = (sc.st.as_ptr(), 1, dims.rows_p as isize);
-        match vrows {
-            TypedRows::F32(p, ld) => pv::<S, f32>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
-            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
-            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
-            TypedRows::I8(p, ld, s, sld) => {
-                scale_rows(sc, dims, kn, s, sld);
-                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE)
-            }
-            TypedRows::Unreadable => unreachable!("checked above"),
-        }
+        sc.soft.update_cols::<S>(&mut sc.s.st, dims.rows_p, dims.cols, kn);
+        sc.soft.rescale(dims.rows, dims.dvp);
+        pv_transposed::<S>(sc, dims, vrows, kn);
     }
     true
 }
@@ -154,7 +169,7 @@ fn ldr(bc: usize) -> usize {
 /// rows read one after another (see [`streamed_row`]).
 ///
 /// # Safety
-/// As for [`tile`]; `rows · ldr(max(kn, bc))` floats fit in `sc.st`.
+/// As for [`typed_tile`]; `rows · ldr(max(kn, bc))` floats fit in `sc.s.st`.
 #[inline(always)]
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
@@ -166,18 +181,19 @@ unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: Ty
     };
     if matches!(krows, TypedRows::I8(..)) || matches!(vrows, TypedRows::I8(..)) {
         // int8 scales and rounded probabilities, per key: a streamed run is longer than a tile.
-        at_least(&mut sc.keyscale, kn);
-        at_least(&mut sc.pairs, dims.rows * ld / 2);
+        at_least(&mut sc.int8.keyscale, kn);
+        at_least(&mut sc.int8.pairs, dims.rows * ld / 2);
     }
+    let (q, st, rows, d) = (sc.q.rows.as_ptr(), sc.s.st.as_mut_ptr(), dims.rows, plan.d);
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         match krows {
-            TypedRows::F32(p, lk) => scores_rows::<S, f32>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
-            TypedRows::F16(p, lk) => scores_rows::<S, f16>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
-            TypedRows::BF16(p, lk) => scores_rows::<S, bf16>(p, lk, sc, dims.rows, plan.d, ld, kn, pf),
+            TypedRows::F32(p, lk) => scores_rows::<S, f32>(p, lk, q, d, st, ld, rows, kn, pf),
+            TypedRows::F16(p, lk) => scores_rows::<S, f16>(p, lk, q, d, st, ld, rows, kn, pf),
+            TypedRows::BF16(p, lk) => scores_rows::<S, bf16>(p, lk, q, d, st, ld, rows, kn, pf),
             TypedRows::I8(p, lk, s, sld) => {
-                if !int8_dots::<S>(p, lk, sc, dims.rows, plan.d, ld, kn, pf) {
-                    scores_rows::<S, i8>(p, lk, sc, dims.rows, plan.d, ld, kn, pf);
+                if !int8_dots::<S>(p, lk, sc, rows, d, ld, kn, pf) {
+                    scores_rows::<S, i8>(p, lk, q, d, st, ld, rows, kn, pf);
                 }
                 scale_keys::<S>(sc, dims.rows, ld, kn, s, sld);
             }
@@ -186,12 +202,12 @@ unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: Ty
         if let Some(c) = ctx.params.softcap {
             let (inv, mul) = (1.0 / c, c * std::f32::consts::LOG2_E);
             for r in 0..dims.rows {
-                sc.st[r * ld..r * ld + kn].iter_mut().for_each(|x| *x = mul * (*x * inv).tanh());
+                sc.s.st[r * ld..r * ld + kn].iter_mut().for_each(|x| *x = mul * (*x * inv).tanh());
             }
         }
-        softmax_rows::<S>(sc, dims.rows, ld, kn);
-        rescale_acc(sc, dims);
-        let st = sc.st.as_ptr();
+        sc.soft.update_rows::<S>(&mut sc.s.st, dims.rows, ld, kn);
+        sc.soft.rescale(dims.rows, dims.dvp);
+        let st = sc.s.st.as_ptr();
         match vrows {
             TypedRows::F32(p, lv) => pv::<S, f32>(sc, dims, st, ld as isize, 1, p, lv, kn, vpf),
             TypedRows::F16(p, lv) => pv::<S, f16>(sc, dims, st, ld as isize, 1, p, lv, kn, vpf),
@@ -226,7 +242,7 @@ unsafe fn int8_pv<S: Simd>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::vnni;
+        use crate::simd::vnni;
         if S::LANES == 16 && dims.dvp.is_multiple_of(32) && vnni::available() {
             // Whole vectors of keys: the softmax left zeros past the last key.
             let kp = kn.div_ceil(16) * 16;
@@ -238,7 +254,9 @@ unsafe fn int8_pv<S: Simd>(
                     let (k0, n) = (b * vnni::PV_BLOCK, vnni::PV_BLOCK.min(kp - b * vnni::PV_BLOCK));
                     // SAFETY: the CPU has the features (checked); the row holds kp ≤ ld floats
                     // and `pairs` ld / 2 words.
-                    match unsafe { vnni::pack_probs(sc.st.as_ptr().add(k0), n, sc.pairs.as_mut_ptr().add(k0 / 2)) } {
+                    match unsafe {
+                        vnni::pack_probs(sc.s.st.as_ptr().add(k0), n, sc.int8.pairs.as_mut_ptr().add(k0 / 2))
+                    } {
                         Some(x) => *s = x,
                         None => return false,
                     }
@@ -246,7 +264,16 @@ unsafe fn int8_pv<S: Simd>(
                 // SAFETY: the CPU has the features (checked); one row of kp / 2 words and of `dvp`
                 // accumulators; V as the caller vouched.
                 unsafe {
-                    vnni::pv_one(sc.pairs.as_ptr(), scales.as_ptr(), v, ldv, dims.dvp, kn, sc.acc.as_mut_ptr(), pf)
+                    vnni::pv_one(
+                        sc.int8.pairs.as_ptr(),
+                        scales.as_ptr(),
+                        v,
+                        ldv,
+                        dims.dvp,
+                        kn,
+                        sc.soft.acc.as_mut_ptr(),
+                        pf,
+                    )
                 };
                 return true;
             }
@@ -257,12 +284,14 @@ unsafe fn int8_pv<S: Simd>(
             for (r, s) in scales.iter_mut().enumerate().take(dims.rows) {
                 // SAFETY: the CPU has the features (checked); row r holds kp ≤ ld floats and
                 // `pairs` 8 rows of ld / 2 words.
-                match unsafe { vnni::pack_probs(sc.st.as_ptr().add(r * ld), kp, sc.pairs.as_mut_ptr().add(r * ldp)) } {
+                match unsafe {
+                    vnni::pack_probs(sc.s.st.as_ptr().add(r * ld), kp, sc.int8.pairs.as_mut_ptr().add(r * ldp))
+                } {
                     Some(x) => *s = x,
                     None => return false,
                 }
             }
-            let (pairs, acc, dvp) = (sc.pairs.as_ptr(), sc.acc.as_mut_ptr(), dims.dvp);
+            let (pairs, acc, dvp) = (sc.int8.pairs.as_ptr(), sc.soft.acc.as_mut_ptr(), dims.dvp);
             for (r0, m, pf) in pf.passes(dims.rows, 4) {
                 // SAFETY: the CPU has the features (checked); rows r0..r0 + m of `ldp` words and
                 // of `dvp` accumulators; V as the caller vouched.
@@ -276,127 +305,6 @@ unsafe fn int8_pv<S: Simd>(
     }
     let _ = (sc, dims, ld, v, ldv, kn, pf);
     false
-}
-
-/// `S[r, j] = Q[r]·K[j]` for `rows` rows into `sc.st` (row-major, `ld` apart), in passes of as
-/// many rows as keep their accumulators in registers; `pf` requests the key rows ahead during
-/// the first pass.
-///
-/// # Safety
-/// `k` holds `kn` rows of `d` elements `ldk` apart; `rows · ld` floats fit in `sc.st`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn scores_rows<S: Simd, E: Elem>(
-    k: *const E,
-    ldk: isize,
-    sc: &mut Scratch,
-    rows: usize,
-    d: usize,
-    ld: usize,
-    kn: usize,
-    pf: Prefetch,
-) {
-    // Four keys of R rows take 4·R accumulators and four key vectors: R = 4 fits the 32
-    // registers of AVX-512, R = 2 the 16 of AVX2.
-    let pass = if S::LANES >= 16 { 4 } else { 2 };
-    let (q, st) = (sc.q.as_ptr(), sc.st.as_mut_ptr());
-    for (r0, m, pf) in pf.passes(rows, pass) {
-        // SAFETY: rows r0..r0 + m of Q and of S are in range.
-        unsafe {
-            let (q, st) = (q.add(r0 * d), st.add(r0 * ld));
-            match m {
-                1 => dots_rows::<S, E, 1>(k, ldk, q, d, st, ld, kn, pf),
-                2 => dots_rows::<S, E, 2>(k, ldk, q, d, st, ld, kn, pf),
-                3 => dots_rows::<S, E, 3>(k, ldk, q, d, st, ld, kn, pf),
-                _ => dots_rows::<S, E, 4>(k, ldk, q, d, st, ld, kn, pf),
-            }
-        }
-    }
-}
-
-/// [`scores_rows`] for exactly `R` rows: four keys at a time, then one.
-///
-/// # Safety
-/// As for [`scores_rows`], with `R` rows at `q` and `st`.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dots_rows<S: Simd, E: Elem, const R: usize>(
-    k: *const E,
-    ldk: isize,
-    q: *const f32,
-    d: usize,
-    st: *mut f32,
-    ld: usize,
-    kn: usize,
-    pf: Prefetch,
-) {
-    let l = S::LANES;
-    let body = d - d % l;
-    // Columns past the vector body, in plain arithmetic, added to the stored sums.
-    let tail = |j: usize, r: usize| -> f32 {
-        // SAFETY: key j < kn and row r < R are in range, columns body..d too.
-        unsafe {
-            let kr = k.offset(j as isize * ldk);
-            (body..d).map(|c| *q.add(r * d + c) * (*kr.add(c)).to_f32()).sum()
-        }
-    };
-    let mut j = 0;
-    // SAFETY: every pointer below stays inside the extents the caller vouched for.
-    unsafe {
-        while j + 4 <= kn {
-            pf.ahead(j, 4);
-            let kr = row_ptrs::<E, 4>(k, ldk, j);
-            let mut acc = [[S::zero(); 4]; R];
-            if R == 1 {
-                // One row has no query vector to share between keys: read each key row whole,
-                // in address order, which the hardware prefetchers follow (reading four rows
-                // a column at a time halved what they fetched on Zen 4).
-                for (t, p) in kr.iter().enumerate() {
-                    for c in (0..body).step_by(l) {
-                        acc[0][t] = S::fma(S::load(q.add(c)), E::load::<S>(p.add(c)), acc[0][t]);
-                    }
-                }
-            } else {
-                for c in (0..body).step_by(l) {
-                    // Plain loops, not `array::from_fn` (see `gemm`).
-                    let mut kv = [S::zero(); 4];
-                    for (x, p) in kv.iter_mut().zip(&kr) {
-                        *x = E::load::<S>(p.add(c));
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        let qv = S::load(q.add(r * d + c));
-                        for (x, &kt) in a.iter_mut().zip(&kv) {
-                            *x = S::fma(qv, kt, *x);
-                        }
-                    }
-                }
-            }
-            for (r, a) in acc.iter().enumerate() {
-                let out = st.add(r * ld + j);
-                S::store_sums4(a[0], a[1], a[2], a[3], out);
-                if body < d {
-                    for t in 0..4 {
-                        *out.add(t) += tail(j + t, r);
-                    }
-                }
-            }
-            j += 4;
-        }
-        while j < kn {
-            let kr = k.offset(j as isize * ldk);
-            let mut acc = [S::zero(); R];
-            for c in (0..body).step_by(l) {
-                let kv = E::load::<S>(kr.add(c));
-                for (r, x) in acc.iter_mut().enumerate() {
-                    *x = S::fma(S::load(q.add(r * d + c)), kv, *x);
-                }
-            }
-            for (r, &x) in acc.iter().enumerate() {
-                *st.add(r * ld + j) = S::reduce_sum(x) + tail(j, r);
-            }
-            j += 1;
-        }
-    }
 }
 
 /// [`scores_rows`] for int8 keys with integer dot products, where the AVX-512 path runs on a
@@ -418,15 +326,18 @@ unsafe fn int8_dots<S: Simd>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::vnni;
+        use crate::simd::vnni;
         // LANES == 16 is the AVX-512 path: a forced lower path never reaches these instructions.
         if S::LANES == 16
             && d.is_multiple_of(32)
             && d <= vnni::MAX_D
             && vnni::available()
-            && *sc.q16_ready.get_or_insert_with(|| vnni::quantize(&sc.q, rows, d, &mut sc.q16, &mut sc.qscale))
+            && *sc
+                .int8
+                .q16_ready
+                .get_or_insert_with(|| vnni::quantize(&sc.q.rows, rows, d, &mut sc.int8.q16, &mut sc.int8.qscale))
         {
-            let (q16, qs, st) = (sc.q16.as_ptr(), sc.qscale.as_ptr(), sc.st.as_mut_ptr());
+            let (q16, qs, st) = (sc.int8.q16.as_ptr(), sc.int8.qscale.as_ptr(), sc.s.st.as_mut_ptr());
             // SAFETY: the CPU has the features (checked); d is a multiple of 32; Q was rounded
             // for `rows` rows; the rest is forwarded.
             unsafe { vnni::scores(k, ldk, q16, qs, rows, d, st, ld, kn, pf) };
@@ -441,18 +352,18 @@ unsafe fn int8_dots<S: Simd>(
 /// are gathered once, then applied a vector of keys at a time.
 ///
 /// # Safety
-/// `scales` holds `kn` scales `sld` apart; `rows · ld` floats fit in `sc.st`.
+/// `scales` holds `kn` scales `sld` apart; `rows · ld` floats fit in `sc.s.st`.
 #[inline(always)]
 unsafe fn scale_keys<S: Simd>(sc: &mut Scratch, rows: usize, ld: usize, kn: usize, scales: *const f32, sld: isize) {
     let l = S::LANES;
     let body = kn - kn % l;
-    let ks = &mut sc.keyscale[..kn];
+    let ks = &mut sc.int8.keyscale[..kn];
     for (j, x) in ks.iter_mut().enumerate() {
         // SAFETY: forwarded.
         *x = unsafe { *scales.offset(j as isize * sld) };
     }
     for r in 0..rows {
-        let row = &mut sc.st[r * ld..r * ld + kn];
+        let row = &mut sc.s.st[r * ld..r * ld + kn];
         // SAFETY: body ≤ kn floats of both slices.
         unsafe {
             for c in (0..body).step_by(l) {
@@ -464,121 +375,76 @@ unsafe fn scale_keys<S: Simd>(sc: &mut Scratch, rows: usize, ld: usize, kn: usiz
     }
 }
 
-/// The online softmax of a row-major (base-2) score tile: each row's max and sum along its
-/// keys, a vector at a time; leaves probabilities in the tile and rescale factors in
-/// `sc.alpha`, as [`super::blocked::softmax_update`] does for the transposed tile.
-///
-/// # Safety
-/// `rows · ld` floats fit in `sc.st`, with `kn` rounded up to `LANES` ≤ `ld`.
-#[inline(always)]
-unsafe fn softmax_rows<S: Simd>(sc: &mut Scratch, rows: usize, ld: usize, kn: usize) {
-    let l = S::LANES;
-    let kp = kn.div_ceil(l) * l;
-    for r in 0..rows {
-        let row = &mut sc.st[r * ld..r * ld + kp];
-        // Padding keys give 2^(−∞) = 0 and never reach P·V.
-        row[kn..].fill(f32::NEG_INFINITY);
-        let p = row.as_mut_ptr();
-        // SAFETY: kp floats at p.
-        unsafe {
-            let mut mx = S::splat(f32::NEG_INFINITY);
-            for c in (0..kp).step_by(l) {
-                mx = S::max(mx, S::load(p.add(c)));
-            }
-            let (m_old, t) = (sc.m[r], S::reduce_max(mx));
-            let m_new = if m_old > t { m_old } else { t };
-            sc.alpha[r] = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp2() };
-            sc.m[r] = m_new;
-            // A row that has seen nothing yet subtracts 0, so 2^(−∞ − 0) = 0, not NaN.
-            let mv = S::splat(if m_new == f32::NEG_INFINITY { 0.0 } else { m_new });
-            let mut sum = S::zero();
-            for c in (0..kp).step_by(l) {
-                let e = S::exp2(S::sub(S::load(p.add(c)), mv));
-                S::store(p.add(c), e);
-                sum = S::add(sum, e);
-            }
-            sc.l[r] = sc.l[r] * sc.alpha[r] + S::reduce_sum(sum);
-        }
-    }
+/// Keys per slice below which splitting a task's keys is not worth the merge.
+const MIN_SPLIT: usize = 512;
+
+/// One slice of a task's keys, for split-K.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Part {
+    /// Index of the task in the call's task list.
+    pub task: usize,
+    pub k0: usize,
+    pub k1: usize,
 }
 
-/// `acc += P · V` for a fully visible tile whose values are f16, bf16 or int8, read in place
-/// (f32 values take the caller's path). Returns false when it does not apply.
-///
-/// # Safety
-/// The scratch is sized for the plan; `first..first + kn` are rows of the validated view.
-#[inline(always)]
-pub(crate) unsafe fn pv_narrow<S: Simd>(
-    sc: &mut Scratch,
-    dims: &Dims,
-    v: &crate::layout::Strided,
-    seq: &crate::mask::Sequence,
-    kvh: usize,
-    first: usize,
-    kn: usize,
-) -> bool {
-    let (st, rs, ks) = (sc.st.as_ptr(), 1, dims.rows_p as isize);
-    // SAFETY: forwarded.
-    unsafe {
-        match v.typed_rows(seq.batch, kvh, first) {
-            TypedRows::F16(p, ld) => pv::<S, f16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
-            TypedRows::BF16(p, ld) => pv::<S, bf16>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE),
-            TypedRows::I8(p, ld, s, sld) => {
-                scale_rows(sc, dims, kn, s, sld);
-                pv::<S, i8>(sc, dims, st, rs, ks, p, ld, kn, Prefetch::NONE)
+/// When there are too few tasks to keep every thread busy (decoding: one query per sequence),
+/// splits each task's keys into slices computed in parallel and merged after (flash-decoding).
+/// Returns `None` when no task is split. The parts of one task are consecutive.
+pub(crate) fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec<Part>> {
+    let want = 4 * threads;
+    if threads < 2 || work.is_empty() || work.len() >= want {
+        return None;
+    }
+    let per_task = want.div_ceil(work.len());
+    let mut parts = Vec::new();
+    let mut split_any = false;
+    for (t, task) in work.iter().enumerate() {
+        let ranges = ctx.key_ranges(task);
+        let (Some(&(lo, _)), Some(&(_, hi))) = (ranges.first(), ranges.last()) else {
+            parts.push(Part { task: t, k0: 0, k1: 0 });
+            continue;
+        };
+        let n = per_task.min((hi - lo) / MIN_SPLIT).max(1);
+        let chunk = (hi - lo).div_ceil(n).div_ceil(ctx.plan.bc) * ctx.plan.bc;
+        split_any |= n > 1;
+        let mut k0 = lo;
+        while k0 < hi {
+            parts.push(Part { task: t, k0, k1: (k0 + chunk).min(hi) });
+            k0 += chunk;
+        }
+    }
+    split_any.then_some(parts)
+}
+
+/// Floats of the partial state each part leaves (see [`partial_len`]).
+pub(crate) fn part_len(plan: &Plan) -> usize {
+    partial_len(plan.group * plan.tq, plan.dv)
+}
+
+/// Merges the partial states of each task's parts (part `i`'s at `partial[i · part_len..]`)
+/// into the task's output rows.
+pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], out: &Output) {
+    let (plan, dv) = (ctx.plan, ctx.plan.dv);
+    let slot = part_len(&plan);
+    // Parts of one task are consecutive: merge each task's slices into its rows.
+    let mut firsts: Vec<usize> = (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
+    firsts.push(parts.len());
+    parallel::for_each(
+        firsts.len() - 1,
+        || (vec![0f32; dv], vec![0f32; dv]),
+        |(acc, row), t| {
+            let (first, end) = (firsts[t], firsts[t + 1]);
+            let task = &work[parts[first].task];
+            let slices: Vec<&[f32]> = (first..end).map(|i| &partial[i * slot..(i + 1) * slot]).collect();
+            let seq = &ctx.seqs[task.seq];
+            let rows = plan.group * (task.i1 - task.i0);
+            for r in 0..rows {
+                let (m, l) = merge_row(&slices, rows, dv, r, acc);
+                let (h, i) = row_of(&plan, task, r);
+                let lse = finish_row(acc, m, l, row, ctx.extras.sink(h));
+                // SAFETY: each task's rows are written by this closure only.
+                unsafe { out.write(seq, h, seq.q_start + i, row, lse) };
             }
-            TypedRows::F32(..) | TypedRows::Unreadable => return false,
-        }
-    }
-    true
-}
-
-/// Multiplies score/probability row `j` (one key) by that key's int8 scale.
-///
-/// # Safety
-/// `scales` holds `kn` scales `ld` apart.
-#[inline(always)]
-unsafe fn scale_rows(sc: &mut Scratch, dims: &Dims, kn: usize, scales: *const f32, ld: isize) {
-    for j in 0..kn {
-        // SAFETY: forwarded.
-        let s = unsafe { *scales.offset(j as isize * ld) };
-        sc.st[j * dims.rows_p..j * dims.rows_p + dims.cols].iter_mut().for_each(|x| *x *= s);
-    }
-}
-
-/// `acc += P · V` with V rows read in place; P's element `(row, key)` is at `p + row·rs +
-/// key·ks` (the transposed tile or the row-major one); `pf` requests the value rows ahead
-/// ([`Prefetch::NONE`] where they were requested already).
-///
-/// # Safety
-/// `v` holds `kn` rows of `dvp` elements `ld` apart; P holds `rows × kn` probabilities.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn pv<S: Simd, E: Elem>(
-    sc: &mut Scratch,
-    dims: &Dims,
-    p: *const f32,
-    rs: isize,
-    ks: isize,
-    v: *const E,
-    ld: isize,
-    kn: usize,
-    pf: Prefetch,
-) {
-    let dvp = dims.dvp;
-    // Decoding (few rows): blocks of at most 4 rows, V read in one pass. Many rows
-    // (prefill): the 6-row block, whose widening loads convert in place.
-    if dims.rows > 8 {
-        // SAFETY: as below, for all rows at once.
-        unsafe { gemm::<S, E>(p, rs, ks, v, ld, sc.acc.as_mut_ptr(), dvp, dims.rows, dvp, kn, true) };
-        return;
-    }
-    // Later blocks read V again, from cache: the requests go with the first.
-    for (r0, m, pf) in pf.passes(dims.rows, 4) {
-        // SAFETY: P from row r0, acc rows × dvp (from row r0), V kn × dvp (dv == dvp checked).
-        unsafe {
-            let (a, c) = (p.offset(r0 as isize * rs), sc.acc.as_mut_ptr().add(r0 * dvp));
-            stream_rows::<S, E>(a, rs, ks, v, ld, c, dvp, m, dvp, kn, pf)
-        }
-    }
+        },
+    );
 }

@@ -1,125 +1,44 @@
-//! Scaled-dot-product attention over strided views: argument checks, the split into tasks, and
-//! the dispatch of each task to the kernel of the active ISA.
+//! Scaled-dot-product attention over strided views: the public entry points, their argument
+//! checks, and the split of a call into tasks, run on the pool through the kernel table.
 //!
-//! A task is one sequence × one KV head × one tile of queries, holding the rows of *all* query
-//! heads that share the KV head (GQA/MQA): each K/V tile is converted and packed once for the
-//! whole group, and tasks are independent, so rayon balances causal and windowed work by
-//! stealing.
+//! A call is planned into tasks (one sequence × one KV head × a tile of queries, holding the
+//! rows of every query head of the group: see `tile`), run in parallel longest first; when a
+//! decode step leaves fewer tasks than threads, their keys are split too and the partial
+//! results merged (`decode`). The modules below never import each other sideways or upwards:
+//!
+//! ```text
+//! mod      entry points, checks, planning; tasks or split-K parts, merge  → task, decode, weights, tile, output
+//! task     one task: each key tile through the first step that applies   → prefill, decode, tile, output
+//! prefill  the blocked step on one key tile (many rows)                   → tile
+//! decode   the typed few-rows step; split-K and its merge                 → tile, dots, online, output
+//! weights  the probability matrix, two passes                             → tile, online
+//! tile     plan, scratch, queries, score tiles, masks, widening, P·V      → dots, online
+//! dots     dot-product score kernels  ·  online  the online softmax  ·  output  rows and LSE out
+//! ```
+//!
+//! (Besides, they use the crate's `simd`, `gemm`, `layout`, `mask` and `extras`.)
 
-mod blocked;
 mod decode;
-pub(crate) mod gemm;
-mod softmax;
-#[cfg(target_arch = "x86_64")]
-mod vnni;
+mod dots;
+mod online;
+mod output;
+mod prefill;
+mod task;
+mod tile;
 mod weights;
 
 use crate::error::{ensure_shape, Error, Result};
 use crate::extras::Extras;
-use crate::layout::{DType, RowWriter, Strided, StridedMut};
-use crate::mask::{visible, Params, Sequence, Vis};
+use crate::layout::{check_qkv, DType, Strided, StridedMut};
+use crate::mask::{visible, Params, Sequence};
 use crate::parallel;
 use crate::simd::Isa;
+use decode::Part;
+use output::{LsePtr, Output};
 use rayon::prelude::*;
 use std::sync::Mutex;
-
-/// Query rows per task (all heads of a group together) and keys per tile. Measured on a 2-core
-/// AVX2 machine (benches/NOTES.md): 64–128 rows and 64–256 keys are within 3% of each other;
-/// 64 rows keep enough tasks for balance, 128 keys amortize the per-tile softmax bookkeeping.
-const ROWS: usize = 64;
-const KEYS: usize = 128;
-
-/// Sizes shared by every task of a call.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Plan {
-    /// Query heads per KV head.
-    pub group: usize,
-    /// Queries per task (each with `group` rows).
-    pub tq: usize,
-    pub d: usize,
-    pub dv: usize,
-    /// Keys per tile.
-    pub bc: usize,
-}
-
-impl Plan {
-    /// Tasks never hold more queries than the longest of `seqs`, so neither does the scratch
-    /// (a decode step's is then a fraction of a prefill's, zero-filled every call).
-    fn new(group: usize, d: usize, dv: usize, seqs: &[Sequence]) -> Plan {
-        let max_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(1).max(1);
-        Plan { group, tq: (ROWS / group).max(1).min(max_q), d, dv, bc: KEYS }
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Task {
-    pub seq: usize,
-    pub kvh: usize,
-    pub i0: usize,
-    pub i1: usize,
-}
-
-/// What every task reads.
-pub(crate) struct Ctx<'a> {
-    pub q: &'a Strided<'a>,
-    pub k: &'a Strided<'a>,
-    pub v: Option<&'a Strided<'a>>,
-    pub seqs: &'a [Sequence],
-    pub params: &'a Params,
-    pub extras: &'a Extras<'a>,
-    pub plan: Plan,
-}
-
-impl Ctx<'_> {
-    /// The keys the rows of `task` see, as at most two ranges in order (the sinks, then the
-    /// union of the rows' windows), empty ones dropped; tiles in between are never visited.
-    pub(crate) fn key_ranges(&self, task: &Task) -> Vec<(usize, usize)> {
-        let seq = &self.seqs[task.seq];
-        let (mut sink, mut lo, mut hi) = (0, usize::MAX, 0);
-        for i in task.i0..task.i1 {
-            let v = visible(self.params, seq, i);
-            sink = sink.max(v.sink);
-            if v.lo < v.hi {
-                lo = lo.min(v.lo);
-                hi = hi.max(v.hi);
-            }
-        }
-        let union = Vis { sink, lo: lo.min(hi), hi };
-        union.ranges().into_iter().filter(|(a, b)| a < b).collect()
-    }
-}
-
-/// Raw destination for the log-sum-exp, `(B, Hq, Sq)` contiguous.
-#[derive(Clone, Copy)]
-pub(crate) struct LsePtr(*mut f32);
-// SAFETY: each task writes the LSE of its own rows only; rows of different tasks are disjoint.
-unsafe impl Send for LsePtr {}
-// SAFETY: as for Send.
-unsafe impl Sync for LsePtr {}
-
-/// Output sinks of [`attention`].
-pub(crate) struct Sinks<'a> {
-    pub out: RowWriter<'a>,
-    pub lse: Option<LsePtr>,
-    /// Strides of the LSE buffer for (batch, head, token).
-    pub lse_dims: [usize; 3],
-}
-
-impl Sinks<'_> {
-    /// Writes one output row and its LSE.
-    ///
-    /// # Safety
-    /// No other thread may write the same row concurrently.
-    pub(crate) unsafe fn write(&self, seq: &Sequence, h: usize, i: usize, row: &[f32], lse: f32) {
-        // SAFETY: forwarded from the caller.
-        unsafe { self.out.write_row(seq.batch, h, i, row) };
-        if let Some(ptr) = self.lse {
-            let at = seq.batch * self.lse_dims[0] + h * self.lse_dims[1] + i * self.lse_dims[2];
-            // SAFETY: `attention` checked the buffer holds B·Hq·Sq entries; the row is ours.
-            unsafe { *ptr.0.add(at) = lse };
-        }
-    }
-}
+use task::Job;
+use tile::{Ctx, Plan, Scratch, Task};
 
 /// Task indices, the most rows × visible keys first (ties in their order): claimed that way,
 /// the long tasks of a causal prefill start first and the short ones fill in at the end,
@@ -132,72 +51,62 @@ fn longest_first(ctx: &Ctx, work: &[Task]) -> Vec<usize> {
     order
 }
 
-/// Keys per slice below which splitting a task's keys is not worth the merge.
-const MIN_SPLIT: usize = 512;
-
-/// One slice of a task's keys, for split-K.
-#[derive(Clone, Copy, Debug)]
-struct Part {
-    task: usize,
-    k0: usize,
-    k1: usize,
-}
-
-/// When there are too few tasks to keep every thread busy (decoding: one query per sequence),
-/// splits each task's keys into slices computed in parallel and merged after (flash-decoding).
-/// Returns `None` when no task is split.
-fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec<Part>> {
-    let want = 4 * threads;
-    if threads < 2 || work.is_empty() || work.len() >= want {
-        return None;
-    }
-    let per_task = want.div_ceil(work.len());
-    let mut parts = Vec::new();
-    let mut split_any = false;
-    for (t, task) in work.iter().enumerate() {
-        let ranges = ctx.key_ranges(task);
-        let (Some(&(lo, _)), Some(&(_, hi))) = (ranges.first(), ranges.last()) else {
-            parts.push(Part { task: t, k0: 0, k1: 0 });
-            continue;
-        };
-        let n = per_task.min((hi - lo) / MIN_SPLIT).max(1);
-        let chunk = (hi - lo).div_ceil(n).div_ceil(ctx.plan.bc) * ctx.plan.bc;
-        split_any |= n > 1;
-        let mut k0 = lo;
-        while k0 < hi {
-            parts.push(Part { task: t, k0, k1: (k0 + chunk).min(hi) });
-            k0 += chunk;
-        }
-    }
-    split_any.then_some(parts)
-}
-
-fn check_inputs(q: &Strided, k: &Strided, v_shape: [usize; 4], seqs: &[Sequence], params: &Params) -> Result<()> {
+/// The checks every entry point makes: options, q/k/v shapes, sequences, extras.
+fn check_inputs(
+    q: &Strided,
+    k: &Strided,
+    v_shape: [usize; 4],
+    seqs: &[Sequence],
+    params: &Params,
+    extras: &Extras,
+) -> Result<()> {
     params.validate()?;
-    let [b, hq, sq, d] = q.shape();
-    let [bk, hk, sk, dk] = k.shape();
-    ensure_shape!(d >= 1, "q: head dimension must be at least 1, got shape {:?}", q.shape());
-    ensure_shape!(bk == b, "q and k have different batch sizes: {:?} vs {:?}", q.shape(), k.shape());
-    ensure_shape!(dk == d, "q and k have different head dimensions: {:?} vs {:?}", q.shape(), k.shape());
-    ensure_shape!(
-        hk >= 1 && hq % hk == 0,
-        "query heads ({hq}) must be a multiple of key/value heads ({hk}); q {:?}, k {:?}",
-        q.shape(),
-        k.shape()
-    );
-    ensure_shape!(
-        v_shape[..3] == k.shape()[..3],
-        "k and v must agree in batch, heads and length: k {:?}, v {v_shape:?}",
-        k.shape()
-    );
-    ensure_shape!(v_shape[3] >= 1, "v: value dimension must be at least 1, got shape {v_shape:?}");
+    check_qkv(q.shape(), k.shape(), v_shape)?;
+    let [_, _, sq, _] = q.shape();
+    let sk = k.shape()[2];
     for s in seqs {
         ensure_shape!(
-            s.batch < b && s.q_start + s.q_len <= sq && s.k_start + s.k_len <= sk,
+            s.batch < q.shape()[0] && s.q_start + s.q_len <= sq && s.k_start + s.k_len <= sk,
             "sequence {s:?} lies outside q {:?} / k {:?}",
             q.shape(),
             k.shape()
         );
+    }
+    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])
+}
+
+/// The checks of [`attention_with`]: [`check_inputs`], then the output shape, dtypes,
+/// readable K/V, and the LSE buffer's length.
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    q: &Strided,
+    k: &Strided,
+    v: &Strided,
+    out: &StridedMut,
+    lse_len: Option<usize>,
+    seqs: &[Sequence],
+    params: &Params,
+    extras: &Extras,
+) -> Result<()> {
+    check_inputs(q, k, v.shape(), seqs, params, extras)?;
+    let [b, hq, sq, _] = q.shape();
+    let dv = v.shape()[3];
+    ensure_shape!(out.shape() == [b, hq, sq, dv], "out has shape {:?}, expected {:?}", out.shape(), [b, hq, sq, dv]);
+    // Queries and output share a type, keys and values share one (a cache may hold f16 or int8
+    // keys for f32 queries).
+    if q.dtype() != out.dtype() || k.dtype() != v.dtype() || q.dtype() == DType::I8 {
+        return Err(Error::DType(format!(
+            "q and out must share a float dtype and k and v one dtype, got {}, {}, {}, {}",
+            q.dtype().name(),
+            k.dtype().name(),
+            v.dtype().name(),
+            out.dtype().name()
+        )));
+    }
+    k.check_readable("k")?;
+    v.check_readable("v")?;
+    if let Some(len) = lse_len {
+        ensure_shape!(len == b * hq * sq, "lse buffer has {} entries, expected {}", len, b * hq * sq);
     }
     Ok(())
 }
@@ -272,95 +181,73 @@ pub fn attention_with(
     params: &Params,
     extras: &Extras,
 ) -> Result<()> {
-    check_inputs(q, k, v.shape(), seqs, params)?;
-    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])?;
-    let [b, hq, sq, _] = q.shape();
-    let hkv = k.shape()[1];
-    let dv = v.shape()[3];
-    ensure_shape!(out.shape() == [b, hq, sq, dv], "out has shape {:?}, expected {:?}", out.shape(), [b, hq, sq, dv]);
-    // Queries and output share a type, keys and values share one (a cache may hold f16 or int8
-    // keys for f32 queries).
-    if q.dtype() != out.dtype() || k.dtype() != v.dtype() || q.dtype() == DType::I8 {
-        return Err(Error::DType(format!(
-            "q and out must share a float dtype and k and v one dtype, got {}, {}, {}, {}",
-            q.dtype().name(),
-            k.dtype().name(),
-            v.dtype().name(),
-            out.dtype().name()
-        )));
-    }
-    k.check_readable("k")?;
-    v.check_readable("v")?;
-    let lse = match lse {
-        Some(buf) => {
-            ensure_shape!(buf.len() == b * hq * sq, "lse buffer has {} entries, expected {}", buf.len(), b * hq * sq);
-            Some(LsePtr(buf.as_mut_ptr()))
-        }
-        None => None,
-    };
-    let plan = Plan::new(hq / hkv, q.shape()[3], dv, seqs);
+    check_attention(q, k, v, out, lse.as_deref().map(<[f32]>::len), seqs, params, extras)?;
+    let [_, hq, sq, d] = q.shape();
+    let (hkv, dv) = (k.shape()[1], v.shape()[3]);
+    let plan = Plan::new(hq / hkv, d, dv, seqs);
     let ctx = Ctx { q, k, v: Some(v), seqs, params, extras, plan };
-    let sinks = Sinks { out: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
+    let lse = lse.map(|buf| LsePtr(buf.as_mut_ptr()));
+    let out = Output { rows: out.rows(), lse, lse_dims: [hq * sq, sq, 1] };
     let work = tasks(seqs, hkv, &plan, params);
     let isa = Isa::active();
-    if is_small(seqs, hq, plan.d + dv) {
-        let mut scratch = blocked::Scratch::new(&plan);
-        for task in &work {
-            // SAFETY: `isa` was detected on this CPU; one thread writes every row.
-            unsafe { blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), task, &mut scratch) };
-        }
+    if is_small(seqs, hq, d + dv) {
+        run_here(isa, &ctx, &work, &out);
         return Ok(());
     }
-    // The caller's thread works alongside the pool's (see `parallel::for_each`).
-    let new_scratch = || blocked::Scratch::new(&plan);
-    match split_keys(&ctx, &work, parallel::num_threads()) {
-        None => {
-            let order = longest_first(&ctx, &work);
-            parallel::for_each(work.len(), new_scratch, |scratch, i| {
-                // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-                unsafe { blocked::run(isa, &ctx, blocked::Job::Rows(&sinks), &work[order[i]], scratch) }
-            })
-        }
+    match decode::split_keys(&ctx, &work, parallel::num_threads()) {
+        None => run_tasks(isa, &ctx, &work, &out),
         Some(parts) => {
-            let rows = plan.group * plan.tq;
-            let slot = softmax::partial_len(rows, dv);
-            let mut partial = vec![0f32; parts.len() * slot];
-            {
-                let bufs: Vec<Mutex<&mut [f32]>> = partial.chunks_mut(slot).map(Mutex::new).collect();
-                parallel::for_each(parts.len(), new_scratch, |scratch, i| {
-                    let part = &parts[i];
-                    // Each index is claimed once: the lock is never contended.
-                    let mut buf = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
-                    let job = blocked::Job::Partial { buf: &mut buf[..], k0: part.k0, k1: part.k1 };
-                    // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
-                    unsafe { blocked::run(isa, &ctx, job, &work[part.task], scratch) }
-                });
-            }
-            // Parts of one task are consecutive: merge each task's slices into its rows.
-            let mut firsts: Vec<usize> =
-                (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
-            firsts.push(parts.len());
-            parallel::for_each(
-                firsts.len() - 1,
-                || (vec![0f32; dv], vec![0f32; dv]),
-                |(acc, row), t| {
-                    let (first, end) = (firsts[t], firsts[t + 1]);
-                    let task = &work[parts[first].task];
-                    let slices: Vec<&[f32]> = (first..end).map(|i| &partial[i * slot..(i + 1) * slot]).collect();
-                    let seq = &seqs[task.seq];
-                    let rows = plan.group * (task.i1 - task.i0);
-                    for r in 0..rows {
-                        let (m, l) = softmax::merge_row(&slices, rows, dv, r, acc);
-                        let (h, i) = blocked::row_of(&plan, task, r);
-                        let lse = softmax::finish_row(acc, m, l, row, extras.sink(h));
-                        // SAFETY: each task's rows are written by this closure only.
-                        unsafe { sinks.write(seq, h, seq.q_start + i, row, lse) };
-                    }
-                },
-            );
+            let partial = run_parts(isa, &ctx, &work, &parts);
+            decode::merge(&ctx, &work, &parts, &partial, &out);
         }
     }
     Ok(())
+}
+
+/// Runs every task on the caller's thread (a call too small to hand to the pool).
+fn run_here(isa: Isa, ctx: &Ctx, work: &[Task], out: &Output) {
+    let mut sc = Scratch::new(&ctx.plan);
+    for task in work {
+        // SAFETY: `isa` was detected on this CPU; one thread writes every row.
+        unsafe { task::run(isa, ctx, Job::Rows(out), task, &mut sc) };
+    }
+}
+
+/// Runs the tasks on the pool, the longest first. The caller's thread works alongside the
+/// pool's (see `parallel::for_each`).
+fn run_tasks(isa: Isa, ctx: &Ctx, work: &[Task], out: &Output) {
+    let order = longest_first(ctx, work);
+    parallel::for_each(
+        work.len(),
+        || Scratch::new(&ctx.plan),
+        |sc, i| {
+            let task = &work[order[i]];
+            // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
+            unsafe { task::run(isa, ctx, Job::Rows(out), task, sc) }
+        },
+    )
+}
+
+/// Runs the split-K parts on the pool; returns their partial states, one
+/// `decode::part_len` slot each, in the order of `parts`.
+fn run_parts(isa: Isa, ctx: &Ctx, work: &[Task], parts: &[Part]) -> Vec<f32> {
+    let slot = decode::part_len(&ctx.plan);
+    let mut partial = vec![0f32; parts.len() * slot];
+    let bufs: Vec<Mutex<&mut [f32]>> = partial.chunks_mut(slot).map(Mutex::new).collect();
+    parallel::for_each(
+        parts.len(),
+        || Scratch::new(&ctx.plan),
+        |sc, i| {
+            let Part { task, k0, k1 } = parts[i];
+            // Each index is claimed once: the lock is never contended.
+            let mut buf = bufs[i].lock().unwrap_or_else(|e| e.into_inner());
+            let job = Job::Partial { buf: &mut buf[..], k0, k1 };
+            // SAFETY: `isa` was detected on this CPU; each part has its own buffer.
+            unsafe { task::run(isa, ctx, job, &work[task], sc) }
+        },
+    );
+    drop(bufs);
+    partial
 }
 
 /// The softmax probabilities of `q` against `k`, written into `weights` (`(B, Hq, Sq, Sk)`,
@@ -384,8 +271,7 @@ pub fn attention_weights_with(
     params: &Params,
     extras: &Extras,
 ) -> Result<()> {
-    check_inputs(q, k, k.shape(), seqs, params)?;
-    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])?;
+    check_inputs(q, k, k.shape(), seqs, params, extras)?;
     k.check_readable("k")?;
     let [b, hq, sq, d] = q.shape();
     let [_, hkv, sk, _] = k.shape();
@@ -399,20 +285,21 @@ pub fn attention_weights_with(
     let ctx = Ctx { q, k, v: None, seqs, params, extras, plan };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims: [hq * sq * sk, sq * sk, sk] };
     let work = tasks(seqs, hkv, &plan, params);
-    let isa = Isa::active();
+    let isa = weights::isa(Isa::active());
+    let (ctx, dest) = (&ctx, &dest);
     if is_small(seqs, hq, 2 * d) {
-        let mut scratch = blocked::Scratch::new(&plan);
+        let mut sc = Scratch::new(&plan);
         for task in &work {
             // SAFETY: `isa` was detected on this CPU; one thread writes every row.
-            unsafe { weights::run(isa, &ctx, &dest, task, &mut scratch) };
+            unsafe { weights::run(isa, ctx, dest, task, &mut sc) };
         }
         return Ok(());
     }
     parallel::install(|| {
         work.par_iter().for_each_init(
-            || blocked::Scratch::new(&plan),
+            || Scratch::new(&plan),
             // SAFETY: `isa` was detected on this CPU; tasks write disjoint rows.
-            |scratch, task| unsafe { weights::run(isa, &ctx, &dest, task, scratch) },
+            |sc, task| unsafe { weights::run(isa, ctx, dest, task, sc) },
         )
     });
     Ok(())

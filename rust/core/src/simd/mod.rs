@@ -1,17 +1,32 @@
 //! Vector primitives and the instruction-set choice.
 //!
 //! Kernels are written once, generic over [`Simd`], and marked `#[inline(always)]`; each ISA gets
-//! a `#[target_feature]` entry point that instantiates them, so one binary built for the baseline
-//! target runs the best path the CPU offers. The path is chosen once per process ([`Isa::active`]);
-//! `FERROATTN_ISA=scalar|avx2|avx512|neon` forces a path (lower ones only: a path the CPU lacks is
-//! refused and the best available one is used instead).
+//! a `#[target_feature]` entry point that instantiates them (the table in `dispatch`), so one
+//! binary built for the baseline target runs the best path the CPU offers. The path is chosen
+//! once per process ([`Isa::active`]); `FERROATTN_ISA=scalar|avx2|avx512|neon` forces a path
+//! (lower ones only: a path the CPU lacks is refused and the best available one is used instead).
+//! Intrinsics beyond the [`Simd`] trait that one kernel needs (the VNNI integer products) live
+//! here too, in their own files, so the algorithms hold no architecture-specific code.
 
 use std::sync::OnceLock;
 
+pub(crate) mod dispatch;
 pub(crate) mod elem;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod vnni;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
+
+pub(crate) use dispatch::kernel_entry;
+
+/// The widest `LANES` of any ISA: buffers padded to multiples of it fit every path.
+pub(crate) const MAX_LANES: usize = 16;
+
+/// `x` rounded up to a multiple of `m`.
+pub(crate) fn round_up(x: usize, m: usize) -> usize {
+    x.div_ceil(m) * m
+}
 
 /// The vector operations the kernels need, over `LANES` f32 values.
 ///

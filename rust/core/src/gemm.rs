@@ -1,13 +1,85 @@
-//! The register-blocked micro-kernel behind both products of a tile: `Sᵀ = K·Qᵀ` and
-//! `O += P·V`.
+//! The register-blocked micro-kernel behind every product of the crate: an attention tile's
+//! `Sᵀ = K·Qᵀ` and `O += P·V`, and linear attention's chunk and state products.
 //!
 //! `MR` rows of A are broadcast against two vectors of B (four on AVX-512), so 2·MR (4·MR)
 //! accumulators stay in registers while one row of B streams from L1; `MR = 6` fills the 16
 //! registers of AVX2 (12 accumulators, two B vectors, one broadcast) and most of AVX-512's 32.
 //! A is addressed by a row and a column stride, so a transposed operand (Pᵀ) or rows read
-//! straight from the caller's array cost no copy.
+//! straight from the caller's array cost no copy. The operands travel as small `Copy` structs
+//! ([`A`], [`B`], [`C`]) that the `#[inline(always)]` chain dissolves back into registers.
 
 use crate::simd::{elem::Elem, Prefetch, Simd};
+
+/// The left operand, f32: element `(i, kk)` at `p + i·rs + kk·ks`.
+#[derive(Clone, Copy)]
+pub(crate) struct A {
+    pub p: *const f32,
+    pub rs: isize,
+    pub ks: isize,
+}
+
+impl A {
+    /// A row-major matrix with rows `ld` apart.
+    #[inline(always)]
+    pub(crate) fn rows(p: *const f32, ld: usize) -> A {
+        A { p, rs: ld as isize, ks: 1 }
+    }
+
+    /// The transpose of a row-major matrix with rows `ld` apart (element `(i, kk)` at
+    /// `p + kk·ld + i`).
+    #[inline(always)]
+    pub(crate) fn transposed(p: *const f32, ld: usize) -> A {
+        A { p, rs: 1, ks: ld as isize }
+    }
+
+    /// The operand from row `i` on.
+    ///
+    /// # Safety
+    /// Row `i` must lie inside the operand.
+    #[inline(always)]
+    unsafe fn at_row(self, i: usize) -> A {
+        // SAFETY: forwarded.
+        A { p: unsafe { self.p.offset(i as isize * self.rs) }, ..self }
+    }
+}
+
+/// The right operand: row-major rows of `E` (widened in registers), `ld` elements apart.
+#[derive(Clone, Copy)]
+pub(crate) struct B<E> {
+    pub p: *const E,
+    pub ld: isize,
+}
+
+impl<E> B<E> {
+    #[inline(always)]
+    pub(crate) fn new(p: *const E, ld: isize) -> B<E> {
+        B { p, ld }
+    }
+}
+
+/// The f32 result, row-major with rows `ld` apart.
+#[derive(Clone, Copy)]
+pub(crate) struct C {
+    pub p: *mut f32,
+    pub ld: usize,
+}
+
+impl C {
+    #[inline(always)]
+    pub(crate) fn new(p: *mut f32, ld: usize) -> C {
+        C { p, ld }
+    }
+
+    /// The result from row `i` on.
+    ///
+    /// # Safety
+    /// Row `i` must lie inside the result.
+    #[inline(always)]
+    unsafe fn at_row(self, i: usize) -> C {
+        // SAFETY: forwarded.
+        C { p: unsafe { self.p.add(i * self.ld) }, ..self }
+    }
+}
 
 /// Rows per micro-tile.
 pub(crate) const MR: usize = 6;
@@ -19,15 +91,10 @@ pub(crate) const MR: usize = 6;
 /// `n` must be a multiple of `S::LANES`; every addressed element must be valid and C must not
 /// overlap A or B.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn block<S: Simd, E: Elem, const R: usize, const NV: usize>(
-    a: *const f32,
-    a_rs: isize,
-    a_ks: isize,
-    b: *const E,
-    ldb: isize,
-    c: *mut f32,
-    ldc: usize,
+    a: A,
+    b: B<E>,
+    c: C,
     n: usize,
     k: usize,
     accumulate: bool,
@@ -36,8 +103,8 @@ unsafe fn block<S: Simd, E: Elem, const R: usize, const NV: usize>(
     let main = n - n % (NV * S::LANES);
     // SAFETY: both calls stay inside the columns 0..n the caller vouched for.
     unsafe {
-        strips::<S, E, R, NV>(a, a_rs, a_ks, b, ldb, c, ldc, 0, main, k, accumulate, pf);
-        strips::<S, E, R, 1>(a, a_rs, a_ks, b, ldb, c, ldc, main, n, k, accumulate, pf);
+        strips::<S, E, R, NV>(a, b, c, 0, main, k, accumulate, pf);
+        strips::<S, E, R, 1>(a, b, c, main, n, k, accumulate, pf);
     }
 }
 
@@ -48,13 +115,9 @@ unsafe fn block<S: Simd, E: Elem, const R: usize, const NV: usize>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
-    a: *const f32,
-    a_rs: isize,
-    a_ks: isize,
-    b: *const E,
-    ldb: isize,
-    c: *mut f32,
-    ldc: usize,
+    a: A,
+    b: B<E>,
+    c: C,
     j0: usize,
     j1: usize,
     k: usize,
@@ -62,6 +125,7 @@ unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
     pf: Prefetch,
 ) {
     let l = S::LANES;
+    let ldc = c.ld;
     for j in (j0..j1).step_by(NV * l) {
         // B streamed from memory (decoding's values) is requested on the first strip only.
         let prefetch = j == 0 && !pf.first.is_null();
@@ -71,12 +135,12 @@ unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
             if accumulate {
                 for (r, row) in acc.iter_mut().enumerate() {
                     for (v, x) in row.iter_mut().enumerate() {
-                        *x = S::load(c.add(r * ldc + j + v * l));
+                        *x = S::load(c.p.add(r * ldc + j + v * l));
                     }
                 }
             }
-            let mut ap = a;
-            let mut bp = b.add(j);
+            let mut ap = a.p;
+            let mut bp = b.p.add(j);
             for kk in 0..k {
                 if prefetch {
                     pf.ahead(kk, 1);
@@ -88,61 +152,46 @@ unsafe fn strips<S: Simd, E: Elem, const R: usize, const NV: usize>(
                     *x = E::load::<S>(bp.add(v * l));
                 }
                 for (r, row) in acc.iter_mut().enumerate() {
-                    let av = S::splat(*ap.offset(r as isize * a_rs));
+                    let av = S::splat(*ap.offset(r as isize * a.rs));
                     for (x, &bx) in row.iter_mut().zip(&bv) {
                         *x = S::fma(av, bx, *x);
                     }
                 }
-                ap = ap.offset(a_ks);
-                bp = bp.offset(ldb);
+                ap = ap.offset(a.ks);
+                bp = bp.offset(b.ld);
             }
             for (r, row) in acc.iter().enumerate() {
                 for (v, x) in row.iter().enumerate() {
-                    S::store(c.add(r * ldc + j + v * l), *x);
+                    S::store(c.p.add(r * ldc + j + v * l), *x);
                 }
             }
         }
     }
 }
 
-/// `C[m×n] (+)= A[m×k] · B[k×n]`, B of element type `E` (widened in registers); A's element `(i, kk)` is at `a + i·a_rs + kk·a_ks`, B and C
-/// are row-major with leading dimensions `ldb` and `ldc`.
+/// `C[m×n] (+)= A[m×k] · B[k×n]`, B of element type `E` (widened in registers).
 ///
 /// # Safety
 /// `n` must be a multiple of `S::LANES`; A, B and C must be valid for those extents, and C
 /// must not overlap A or B.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
-    a: *const f32,
-    a_rs: isize,
-    a_ks: isize,
-    b: *const E,
-    ldb: isize,
-    c: *mut f32,
-    ldc: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    accumulate: bool,
-) {
+pub(crate) unsafe fn gemm<S: Simd, E: Elem>(a: A, b: B<E>, c: C, m: usize, n: usize, k: usize, accumulate: bool) {
     debug_assert!(n.is_multiple_of(S::LANES));
     let mut i = 0;
     // SAFETY: each call covers rows i..i + R of A and C, inside m.
     unsafe {
         while i + MR <= m {
-            let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
+            let (ai, ci) = (a.at_row(i), c.at_row(i));
             if S::LANES >= 16 {
                 // AVX-512's 32 registers hold 6 × 4 accumulators: each broadcast feeds 4 FMAs
                 // instead of 2 (prefill 8–15% faster on the Xeon, `benches/NOTES.md`).
-                block::<S, E, MR, 4>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate, Prefetch::NONE);
+                block::<S, E, MR, 4>(ai, b, ci, n, k, accumulate, Prefetch::NONE);
             } else {
-                block::<S, E, MR, 2>(ai, a_rs, a_ks, b, ldb, ci, ldc, n, k, accumulate, Prefetch::NONE);
+                block::<S, E, MR, 2>(ai, b, ci, n, k, accumulate, Prefetch::NONE);
             }
             i += MR;
         }
-        let (ai, ci) = (a.offset(i as isize * a_rs), c.add(i * ldc));
-        few_rows::<S, E>(ai, a_rs, a_ks, b, ldb, ci, ldc, m - i, n, k, accumulate, Prefetch::NONE, false);
+        few_rows::<S, E>(a.at_row(i), b, c.at_row(i), m - i, n, k, accumulate, Prefetch::NONE, false);
     }
 }
 
@@ -157,25 +206,12 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(
 /// next to B's row, measured faster for 4-row GQA groups (`benches/NOTES.md`).
 ///
 /// # Safety
-/// As for [`gemm`], with `m ≤ 4` and `accumulate` set.
+/// As for [`gemm`], with `m ≤ 4`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn stream_rows<S: Simd, E: Elem>(
-    a: *const f32,
-    a_rs: isize,
-    a_ks: isize,
-    b: *const E,
-    ldb: isize,
-    c: *mut f32,
-    ldc: usize,
-    m: usize,
-    n: usize,
-    k: usize,
-    pf: Prefetch,
-) {
+pub(crate) unsafe fn stream_rows<S: Simd, E: Elem>(a: A, b: B<E>, c: C, m: usize, n: usize, k: usize, pf: Prefetch) {
     debug_assert!(m <= 4);
     // SAFETY: forwarded.
-    unsafe { few_rows::<S, E>(a, a_rs, a_ks, b, ldb, c, ldc, m, n, k, true, pf, true) }
+    unsafe { few_rows::<S, E>(a, b, c, m, n, k, true, pf, true) }
 }
 
 /// The last `m < MR` rows of [`gemm`], or the rows of [`stream_rows`] (`one_pass`: B's rows
@@ -186,13 +222,9 @@ pub(crate) unsafe fn stream_rows<S: Simd, E: Elem>(
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn few_rows<S: Simd, E: Elem>(
-    a: *const f32,
-    a_rs: isize,
-    a_ks: isize,
-    b: *const E,
-    ldb: isize,
-    c: *mut f32,
-    ldc: usize,
+    a: A,
+    b: B<E>,
+    c: C,
     m: usize,
     n: usize,
     k: usize,
@@ -211,23 +243,23 @@ unsafe fn few_rows<S: Simd, E: Elem>(
             // AVX-512's 32 registers: strips of up to 8 vectors (a 128-wide head at once), so
             // each probability is broadcast once per key for the whole row.
             match m {
-                1 => block::<S, E, 1, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-                2 => block::<S, E, 2, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-                3 if one_pass => block::<S, E, 3, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-                4 if one_pass => block::<S, E, 4, 8>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-                3 => block::<S, E, 3, 6>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-                4 => block::<S, E, 4, 4>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-                5 => block::<S, E, 5, 4>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+                1 => block::<S, E, 1, 8>(a, b, c, n, k, accumulate, pf),
+                2 => block::<S, E, 2, 8>(a, b, c, n, k, accumulate, pf),
+                3 if one_pass => block::<S, E, 3, 8>(a, b, c, n, k, accumulate, pf),
+                4 if one_pass => block::<S, E, 4, 8>(a, b, c, n, k, accumulate, pf),
+                3 => block::<S, E, 3, 6>(a, b, c, n, k, accumulate, pf),
+                4 => block::<S, E, 4, 4>(a, b, c, n, k, accumulate, pf),
+                5 => block::<S, E, 5, 4>(a, b, c, n, k, accumulate, pf),
                 _ => {}
             }
             return;
         }
         match m {
-            1 => block::<S, E, 1, 6>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-            2 => block::<S, E, 2, 4>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-            3 => block::<S, E, 3, 3>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-            4 => block::<S, E, 4, 2>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
-            5 => block::<S, E, 5, 2>(a, a_rs, a_ks, b, ldb, c, ldc, n, k, accumulate, pf),
+            1 => block::<S, E, 1, 6>(a, b, c, n, k, accumulate, pf),
+            2 => block::<S, E, 2, 4>(a, b, c, n, k, accumulate, pf),
+            3 => block::<S, E, 3, 3>(a, b, c, n, k, accumulate, pf),
+            4 => block::<S, E, 4, 2>(a, b, c, n, k, accumulate, pf),
+            5 => block::<S, E, 5, 2>(a, b, c, n, k, accumulate, pf),
             _ => {}
         }
     }

@@ -1,4 +1,6 @@
-//! int8 keys against 16-bit queries with integer dot products (AVX-512 VNNI).
+//! int8 keys against 16-bit queries, and int8 values against 16-bit probabilities, with
+//! integer dot products (AVX-512 VNNI): x86 intrinsics the decode path calls on its AVX-512
+//! path where [`available`] holds, each an entry point with the features it needs.
 //!
 //! Widening int8 keys to f32 costs two instructions per 16 elements before the multiply, and
 //! with a whole GQA group per key that arithmetic, not memory, bounds decoding. `vpdpwssd`
@@ -7,8 +9,8 @@
 //! 16 bits with its own scale (`max |q| / 32767`: a relative error of ~1.5e-5 per element,
 //! two orders below the int8 rounding of the keys themselves).
 
-use crate::simd::x86::Avx512;
-use crate::simd::{row_ptrs, Prefetch, Simd};
+use super::x86::Avx512;
+use super::{row_ptrs, Prefetch, Simd};
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
