@@ -10,15 +10,16 @@ cd "$(dirname "$0")/.."
 
 # --- step timing -------------------------------------------------------------------------------
 ticks_per_s=$(getconf CLK_TCK 2>/dev/null || echo 100)
-child_cpu_ticks() {  # user + system time of the finished child processes of this script
+child_cpu_ticks() {  # [PID]: user + system time of the finished children of PID (this script)
     local -a stat=(0)
-    [[ -r /proc/$$/stat ]] && read -r -a stat </proc/$$/stat
+    [[ -r /proc/${1:-$$}/stat ]] && read -r -a stat <"/proc/${1:-$$}/stat"
     echo $(( ${stat[15]:-0} + ${stat[16]:-0} ))
 }
 suite_t0=$(date +%s)
 step_name="" step_t0=$suite_t0 step_c0=$(child_cpu_ticks)
 # step NAME [HEADER]: ends the step before it with its timing line and starts NAME, printing
-# "== HEADER" (NAME when not given; nothing when HEADER is "-").
+# "== HEADER" (NAME when not given; nothing when HEADER is "-"). A background job's CPU time is
+# counted in the step during which it ends; its own line gives it too.
 step() {
     local now cpu
     now=$(date +%s) cpu=$(child_cpu_ticks)
@@ -29,16 +30,45 @@ step() {
     if [[ ${2:-} != - && -n $1 ]]; then echo "== ${2:-$1}"; fi
 }
 
-# --- Rust test build, in the background ----------------------------------------------------------
+# --- background jobs ---------------------------------------------------------------------------
+# The two slow builds run beside other work: `in_background NAME LOG CMD...` runs CMD with its
+# output (and a closing timing line for NAME) going to LOG and sets bg_pid; `await PID LOG` waits
+# for it, prints LOG and fails if CMD did. An early exit of this script stops both jobs.
+bg_pids=""
+trap 'for p in $bg_pids; do kill "$p" 2>/dev/null || true; done' EXIT
+in_background() {
+    local name=$1 log=$2
+    shift 2
+    (
+        t0=$(date +%s) me=${BASHPID:-}
+        "$@" &
+        job=$!
+        trap 'kill "$job" 2>/dev/null; exit 143' TERM
+        rc=0
+        wait "$job" || rc=$?
+        cpu=$(( $(child_cpu_ticks "$me") / ticks_per_s ))
+        echo "-- $name (in the background): $(( $(date +%s) - t0 )) s (cpu $cpu s)"
+        exit "$rc"
+    ) >"$log" 2>&1 &
+    bg_pid=$!
+    bg_pids="$bg_pids $bg_pid"
+}
+await() {
+    local rc=0
+    wait "$1" || rc=$?
+    bg_pids=${bg_pids/ $1/}
+    cat "$2"
+    return "$rc"
+}
+mkdir -p target
+
 # The Rust tests use the `ci` profile (Cargo.toml: release without fat LTO, which only the shipped
 # extension needs), built once: FERROATTN_ISA is read at run time, so the same binaries serve every
-# SIMD path. They build while pip builds the extension, whose one-codegen-unit compile and fat-LTO
-# link keep one core busy and leave the other to this build.
-mkdir -p target
+# SIMD path. They build at a lower priority while the extension builds: the extension's one
+# codegen unit and fat-LTO link keep one core busy for minutes and are what the install waits for.
 rust_log=target/ci-rust-tests-build.log
-cargo test --locked --profile ci -p ferroattn-core --no-run >"$rust_log" 2>&1 &
-rust_build=$!
-trap 'kill "$rust_build" 2>/dev/null || true' EXIT  # an early failure stops the build too
+in_background "Rust test build" "$rust_log" nice -n 10 cargo test --locked --profile ci -p ferroattn-core --no-run
+rust_build=$bg_pid
 
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     [[ -x .venv/bin/python ]] || python3 -m venv .venv
@@ -49,7 +79,20 @@ PY=python
 
 step "install"
 $PY -m pip install -q --upgrade pip
-$PY -m pip install -q '.[dev]' ${FERROATTN_EXTRA_PIP:-}
+# The wheel (the extension, built by maturin with the release profile) builds while pip installs
+# the extra packages (torch and the like: gigabytes to unpack); then the wheel goes in with its
+# test extras.
+rm -rf target/ci-wheel
+in_background "wheel build" target/ci-wheel.log $PY -m pip wheel -q --no-deps -w target/ci-wheel .
+wheel_build=$bg_pid
+if [[ -n ${FERROATTN_EXTRA_PIP:-} ]]; then
+    $PY -m pip install -q ${FERROATTN_EXTRA_PIP}
+fi
+await "$wheel_build" target/ci-wheel.log
+wheels=(target/ci-wheel/ferroattn-*.whl)
+# (reinstalled even where the same version is installed: a rerun tests the new build)
+$PY -m pip install -q --force-reinstall --no-deps "${wheels[0]}"
+$PY -m pip install -q "${wheels[0]}[dev]"
 
 step "lint"
 cargo fmt --all --check
@@ -65,16 +108,15 @@ $PY benches/harness.py --quick --no-chart
 $PY benches/bench_prefill.py --quick
 $PY benches/bench_decode.py --quick
 
-step "Rust test build (running since the start; its CPU time counts here)"
-rust_rc=0
-wait "$rust_build" || rust_rc=$?
-trap - EXIT
-cat "$rust_log"
-if (( rust_rc != 0 )); then exit "$rust_rc"; fi
+step "Rust test build (running since the start)"
+await "$rust_build" "$rust_log"
 
 isas=$(cd /tmp && $PY -c "import ferroattn; print(' '.join(ferroattn.info()['isa_available']))")
 echo "== SIMD paths on this CPU: $isas"
 pytest=("$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib --rootdir=. --durations=15)
+# Only the files that mark kernel tests are collected per path (the others import torch and
+# transformers just to be deselected).
+kernel_files=$(grep -l 'pytest\.mark\.kernel' tests/test_*.py)
 # Per SIMD path: every Rust test, and the Python tests marked `kernel` (attention, variants, varlen,
 # weights, KV cache, linear attention, ISA choice), which together reach every kernel family
 # (prefill tiles, split-K decode, weights, varlen, int8/f16/bf16 caches, linear attention, each
@@ -83,7 +125,8 @@ for isa in $isas; do
     step "Rust tests, FERROATTN_ISA=$isa"
     FERROATTN_ISA=$isa cargo test --locked --profile ci -p ferroattn-core
     step "Python kernel tests, FERROATTN_ISA=$isa"
-    FERROATTN_ISA=$isa "${pytest[@]}" -m kernel tests
+    # shellcheck disable=SC2086  # one word per file
+    FERROATTN_ISA=$isa "${pytest[@]}" -m kernel $kernel_files
 done
 # Once, on the default (best) path: what sits above the kernels or beside them. Layers, torch and
 # Hugging Face dispatch, rope, merge, threads, errors, info, the CLI and plots call the same kernel
