@@ -62,12 +62,18 @@ await() {
 }
 mkdir -p target
 
-# The Rust tests use the `ci` profile (Cargo.toml: release without fat LTO, which only the shipped
-# extension needs), built once: FERROATTN_ISA is read at run time, so the same binaries serve every
-# SIMD path. They build at a lower priority while the extension builds: the extension's one
-# codegen unit and fat-LTO link keep one core busy for minutes and are what the install waits for.
-rust_log=target/ci-rust-tests-build.log
-in_background "Rust test build" "$rust_log" nice -n 10 cargo test --locked --profile ci -p ferroattn-core --no-run
+# The Rust tests and clippy use the `ci` profile (Cargo.toml: release without fat LTO, which only
+# the shipped extension needs). The tests are built once: FERROATTN_ISA is read at run time, so the
+# same binaries serve every SIMD path. Both run at a lower priority while the extension builds: its
+# one codegen unit and fat-LTO link keep one core busy for minutes and are what the install waits
+# for. (clippy runs here, after the test build, because it would wait for that build's lock anyway.)
+rust_build_and_clippy() {
+    nice -n 10 cargo test --locked --profile ci -p ferroattn-core --no-run
+    echo "== cargo clippy"
+    nice -n 10 cargo clippy --locked --all-targets --profile ci -- -D warnings
+}
+rust_log=target/ci-rust.log
+in_background "Rust test build and clippy" "$rust_log" rust_build_and_clippy
 rust_build=$bg_pid
 
 if [[ -z "${VIRTUAL_ENV:-}" ]]; then
@@ -94,9 +100,8 @@ wheels=(target/ci-wheel/ferroattn-*.whl)
 $PY -m pip install -q --force-reinstall --no-deps "${wheels[0]}"
 $PY -m pip install -q "${wheels[0]}[dev]"
 
-step "lint"
+step "lint (clippy: with the Rust test build)"
 cargo fmt --all --check
-cargo clippy --locked --all-targets --profile ci -- -D warnings
 $PY -m ruff check python tests benches
 $PY -m ruff format --check python tests benches
 $PY -m mypy python/ferroattn benches  # also checks the calls into the binding against its .pyi stub
@@ -108,7 +113,7 @@ $PY benches/harness.py --quick --no-chart
 $PY benches/bench_prefill.py --quick
 $PY benches/bench_decode.py --quick
 
-step "Rust test build (running since the start)"
+step "Rust test build and clippy (running since the start)"
 await "$rust_build" "$rust_log"
 
 isas=$(cd /tmp && $PY -c "import ferroattn; print(' '.join(ferroattn.info()['isa_available']))")
