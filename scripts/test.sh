@@ -64,13 +64,13 @@ mkdir -p target
 
 # The Rust tests and clippy use the `ci` profile (Cargo.toml: release without fat LTO, which only
 # the shipped extension needs). The tests are built once: FERROATTN_ISA is read at run time, so the
-# same binaries serve every SIMD path. Both run at a lower priority while the extension builds: its
-# one codegen unit and fat-LTO link keep one core busy for minutes and are what the install waits
-# for. (clippy runs here, after the test build, because it would wait for that build's lock anyway.)
+# same binaries serve every SIMD path. They build while the extension does, whose one codegen unit
+# and fat-LTO link keep only one core busy for minutes. (clippy runs here, after the test build,
+# because it would wait for that build's lock anyway.)
 rust_build_and_clippy() {
-    nice -n 10 cargo test --locked --profile ci -p ferroattn-core --no-run
+    cargo test --locked --profile ci -p ferroattn-core --no-run
     echo "== cargo clippy"
-    nice -n 10 cargo clippy --locked --all-targets --profile ci -- -D warnings
+    cargo clippy --locked --all-targets --profile ci -- -D warnings
 }
 rust_log=target/ci-rust.log
 in_background "Rust test build and clippy" "$rust_log" rust_build_and_clippy
