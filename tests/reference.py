@@ -1,8 +1,10 @@
 """Plain float64 NumPy reference for ferroattn, plus test helpers.
 
-Nothing in here imports ferroattn: it is the independent oracle the tests
-compare against.  It favours clarity over speed (explicit visibility mask,
-one softmax per query row).
+Nothing in here imports ferroattn: it is the one independent oracle every test
+compares against (tests/test_reference.py checks it against other formulations).
+It favours clarity over speed (explicit visibility mask, one softmax per query
+row) and covers every option: causal / window / kv_lengths, softcap, masks,
+biases, ALiBi, T5 relative buckets, sinks and block-sparse layouts.
 """
 
 from __future__ import annotations
@@ -64,92 +66,150 @@ def visibility_mask(q_len, n_keys, k_len, *, causal=False, window=None):
     return np.broadcast_to(mask, (q_len, n_keys))
 
 
-def _scores(qh, kh, scale, softcap):
-    s = scale * (qh @ kh.T)
-    if softcap is not None:
-        s = softcap * np.tanh(s / softcap)
-    return s
+def t5_bucket(rel, *, bidirectional=True, num_buckets=32, max_distance=128):
+    """T5's ``_relative_position_bucket`` (Hugging Face transformers), in NumPy.
+
+    ``rel`` is ``key position - query position``.
+    """
+    rel = np.asarray(rel, dtype=np.int64)
+    bucket = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = bucket + (rel > 0).astype(np.int64) * num_buckets
+        dist = np.abs(rel)
+    else:
+        dist = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = dist < max_exact
+    # log of a distance >= max_exact only matters where not is_small; avoid log(0)
+    ratio = np.log(np.maximum(dist, 1) / max_exact) / math.log(max_distance / max_exact)
+    large = max_exact + (ratio * (num_buckets - max_exact)).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return bucket + np.where(is_small, dist, large)
 
 
-def _check_4d(q, k, v):
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    v = np.asarray(v, dtype=np.float64)
-    assert q.ndim == k.ndim == v.ndim == 4
-    assert q.shape[0] == k.shape[0] == v.shape[0]
-    assert q.shape[3] == k.shape[3]
-    assert k.shape[:3] == v.shape[:3]
-    assert q.shape[1] % k.shape[1] == 0
-    return q, k, v
+def block_mask(block_layout, block_size, hq):
+    """The dense (Hq, Nq, Nk) boolean mask equivalent to a block layout."""
+    lay = np.asarray(block_layout, dtype=bool)
+    if lay.ndim == 2:
+        lay = lay[None]
+    dense = np.kron(lay, np.ones((1, block_size, block_size), dtype=bool))
+    return np.broadcast_to(dense, (hq, *dense.shape[1:]))
 
 
-def reference_attention(
+def reference(
     q,
     k,
-    v,
+    v=None,
     *,
     causal=False,
     window=None,
     scale=None,
     kv_lengths=None,
     softcap=None,
+    mask=None,
+    bias=None,
+    alibi_slopes=None,
+    rel_bias=None,
+    sinks=None,
+    block_layout=None,
+    block_size=None,
 ):
-    """float64 attention on 4-D bhsd arrays.  Returns (out, lse).
+    """float64 attention with every option ferroattn has, on 4-D bhsd arrays.
+
+    Returns ``(out (B, Hq, Nq, Dv), lse (B, Hq, Nq), weights (B, Hq, Nq, Nk))``; ``out`` is
+    None when ``v`` is None.  Written row by row from the documented rules:
+
+    - query i may see key j where ``visibility_mask`` (causal, window, kv_lengths) allows it,
+      and ``mask`` (broadcast to (B, Hq, Nq, Nk)) and the block layout (its ``np.kron``
+      boolean mask) are true;
+    - its score is ``scale * q.k``, soft-capped, plus ``bias`` (broadcast), minus
+      ``alibi_slopes[h] * |j - p|``, plus ``rel_bias.table[bucket(j - p), h]`` (any object
+      with ``table`` (buckets, Hq), ``bidirectional`` and ``max_distance``, such as
+      ``ferroattn.T5Bias``), where p is the query's position (see ``visibility_mask``);
+    - a sink adds ``exp(sinks[h])`` to the softmax denominator and nothing to the output;
+    - a row that sees no key has output 0, weights 0 and lse ``sinks[h]`` (-inf without).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    assert q.ndim == k.ndim == 4 and q.shape[0] == k.shape[0] and q.shape[3] == k.shape[3]
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    assert Hq % Hkv == 0
+    group = Hq // Hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    shape4 = (B, Hq, Nq, Nk)
+    allowed = np.ones((1, 1, 1, 1), dtype=bool)  # broadcast to (B, Hq, Nq, Nk) below
+    if mask is not None:
+        allowed = allowed & np.asarray(mask, dtype=bool)
+    if block_layout is not None:
+        allowed = allowed & block_mask(block_layout, block_size, Hq)[None]
+    allowed = np.broadcast_to(allowed, shape4)
+    extra = np.broadcast_to(0.0 if bias is None else np.asarray(bias, dtype=np.float64), shape4)
+    sink = np.full(Hq, -np.inf) if sinks is None else np.asarray(sinks, dtype=np.float64)
+
+    if v is not None:
+        v = np.asarray(v, dtype=np.float64)
+        assert v.ndim == 4 and v.shape[:3] == k.shape[:3]
+        out = np.zeros((B, Hq, Nq, v.shape[3]))
+    else:
+        out = None
+    lse = np.full((B, Hq, Nq), -np.inf)
+    weights = np.zeros(shape4)
+    for b in range(B):
+        k_len = Nk if kv_lengths is None else int(kv_lengths[b])
+        vis = visibility_mask(Nq, Nk, k_len, causal=causal, window=window)
+        pos = np.arange(Nq) + (0 if causal == "top_left" else k_len - Nq)
+        rel = np.arange(Nk)[None, :] - pos[:, None]  # key index - query position
+        if rel_bias is not None:
+            table = np.asarray(rel_bias.table, dtype=np.float64)
+            buckets = t5_bucket(
+                rel,
+                bidirectional=rel_bias.bidirectional,
+                num_buckets=table.shape[0],
+                max_distance=rel_bias.max_distance,
+            )
+        for h in range(Hq):
+            hk = h // group
+            s = scale * (q[b, h] @ k[b, hk].T)
+            if softcap is not None:
+                s = softcap * np.tanh(s / softcap)
+            s = s + extra[b, h]
+            if alibi_slopes is not None:
+                s = s - float(alibi_slopes[h]) * np.abs(rel)
+            if rel_bias is not None:
+                s = s + table[buckets, h]
+            m = vis & allowed[b, h]
+            for i in range(Nq):
+                seen = np.flatnonzero(m[i])
+                if seen.size == 0:
+                    lse[b, h, i] = sink[h]  # -inf without sinks; output stays 0
+                    continue
+                row = s[i, seen]
+                top = max(row.max(), sink[h])
+                e = np.exp(row - top)
+                z = e.sum() + math.exp(sink[h] - top)
+                weights[b, h, i, seen] = e / z
+                lse[b, h, i] = top + math.log(z)
+                if out is not None:
+                    out[b, h, i] = (e / z) @ v[b, hk][seen]
+    return out, lse, weights
+
+
+def reference_attention(q, k, v, **opts):
+    """float64 attention on 4-D bhsd arrays: ``(out, lse)`` of :func:`reference`.
 
     out: (B, Hq, Nq, Dv) float64, lse: (B, Hq, Nq) float64 (natural log, -inf
     for rows without a visible key; such rows have output 0).
     """
-    q, k, v = _check_4d(q, k, v)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    group = Hq // Hkv
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    out = np.zeros((B, Hq, Nq, Dv))
-    lse = np.full((B, Hq, Nq), -np.inf)
-    for b in range(B):
-        k_len = Nk if kv_lengths is None else int(kv_lengths[b])
-        mask = visibility_mask(Nq, Nk, k_len, causal=causal, window=window)
-        for h in range(Hq):
-            hk = h // group
-            s = _scores(q[b, h], k[b, hk], scale, softcap)
-            for i in range(Nq):
-                visible = np.flatnonzero(mask[i])
-                if visible.size == 0:
-                    continue
-                row = s[i, visible]
-                m = row.max()
-                e = np.exp(row - m)
-                z = e.sum()
-                out[b, h, i] = (e / z) @ v[b, hk][visible]
-                lse[b, h, i] = m + math.log(z)
+    out, lse, _ = reference(q, k, v, **opts)
     return out, lse
 
 
-def reference_weights(
-    q, k, *, causal=False, window=None, scale=None, kv_lengths=None, softcap=None
-):
-    """float64 softmax probabilities (B, Hq, Nq, Nk) for 4-D bhsd q, k."""
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    w = np.zeros((B, Hq, Nq, Nk))
-    for b in range(B):
-        k_len = Nk if kv_lengths is None else int(kv_lengths[b])
-        mask = visibility_mask(Nq, Nk, k_len, causal=causal, window=window)
-        for h in range(Hq):
-            s = _scores(q[b, h], k[b, h // group], scale, softcap)
-            for i in range(Nq):
-                visible = np.flatnonzero(mask[i])
-                if visible.size == 0:
-                    continue
-                e = np.exp(s[i, visible] - s[i, visible].max())
-                w[b, h, i, visible] = e / e.sum()
-    return w
+def reference_weights(q, k, **opts):
+    """float64 softmax probabilities (B, Hq, Nq, Nk) for 4-D bhsd q, k (see :func:`reference`)."""
+    return reference(q, k, None, **opts)[2]
 
 
 def reference_varlen(q, k, v, cu_q, cu_k, **opts):

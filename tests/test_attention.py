@@ -25,6 +25,9 @@ from reference import (
 
 import ferroattn
 
+# Run once per SIMD path by scripts/test.sh (the kernels these tests reach depend on FERROATTN_ISA).
+pytestmark = pytest.mark.kernel
+
 ALL_DTYPES = [F32, F16, BF16, F64]
 CAUSALS = [False, True, "bottom_right", "top_left"]
 

@@ -11,6 +11,9 @@ import pytest
 
 import ferroattn
 
+# Run once per SIMD path by scripts/test.sh (the kernels these tests reach depend on FERROATTN_ISA).
+pytestmark = pytest.mark.kernel
+
 
 def test_forced_isa_is_in_use():
     wanted = os.environ.get("FERROATTN_ISA")

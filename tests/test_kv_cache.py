@@ -12,6 +12,9 @@ from reference import BF16, reference_attention, rel_err
 
 import ferroattn
 
+# Run once per SIMD path by scripts/test.sh (the kernels these tests reach depend on FERROATTN_ISA).
+pytestmark = pytest.mark.kernel
+
 F32 = np.float32
 
 

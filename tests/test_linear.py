@@ -10,6 +10,9 @@ from reference import BF16, F16, F32, F64, OUT_RTOL
 
 from ferroattn.linear import LinearAttentionState, linear_attention
 
+# Run once per SIMD path by scripts/test.sh (the kernels these tests reach depend on FERROATTN_ISA).
+pytestmark = pytest.mark.kernel
+
 FEATURE_MAPS = ["elu1", "relu"]
 DTYPES = [F32, F16, BF16, F64]
 

@@ -19,6 +19,9 @@ from reference import (
 
 import ferroattn
 
+# Run once per SIMD path by scripts/test.sh (the kernels these tests reach depend on FERROATTN_ISA).
+pytestmark = pytest.mark.kernel
+
 
 def _cu(lengths):
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)

@@ -21,6 +21,9 @@ from reference import (
 
 import ferroattn
 
+# Run once per SIMD path by scripts/test.sh (the kernels these tests reach depend on FERROATTN_ISA).
+pytestmark = pytest.mark.kernel
+
 CAUSALS = [False, True, "bottom_right", "top_left"]
 
 

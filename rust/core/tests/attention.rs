@@ -296,15 +296,67 @@ fn bad_inputs_are_errors_not_panics() {
     assert!(attention(&q, &k2, &k2, &mut ov, None, &seqs, &Params::new(1.0)).is_err());
 }
 
+/// Set in the child processes `isa_override_is_honoured` starts, so they do not start more.
+const ISA_CHILD: &str = "FERROATTN_TEST_ISA_CHILD";
+
 #[test]
 fn isa_override_is_honoured() {
-    use ferroattn_core::Isa;
-    if let Ok(name) = std::env::var("FERROATTN_ISA") {
-        if let Some(isa) = Isa::from_name(&name) {
-            if Isa::available().contains(&isa) {
-                assert_eq!(Isa::active(), isa);
-            }
+    use ferroattn_core::{cpu_features, Isa};
+    let avail = Isa::available();
+    let best = *avail.last().expect("scalar is always available");
+    // The rule: a name of a path this CPU has picks that path; anything else (unset, empty,
+    // unknown, a path this CPU lacks) gives the best path.
+    let expected =
+        |setting: Option<&str>| setting.and_then(Isa::from_name).filter(|isa| avail.contains(isa)).unwrap_or(best);
+
+    // What holds on every CPU: the list is ordered lowest first, names round-trip, the detected
+    // features back each listed path.
+    assert_eq!(avail[0], Isa::Scalar);
+    assert!(avail.windows(2).all(|w| w[0] < w[1]), "lowest first, each once: {avail:?}");
+    for &isa in &avail {
+        assert_eq!(Isa::from_name(isa.name()), Some(isa));
+        assert_eq!(Isa::from_name(&format!(" {} ", isa.name().to_uppercase())), Some(isa));
+    }
+    assert_eq!(Isa::from_name("portable"), Some(Isa::Scalar));
+    assert_eq!(Isa::from_name("avx512f"), Some(Isa::Avx512));
+    for bad in ["", " ", "no-such-path", "avx", "avx512 f"] {
+        assert_eq!(Isa::from_name(bad), None, "{bad:?}");
+    }
+    let features = cpu_features();
+    let needs = [(Isa::Avx2, &["avx2", "fma", "f16c"][..]), (Isa::Avx512, &["avx2", "fma", "f16c", "avx512f"][..])];
+    for (isa, flags) in needs {
+        if avail.contains(&isa) {
+            assert!(flags.iter().all(|f| features.contains(f)), "{isa:?} listed, features {features:?}");
         }
+    }
+
+    // This process: the path its own environment asks for (unset: the best one).
+    let setting = std::env::var("FERROATTN_ISA").ok();
+    assert_eq!(Isa::active(), expected(setting.as_deref()), "FERROATTN_ISA={setting:?}");
+
+    // `Isa::active` is fixed at its first call, so each other setting runs this test again in a
+    // child process of this test binary.
+    if std::env::var_os(ISA_CHILD).is_some() {
+        return;
+    }
+    let names = ["", "no-such-path", "scalar", "portable", "avx2", "AVX512", "avx512f", "neon"];
+    let settings = std::iter::once(None).chain(names.map(Some));
+    for setting in settings {
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let mut child = std::process::Command::new(exe);
+        child.args(["--exact", "isa_override_is_honoured", "--test-threads=1"]).env(ISA_CHILD, "1");
+        match setting {
+            Some(name) => child.env("FERROATTN_ISA", name),
+            None => child.env_remove("FERROATTN_ISA"),
+        };
+        let out = child.output().expect("the test binary runs again");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains(" 1 passed"),
+            "FERROATTN_ISA={setting:?} (expecting {:?}):\n{stdout}{}",
+            expected(setting),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
