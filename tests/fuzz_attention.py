@@ -4,7 +4,7 @@ reuse.
 
 Each ``*_case(draw)`` draws one call (its arguments and their verdicts, see ``fuzz_inputs``)
 and the oracle that judges a result: the float64 references of the test suite
-(``reference.py``, ``test_variants.reference``) read the arguments exactly as the caller's
+(``reference.py``: ``reference`` and ``reference_varlen``) read the arguments exactly as the caller's
 dtype holds them.
 """
 
@@ -42,7 +42,7 @@ from fuzz_inputs import (
 )
 from hypothesis import strategies as st
 from reference import reference_varlen, to_bhsd
-from test_variants import reference as reference_full
+from reference import reference as reference_full
 
 import ferroattn
 

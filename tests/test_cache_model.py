@@ -18,9 +18,8 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from reference import BF16, rel_err
+from reference import BF16, reference, rel_err
 from test_kv_cache import _plain_int8
-from test_variants import reference
 
 import ferroattn
 
@@ -164,7 +163,7 @@ class CacheModel:
         """float64 attention of ``q`` ``(B, H, T, D)``: row ``i < counts[b]`` of sequence ``b``
         is the query at position ``length - counts[b] + i`` and sees the keys at positions
         ``j <= p`` (and, in a window cache, ``j > p - window`` or ``j < sinks``); other rows
-        are zero. The reference of ``test_variants`` computes it, with those keys as a mask."""
+        are zero. The float64 reference computes it, with those keys as a mask."""
         q = np.asarray(q, dtype=np.float64)
         out = np.zeros((*q.shape[:3], self.cfg.value_dim))
         w, s = self.cfg.window, self.cfg.sinks
