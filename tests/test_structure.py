@@ -7,17 +7,22 @@ imports is a tangle that only shows when a rarely taken branch runs.
 * No module reaches itself through imports.
 * ``ferroattn.torch`` (the one module that imports torch) is imported by ``ferroattn._dispatch``
   alone, and itself reaches none of the modules above it.
+
+The kernel crate (``rust/core/src``) is held to the same rule: its modules' ``crate::`` and
+``super::`` paths, read from the source, form no cycle.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = "ferroattn"
 ROOT = Path(__file__).resolve().parent.parent / "python" / PACKAGE
 TORCH = f"{PACKAGE}.torch"
 DISPATCH = f"{PACKAGE}._dispatch"
+CORE = Path(__file__).resolve().parent.parent / "rust" / "core" / "src"
 
 
 def _module_names() -> dict[str, Path]:
@@ -137,3 +142,55 @@ def test_torch_module_reaches_nothing_above_it():
     }
     reached = _reach(_graph(), TORCH) & above
     assert not reached, f"{TORCH} imports {sorted(reached)}"
+
+
+def _rust_graph() -> dict[str, set[str]]:
+    """Module of the kernel crate -> the crate's modules its code names by path (``crate::a::b``,
+    ``super::b``, ``self::b``, or a child's name ``b::x``), each path counted as deep as it names
+    a module (``crate::simd::Simd`` is ``simd``, ``crate::simd::vnni::f`` is ``simd::vnni``).
+    Declaring a child (``mod b;``) or re-exporting its items (``pub use b::X;``) is not a
+    dependency of the parent's code; tests inside a file count as that file."""
+    files = {}
+    for path in sorted(CORE.rglob("*.rs")):
+        parts = list(path.relative_to(CORE).with_suffix("").parts)
+        if parts[-1] in ("mod", "lib"):
+            parts.pop()
+        files["::".join(parts)] = path
+    modules = set(files)
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        here = name.split("::") if name else []
+        found: set[str] = set()
+        code = re.sub(r"(?m)^\s*pub(\([\w:]+\))? use [^;]*;", "", path.read_text())
+        for full in re.findall(r"(?<![\w:])((?:\w+::)+\w+)", code):
+            head, *rest = full.split("::")
+            if head == "crate":
+                segments = rest
+            elif head == "super":
+                segments = here[:-1] + rest
+            elif head == "self":
+                segments = here + rest
+            else:
+                segments = here + [head, *rest]  # a child module, if one has that name
+            target = None
+            for i in range(len(segments), 0, -1):  # the longest prefix that is a module
+                if "::".join(segments[:i]) in modules:
+                    target = "::".join(segments[:i])
+                    break
+            if target is not None and target != name and (head != "crate" or rest):
+                found.add(target)
+        graph[name] = found
+    return graph
+
+
+def test_rust_graph_sees_the_crate():
+    graph = _rust_graph()
+    assert "attention::task" in graph["attention"], graph["attention"]
+    assert "attention::tile" in graph["attention::decode"], graph["attention::decode"]
+    assert "simd" in graph["attention::prefill"], graph["attention::prefill"]
+    assert "attention::tile" in graph["attention::prefill"], graph["attention::prefill"]
+
+
+def test_no_module_cycles_in_the_kernel_crate():
+    cycle = _cycle(_rust_graph())
+    assert cycle is None, "module cycle in rust/core/src: " + " -> ".join(cycle or [])
