@@ -4,8 +4,8 @@ reuse.
 
 Each ``*_case(draw)`` draws one call (its arguments and their verdicts, see ``fuzz_inputs``)
 and the oracle that judges a result: the float64 references of the test suite
-(``reference.py``: ``reference`` and ``reference_varlen``) read the arguments exactly as the caller's
-dtype holds them.
+(``reference.py``: ``reference`` and ``reference_varlen``) read the arguments exactly as the
+caller's dtype holds them.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from fuzz_inputs import (
     size,
 )
 from hypothesis import strategies as st
-from reference import reference_varlen, to_bhsd
 from reference import reference as reference_full
+from reference import reference_varlen, to_bhsd
 
 import ferroattn
 
