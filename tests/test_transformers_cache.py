@@ -173,20 +173,20 @@ def _teacher_forced_logits(model, cache, ids, mask, prefill):
     return torch.cat([p.logits for p in parts], dim=1)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int8"])
 @pytest.mark.parametrize("name", ["llama", "mistral", "gemma2"])
-def test_storage_types_keep_logits_close(name, dtype):
+def test_storage_types_keep_logits_close(name):
     model = _model(name)
     ids, mask = _left_padded(n=20)
     model.set_attn_implementation("eager")
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     model.set_attn_implementation(fa_hf.NAME)
-    cache = fa_hf.FerroattnCache(model.config, max_cache_len=24, max_batch_size=3, dtype=dtype)
-    got = _teacher_forced_logits(model, cache, ids, mask, prefill=10)
     valid = mask.bool()
-    err = (got - want)[valid].abs().max() / want[valid].abs().max()
-    assert err < LOGIT_TOL[dtype], (name, dtype, float(err))
+    for dtype, tol in LOGIT_TOL.items():
+        cache = fa_hf.FerroattnCache(model.config, 24, max_batch_size=3, dtype=dtype)
+        got = _teacher_forced_logits(model, cache, ids, mask, prefill=10)
+        err = (got - want)[valid].abs().max() / want[valid].abs().max()
+        assert err < tol, (name, dtype, float(err))
 
 
 def test_nbytes_follow_storage_type_and_rings():
