@@ -451,38 +451,19 @@ class KVCache:
         )
 
     def attend_slots(
-        self,
-        q: np.ndarray,
-        seqs: list[tuple[int, int, int, int, int]],
-        *,
-        causal: bool = False,
-        window: int | None = None,
-        scale: float | None = None,
-        softcap: float | None = None,
-        sinks: Any = None,
-        out: np.ndarray | None = None,
+        self, q: np.ndarray, seqs: list[tuple[int, int, int, int, int]], **options: Any
     ) -> np.ndarray:
         """Attention of ``q`` ``(batch, heads, T, head_dim)`` over the storage as it lies, by
         slot: ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
-        sequence ``b`` over slots ``k0 : k0 + k_len`` (see :meth:`slot`), causal and
-        ``window`` counted inside that range. The stored lengths are not consulted: the
-        caller says which slots hold what. NumPy arrays, a cache with NumPy storage only.
+        sequence ``b`` over slots ``k0 : k0 + k_len`` (see :meth:`slot`). ``options``
+        (``causal``, ``window``, ``scale``, ``softcap``, ``sinks``, ``out``) as in
+        ``_cache_storage.attend_sequences``: causal and window count positions inside each
+        slot range. The stored lengths are not consulted: the caller says which slots hold
+        what. NumPy arrays, a cache with NumPy storage only.
         """
         if not isinstance(self._store, NumpyStorage):
             raise ValueError("attend_slots reads NumPy storage (a cache with backend 'cpu')")
-        return attend_sequences(
-            q,
-            self._k,
-            self._v,
-            seqs,
-            scales=self._scales(),
-            causal=causal,
-            window=window,
-            scale=scale,
-            softcap=softcap,
-            sinks=sinks,
-            out=out,
-        )
+        return attend_sequences(q, self._k, self._v, seqs, scales=self._scales(), **options)
 
     def reorder(self, index: Any) -> None:
         """Put sequence ``index[i]`` in slot ``i`` for every ``i`` (beam search keeps its best
