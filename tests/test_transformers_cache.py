@@ -212,6 +212,29 @@ def test_beam_search_reorders_the_storage():
     assert torch.equal(got, want)
 
 
+def test_beam_search_over_rings():
+    model = _model("mistral")
+    ids, mask = _left_padded(batch=2)
+    want = _generate(model, "eager", ids, mask, num_beams=3)
+    cache = fa_hf.FerroattnCache(model.config, max_cache_len=32, max_batch_size=6)
+    assert torch.equal(_generate(model, fa_hf.NAME, ids, mask, cache, num_beams=3), want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_chunk_after_generation_reads_the_window_before_it(dtype):
+    # A second generate() with 3 more prompt tokens on the same cache: the chunk's queries see
+    # the ring's window before them (a copy) and the chunk itself.
+    model = _model("mistral")
+    ids, mask = _left_padded(batch=2)
+    cache = fa_hf.FerroattnCache(model.config, max_cache_len=40, max_batch_size=2, dtype=dtype)
+    first = _generate(model, fa_hf.NAME, ids, mask, cache, new=4)
+    more = torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(9))
+    ids2 = torch.cat([first, more], 1)
+    mask2 = torch.cat([mask, torch.ones(2, 7, dtype=mask.dtype)], 1)
+    want = _generate(model, "eager", ids2, mask2, new=6)
+    assert torch.equal(_generate(model, fa_hf.NAME, ids2, mask2, cache, new=6), want)
+
+
 def test_assisted_generation_crops_full_layers_and_refuses_rings():
     model, assistant = _model("llama"), _model("llama", seed=5)
     assistant.set_attn_implementation(fa_hf.NAME)
