@@ -14,12 +14,20 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from . import _ferroattn
-from ._args import MaskOptions, aligned_copy, as_array, check_out, dtype_code, kernel_ready
+from ._args import (
+    MaskOptions,
+    aligned_copy,
+    as_array,
+    check_out,
+    dtype_code,
+    kernel_ready,
+    mask_options,
+)
 from ._dispatch import tensor_among
 from ._memory import zeros
 from .variants import extras_kwargs
 
-__all__ = ["CacheQuery", "CacheStorage", "NumpyStorage", "encode_numpy"]
+__all__ = ["CacheQuery", "CacheStorage", "NumpyStorage", "attend_sequences", "encode_numpy"]
 
 
 class CacheQuery(NamedTuple):
@@ -204,3 +212,41 @@ class NumpyStorage:
         if not direct:
             result[...] = target
         return result
+
+
+def attend_sequences(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    seqs: list[tuple[int, int, int, int, int]],
+    *,
+    scales: tuple[np.ndarray, np.ndarray] | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: Any = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Attention over ``(B, H, N, D)`` NumPy arrays as explicit sequences pair their rows.
+
+    For callers that keep positions themselves (a cache of another library, a ring buffer read
+    in place): ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
+    batch ``b`` over keys ``k0 : k0 + k_len``, causal (bottom-right) and ``window`` counted
+    inside that range; rows no entry names are zeros. ``k``/``v`` are float arrays the kernels
+    read (float32, float16, bfloat16) or int8 with ``scales`` ``(B, Hkv, N)``; ``out``
+    ``(B, H, Nq, Dv)`` of q's dtype.
+    """
+    shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    opts = mask_options(
+        head_dim=q.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+    )
+    if out is not None:
+        check_out(out, shape, q.dtype, [q, k, v])
+    code = "int8" if scales is not None else dtype_code(k)
+    if code is None:
+        raise TypeError(f"k must be float32, float16, bfloat16 or int8, got {k.dtype}")
+    terms = {} if sinks is None else {"sinks": sinks}
+    return NumpyStorage.run(
+        CacheQuery(list(seqs), 0, opts, terms, shape, code), q, k, v, scales, out
+    )

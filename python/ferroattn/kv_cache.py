@@ -20,7 +20,13 @@ import numpy as np
 
 from . import _ferroattn
 from ._args import NATIVE_CODES, MaskOptions, check_dtypes, mask_options
-from ._cache_storage import CacheQuery, CacheStorage, NumpyStorage, encode_numpy
+from ._cache_storage import (
+    CacheQuery,
+    CacheStorage,
+    NumpyStorage,
+    attend_sequences,
+    encode_numpy,
+)
 from ._dispatch import cache_storage, on_tensor_views
 from ._memory import allocating, nbytes, zeros
 
@@ -400,6 +406,78 @@ class KVCache:
         return self._store.decode(
             data[b][:, slots], None if scales is None else scales[b][:, slots]
         )
+
+    # ------------------------------------------------------- storage in place
+    # For callers that keep positions themselves (the transformers cache of
+    # ferroattn.integrations): they read the storage slot by slot, a ring buffer included,
+    # rather than through a gathered copy in position order.
+
+    def slot(self, position: int) -> int:
+        """The storage slot of ``position`` (past the sinks, a window cache wraps around)."""
+        return int(self._slot(np.int64(position)))
+
+    def span(self, start: int, stop: int) -> tuple[Any, Any]:
+        """Keys and values of positions ``start:stop`` of every sequence, each
+        ``(batch, kv_heads, stop - start, dim)`` in position order.
+
+        Views into the cache for a float cache without window; copies otherwise (int8
+        dequantized to float32). Every sequence must still hold those positions.
+        """
+        if not 0 <= start <= stop <= int(self._len.min()):
+            raise ValueError(
+                f"positions {start}:{stop} are not stored for every sequence "
+                f"(lengths {self._len.tolist()})"
+            )
+        int8 = self._code == "int8"
+        if self.window is None:
+            pick: Any = slice(start, stop)
+        else:
+            evicted = [
+                b
+                for b in range(self.batch)
+                if stop > self.sinks and max(start, self.sinks) < self._first_held(b)
+            ]
+            if evicted:
+                raise ValueError(
+                    f"positions {start}:{stop} left the window of sequence {evicted[0]}"
+                )
+            pick = self._store.index(self._slot(np.arange(start, stop)))
+        k, v = self._k[:, :, pick], self._v[:, :, pick]
+        if not int8:
+            return k, v
+        return (
+            self._store.decode(k, self._ks[:, :, pick]),
+            self._store.decode(v, self._vs[:, :, pick]),
+        )
+
+    def attend_slots(
+        self, q: np.ndarray, seqs: list[tuple[int, int, int, int, int]], **options: Any
+    ) -> np.ndarray:
+        """Attention of ``q`` ``(batch, heads, T, head_dim)`` over the storage as it lies, by
+        slot: ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
+        sequence ``b`` over slots ``k0 : k0 + k_len`` (see :meth:`slot`). ``options``
+        (``causal``, ``window``, ``scale``, ``softcap``, ``sinks``, ``out``) as in
+        ``_cache_storage.attend_sequences``: causal and window count positions inside each
+        slot range. The stored lengths are not consulted: the caller says which slots hold
+        what. NumPy arrays, a cache with NumPy storage only.
+        """
+        if not isinstance(self._store, NumpyStorage):
+            raise ValueError("attend_slots reads NumPy storage (a cache with backend 'cpu')")
+        return attend_sequences(q, self._k, self._v, seqs, scales=self._scales(), **options)
+
+    def reorder(self, index: Any) -> None:
+        """Put sequence ``index[i]`` in slot ``i`` for every ``i`` (beam search keeps its best
+        beams this way); ``index`` holds ``batch`` ints in ``[0, batch)``, repeats allowed."""
+        idx = np.asarray(index)
+        if idx.shape != (self.batch,) or idx.dtype.kind not in "iu":
+            raise ValueError(f"index must be {self.batch} ints, got {idx.shape} {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.batch):
+            raise ValueError(f"index must lie in [0, {self.batch}), got {idx.tolist()}")
+        pick = self._store.index(idx.astype(np.int64))
+        for a in self._storage():
+            a[...] = a[pick]
+        self._len = self._len[idx]
+        self._oldest = self._oldest[idx]
 
     # ------------------------------------------------------------- attention
 
