@@ -30,12 +30,12 @@ fn refusal(what: &str, bytes: Option<usize>) -> Error {
     Error::Memory(format!("{what}: cannot allocate the memory asked for ({size})"))
 }
 
-/// Working memory below this is not probed: a call's scratch is normally kilobytes, and an
-/// allocation of this size that fails has left the process in trouble anyway.
+/// Working memory below this is not probed: a call's scratch is normally kilobytes, and the
+/// core refuses what it cannot allocate itself.
 const PROBE_FROM: usize = 256 << 20;
 
-/// Refuses a call whose working memory (`bytes`; `None`: it overflows) cannot be allocated:
-/// the core would abort allocating it.
+/// Refuses a call whose working memory (`bytes`; `None`: it overflows) cannot be allocated,
+/// before the views of its arrays are made (the core would refuse it too, once they are).
 fn probe(bytes: Option<usize>, what: &str) -> Result<(), Error> {
     match bytes {
         Some(b) if b < PROBE_FROM => Ok(()),
