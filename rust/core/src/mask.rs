@@ -71,10 +71,13 @@ pub fn padded_sequences(batch: usize, nq: usize, nk: usize, kv_lengths: Option<&
         }
     }
     let mut seqs = with_capacity(batch).map_err(|e| e.named("q (a sequence per batch entry)"))?;
-    seqs.extend(
-        (0..batch)
-            .map(|b| Sequence { batch: b, q_start: 0, q_len: nq, k_start: 0, k_len: kv_lengths.map_or(nk, |l| l[b]) }),
-    );
+    seqs.extend((0..batch).map(|b| Sequence {
+        batch: b,
+        q_start: 0,
+        q_len: nq,
+        k_start: 0,
+        k_len: kv_lengths.map_or(nk, |l| l[b]),
+    }));
     Ok(seqs)
 }
 

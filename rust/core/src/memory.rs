@@ -22,7 +22,8 @@ pub(crate) type Alloc<T> = std::result::Result<T, NoMemory>;
 impl NoMemory {
     /// The refusal of a call: `what` names the arguments whose sizes asked for the memory.
     pub(crate) fn named(self, what: &str) -> Error {
-        let size = self.bytes.map_or_else(|| "more bytes than a 64-bit size holds".to_string(), |b| format!("{b} bytes"));
+        let size =
+            self.bytes.map_or_else(|| "more bytes than a 64-bit size holds".to_string(), |b| format!("{b} bytes"));
         Error::Memory(format!("{what}: cannot allocate the memory asked for ({size})"))
     }
 }
@@ -60,11 +61,7 @@ pub(crate) fn product(what: &str, dims: &[(&str, usize)]) -> Result<usize, Error
     dims.iter().try_fold(1usize, |acc, &(_, n)| acc.checked_mul(n)).ok_or_else(|| {
         let names: Vec<&str> = dims.iter().map(|&(name, _)| name).collect();
         let sizes: Vec<String> = dims.iter().map(|&(_, n)| n.to_string()).collect();
-        Error::Memory(format!(
-            "{what}: {} = {} is more than a 64-bit size holds",
-            names.join("·"),
-            sizes.join(" × ")
-        ))
+        Error::Memory(format!("{what}: {} = {} is more than a 64-bit size holds", names.join("·"), sizes.join(" × ")))
     })
 }
 

@@ -168,7 +168,8 @@ fn window_sides_near_the_sequence_length_and_beyond_are_exact() {
         let sides = [nk - 1, nk, nk + 1, span - 1, span, span + 1, 1 << 62, (1 << 63) - 1, 1 << 63, usize::MAX];
         for (si, side) in sides.into_iter().enumerate() {
             for window in [(Some(side), Some(0)), (Some(0), Some(side)), (Some(side), Some(side)), (Some(side), None)] {
-                for (causal, align) in [(false, Align::BottomRight), (true, Align::BottomRight), (true, Align::TopLeft)] {
+                for (causal, align) in [(false, Align::BottomRight), (true, Align::BottomRight), (true, Align::TopLeft)]
+                {
                     let mut p = Params::new(0.37);
                     (p.causal, p.align, p.window, p.sink_keys) = (causal, align, window, si % 2);
                     check(&case, &p, None, (ci * 100 + si) as u64);

@@ -149,9 +149,9 @@ fn is_small(seqs: &[Sequence], hq: usize, dims: usize) -> bool {
 /// The tasks of a call: per sequence, KV head and tile of queries, in that order, then (with
 /// causality or a window) the longest first.
 fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan, params: &Params) -> Alloc<Vec<Task>> {
-    let count = seqs.iter().try_fold(0usize, |n, s| {
-        n.checked_add(mul(hkv, s.q_len.div_ceil(plan.tq))?).ok_or(NoMemory { bytes: None })
-    })?;
+    let count = seqs
+        .iter()
+        .try_fold(0usize, |n, s| n.checked_add(mul(hkv, s.q_len.div_ceil(plan.tq))?).ok_or(NoMemory { bytes: None }))?;
     let mut t = with_capacity(count)?;
     for (si, s) in seqs.iter().enumerate() {
         for kvh in 0..hkv {
@@ -168,7 +168,8 @@ fn tasks(seqs: &[Sequence], hkv: usize, plan: &Plan, params: &Params) -> Alloc<V
     if params.causal || params.window != (None, None) {
         t.sort_unstable_by_key(|task| {
             let seq = &seqs[task.seq];
-            let keys = [task.i0, task.i1 - 1].iter().map(|&i| visible_len(params, seq, i)).fold(0, usize::saturating_add);
+            let keys =
+                [task.i0, task.i1 - 1].iter().map(|&i| visible_len(params, seq, i)).fold(0, usize::saturating_add);
             (std::cmp::Reverse(keys), task.seq, task.kvh, task.i0)
         });
     }
