@@ -72,8 +72,9 @@ mod tests {
     #[test]
     fn sizes_beyond_the_machine_are_refusals_not_aborts() {
         assert_eq!(zeroed::<f32>(3).unwrap(), vec![0.0; 3]);
-        let huge = usize::MAX / 8;
-        assert_eq!(zeroed::<f32>(huge), Err(NoMemory { bytes: None }));
+        // More f32s than a 64-bit count of bytes holds, and fewer that no machine has.
+        assert_eq!(zeroed::<f32>(usize::MAX / 2), Err(NoMemory { bytes: None }));
+        assert_eq!(zeroed::<f32>(1 << 60), Err(NoMemory { bytes: Some(1 << 62) }));
         assert_eq!(with_capacity::<u8>(1 << 62), Err(NoMemory { bytes: Some(1 << 62) }));
         assert_eq!(mul(1 << 40, 1 << 30), Err(NoMemory { bytes: None }));
         let e = NoMemory { bytes: Some(12) }.named("q and k");
