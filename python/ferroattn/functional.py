@@ -93,8 +93,8 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
         if a.dtype != _F32 or a.ndim != 4 or a.strides[3] != 4 or not a.flags.aligned:
             return None
     d = q.shape[3]
-    if d < 1:
-        return None
+    if d < 1 or k.shape[1] < 1:
+        return None  # the general path names what is wrong (the kernels take Hq = Hkv = 0)
     try:
         result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
     except (MemoryError, ValueError):
@@ -129,7 +129,8 @@ def attention(
 
     Args:
         q: queries ``(B, Hq, Nq, D)``; also ``(H, N, D)`` or ``(N, D)``. With ``layout="bshd"``:
-            ``(B, N, H, D)`` or ``(N, H, D)``.
+            ``(B, N, H, D)`` or ``(N, H, D)``; a 2-D input is one head's ``(N, D)`` in either
+            layout.
         k: keys ``(B, Hkv, Nk, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: query head
             ``h`` reads key/value head ``h // (Hq // Hkv)``).
         v: values ``(B, Hkv, Nk, Dv)``.

@@ -120,7 +120,8 @@ fn check_view(name: &str, len: usize, offset: usize, shape: [usize; 4], strides:
 
 /// Checks that `q (B, Hq, Nq, D)`, `k (B, Hkv, Nk, D)` and `v (B, Hkv, Nk, Dv)` fit together:
 /// the same batch, head dimension and key length, at least one element per head, and whole
-/// groups of query heads per KV head (GQA: query head `h` reads KV head `h / (Hq / Hkv)`).
+/// groups of query heads per KV head (GQA: query head `h` reads KV head `h / (Hq / Hkv)`);
+/// zero query heads fit any number of KV heads, none included (there is nothing to compute).
 pub(crate) fn check_qkv(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<()> {
     let [b, hq, _, d] = q;
     let [bk, hkv, _, dk] = k;
@@ -128,7 +129,7 @@ pub(crate) fn check_qkv(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<(
     ensure_shape!(bk == b, "q and k have different batch sizes: {q:?} vs {k:?}");
     ensure_shape!(dk == d, "q and k have different head dimensions: {q:?} vs {k:?}");
     ensure_shape!(
-        hkv >= 1 && hq % hkv == 0,
+        (hkv >= 1 && hq % hkv == 0) || hq == 0,
         "query heads ({hq}) must be a multiple of key/value heads ({hkv}); q {q:?}, k {k:?}"
     );
     ensure_shape!(v[..3] == k[..3], "k and v must agree in batch, heads and length: k {k:?}, v {v:?}");

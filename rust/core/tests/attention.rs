@@ -46,8 +46,10 @@ fn reference(
                 for j in 0..s.k_len {
                     let jj = j as i64;
                     let causal_ok = !p.causal || jj <= pos;
-                    let in_window = p.window.0.is_none_or(|l| jj >= pos - l as i64)
-                        && p.window.1.is_none_or(|r| jj <= pos + r as i64);
+                    // In i128: sides up to usize::MAX are exact (beyond any sequence).
+                    let (jw, pw) = (jj as i128, pos as i128);
+                    let in_window = p.window.0.is_none_or(|l| jw >= pw - l as i128)
+                        && p.window.1.is_none_or(|r| jw <= pw + r as i128);
                     let ok = causal_ok && (in_window || j < p.sink_keys);
                     if !ok {
                         continue;
@@ -152,6 +154,27 @@ fn matches_reference_over_shapes_and_masks() {
     for (ci, case) in cases.iter().enumerate() {
         for (mi, p) in masks().iter().enumerate() {
             check(case, p, None, (ci * 100 + mi) as u64);
+        }
+    }
+}
+
+#[test]
+fn window_sides_near_the_sequence_length_and_beyond_are_exact() {
+    // A side as long as the sequence or longer hides nothing, up to usize::MAX (which must
+    // not wrap to -1); shorter ones still hide keys.
+    for (ci, (nq, nk)) in [(9, 3), (3, 9), (5, 5), (1, 130)].into_iter().enumerate() {
+        let case = Case { b: 1, hq: 2, hk: 1, nq, nk, d: 8, dv: 8 };
+        let span = nq.max(nk);
+        let sides = [nk - 1, nk, nk + 1, span - 1, span, span + 1, 1 << 62, (1 << 63) - 1, 1 << 63, usize::MAX];
+        for (si, side) in sides.into_iter().enumerate() {
+            for window in [(Some(side), Some(0)), (Some(0), Some(side)), (Some(side), Some(side)), (Some(side), None)] {
+                for (causal, align) in [(false, Align::BottomRight), (true, Align::BottomRight), (true, Align::TopLeft)]
+                {
+                    let mut p = Params::new(0.37);
+                    (p.causal, p.align, p.window, p.sink_keys) = (causal, align, window, si % 2);
+                    check(&case, &p, None, (ci * 100 + si) as u64);
+                }
+            }
         }
     }
 }

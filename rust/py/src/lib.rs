@@ -202,21 +202,12 @@ fn attention<'py>(
                 }
             }
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens, seqs)?;
-            if no_query_heads(&qv, &kv) {
-                return Ok(());
-            }
             // SAFETY: bias and mask are borrowed by this call.
             let extras = unsafe { extras.extras()? };
             core::attention_with(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params, &extras)
         })
     })?;
     Ok(lse.map(|l| PyArray1::from_vec(py, l)))
-}
-
-/// Zero query heads (and at least one key/value head): nothing to compute, and the core's
-/// task plan divides by the query heads per key/value head.
-fn no_query_heads(q: &core::Strided, k: &core::Strided) -> bool {
-    q.shape()[1] == 0 && k.shape()[1] >= 1
 }
 
 /// The `(B, Hq, Nq, Nk)` softmax probabilities, flat, as float32.
@@ -262,9 +253,7 @@ fn attention_weights<'py>(
             // SAFETY: the arrays are borrowed by this call and outlive it.
             let (qv, kv, extras) = unsafe { (rq.view()?, rk.view()?, extras.extras()?) };
             let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None, None)?;
-            if !no_query_heads(&qv, &kv) {
-                core::attention_weights_with(&qv, &kv, &mut w, &seqs, &opts.params, &extras)?;
-            }
+            core::attention_weights_with(&qv, &kv, &mut w, &seqs, &opts.params, &extras)?;
             Ok(w)
         })
     })?;
@@ -291,8 +280,8 @@ fn quantize_int8<'py>(py: Python<'py>, x: PyReadonlyArray2<'py, f32>) -> PyResul
 
 /// Sets the number of threads the kernels use.
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    core::set_num_threads(n);
+fn set_num_threads(n: usize) -> PyResult<()> {
+    core::set_num_threads(n).map_err(errors::to_py)
 }
 
 /// The number of threads the kernels use.

@@ -17,6 +17,7 @@ use super::online::{finish_row, merge_row, partial_len};
 use super::output::Output;
 use super::tile::{mask_tile, pv, pv_transposed, row_of, scale_rows, scores_few, Ctx, Dims, Plan, Scratch, Task};
 use crate::layout::{DType, TypedRows};
+use crate::memory::{mul, with_capacity, zeroed, Alloc, NoMemory};
 use crate::parallel;
 use crate::simd::{request_one_row_streams, Prefetch, Simd};
 use half::{bf16, f16};
@@ -417,21 +418,22 @@ pub(crate) fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec
 }
 
 /// Floats of the partial state each part leaves (see [`partial_len`]).
-pub(crate) fn part_len(plan: &Plan) -> usize {
-    partial_len(plan.group * plan.tq, plan.dv)
+pub(crate) fn part_len(plan: &Plan) -> Alloc<usize> {
+    partial_len(mul(plan.group, plan.tq)?, plan.dv).ok_or(NoMemory { bytes: None })
 }
 
 /// Merges the partial states of each task's parts (part `i`'s at `partial[i · part_len..]`)
 /// into the task's output rows.
-pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], out: &Output) {
+pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], out: &Output) -> Alloc<()> {
     let (plan, dv) = (ctx.plan, ctx.plan.dv);
-    let slot = part_len(&plan);
+    let slot = part_len(&plan)?;
     // Parts of one task are consecutive: merge each task's slices into its rows.
-    let mut firsts: Vec<usize> = (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
+    let mut firsts = with_capacity(parts.len() + 1)?;
+    firsts.extend((0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task));
     firsts.push(parts.len());
-    parallel::for_each(
+    parallel::try_for_each(
         firsts.len() - 1,
-        || (vec![0f32; dv], vec![0f32; dv]),
+        || Ok((zeroed::<f32>(dv)?, zeroed::<f32>(dv)?)),
         |(acc, row), t| {
             let (first, end) = (firsts[t], firsts[t + 1]);
             let task = &work[parts[first].task];
@@ -445,6 +447,7 @@ pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], o
                 // SAFETY: each task's rows are written by this closure only.
                 unsafe { out.write(seq, h, seq.q_start + i, row, lse) };
             }
+            Ok(())
         },
-    );
+    )
 }

@@ -12,6 +12,7 @@ use super::decode;
 use super::output::Output;
 use super::prefill;
 use super::tile::{load_queries, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
+use crate::memory::Alloc;
 use crate::simd::{kernel_entry, Simd};
 
 /// What a task produces: its output rows, or the partial state of one slice of its keys.
@@ -26,12 +27,13 @@ pub(crate) enum Job<'a> {
 }
 
 kernel_entry! {
-    /// Runs one task on the kernel of `isa`.
+    /// Runs one task on the kernel of `isa`; fails only when a tile to widen cannot be
+    /// allocated (its rows are then left unfinished).
     ///
     /// # Safety
     /// `isa` must be available on this CPU, no other task may write the rows of `task` (or
     /// `job`'s buffer), and the scratch must be made for the plan of `ctx`.
-    pub(crate) unsafe fn run(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) => body
+    pub(crate) unsafe fn run(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) -> Alloc<()> => body
 }
 
 /// See [`run`].
@@ -39,7 +41,7 @@ kernel_entry! {
 /// # Safety
 /// As for [`run`], with `S` available.
 #[inline(always)]
-unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
+unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) -> Alloc<()> {
     let dims = load_queries::<S>(ctx, task, sc);
     sc.soft.start(dims.rows_p, dims.rows_p * dims.dvp);
     let (j0, j1) = match job {
@@ -50,13 +52,14 @@ unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
         let (lo, hi) = (lo.max(j0), hi.min(j1));
         if lo < hi {
             // SAFETY: `S` is available (the caller's promise); scratch sized for the plan.
-            unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi) };
+            unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi)? };
         }
     }
     match job {
         Job::Rows(out) => write_rows(ctx, out, task, sc, &dims),
         Job::Partial { buf, .. } => sc.soft.save(buf, dims.rows, ctx.plan.dv, dims.dvp),
     }
+    Ok(())
 }
 
 /// Runs the online softmax of the task's rows over keys `kmin..kmax`, a tile at a time.
@@ -64,7 +67,14 @@ unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
 /// # Safety
 /// `S` is available; the scratch is sized for the plan; `kmin..kmax` are keys the task sees.
 #[inline(always)]
-unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, kmin: usize, kmax: usize) {
+unsafe fn accumulate<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    kmin: usize,
+    kmax: usize,
+) -> Alloc<()> {
     let bc = ctx.plan.bc;
     ctx.extras.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
     let step = decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
@@ -82,9 +92,10 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
             continue;
         }
         // SAFETY: as above.
-        unsafe { prefill::tile::<S>(ctx, task, sc, dims, k0, kn) };
+        unsafe { prefill::tile::<S>(ctx, task, sc, dims, k0, kn)? };
         k0 += kn;
     }
+    Ok(())
 }
 
 /// Normalizes the task's rows and writes them (and their LSE) out.

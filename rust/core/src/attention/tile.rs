@@ -16,6 +16,7 @@ use crate::extras::{Extras, RowAt, TileFacts};
 use crate::gemm::{gemm, stream_rows, A, B, C};
 use crate::layout::{Strided, TypedRows};
 use crate::mask::{position, visible, Params, Sequence, Vis};
+use crate::memory::{filled, mul, zeroed, Alloc, NoMemory};
 use crate::simd::{elem::Elem, round_up, Prefetch, Simd, MAX_LANES};
 use half::{bf16, f16};
 
@@ -45,8 +46,14 @@ impl Plan {
     /// Tasks never hold more queries than the longest of `seqs`, so neither does the scratch
     /// (a decode step's is then a fraction of a prefill's, zero-filled every call).
     pub(crate) fn new(group: usize, d: usize, dv: usize, seqs: &[Sequence]) -> Plan {
-        let max_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(1).max(1);
-        Plan { group, tq: (ROWS / group).max(1).min(max_q), d, dv, bc: KEYS }
+        let max_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(1);
+        Plan::for_queries(group, d, dv, max_q)
+    }
+
+    /// The plan for sequences of at most `max_q` queries. A group of zero query heads (a call
+    /// with none, which has no task to plan) plans as one.
+    pub(crate) fn for_queries(group: usize, d: usize, dv: usize, max_q: usize) -> Plan {
+        Plan { group, tq: (ROWS / group.max(1)).max(1).min(max_q.max(1)), d, dv, bc: KEYS }
     }
 }
 
@@ -164,38 +171,88 @@ pub(crate) struct Int8 {
     pub pairs: Vec<i32>,
 }
 
+/// The lengths of a worker's buffers for a plan, checked against overflow: what
+/// [`Scratch::new`] allocates and [`Sizes::bytes`] adds up.
+struct Sizes {
+    /// Query rows padded to every ISA's `2·LANES`.
+    rows_p: usize,
+    /// `d × rows_p`: each layout of the queries, and their 16-bit rounding.
+    queries: usize,
+    /// `bc × rows_p`: one score tile.
+    scores: usize,
+    /// `rows_p × dvp`: the output accumulators.
+    acc: usize,
+    /// Words of up to 8 rows' rounded probabilities (a tile per row).
+    pairs: usize,
+    /// One converted input or output row.
+    row: usize,
+}
+
+impl Sizes {
+    fn of(plan: &Plan) -> Alloc<Sizes> {
+        let pad = |x: usize| x.checked_next_multiple_of(MAX_NR).ok_or(NoMemory { bytes: None });
+        let rows_p = pad(mul(plan.group, plan.tq)?)?;
+        Ok(Sizes {
+            rows_p,
+            queries: mul(plan.d, rows_p)?,
+            scores: mul(plan.bc, rows_p)?,
+            acc: mul(rows_p, pad(plan.dv)?)?,
+            pairs: 8 * plan.bc.div_ceil(32) * 16,
+            row: plan.d.max(plan.dv),
+        })
+    }
+
+    /// Bytes of a worker's buffers (`None`: beyond a 64-bit size); the tiles widened on
+    /// demand (`Widened`) are not counted.
+    fn bytes(&self) -> Option<usize> {
+        let per_row = 4 * 6 + size_of::<Vis>() + size_of::<RowAt>();
+        let f32s = [self.queries, self.queries, self.scores, self.acc, KEYS, self.row];
+        let floats = f32s.iter().try_fold(0usize, |a, &n| a.checked_add(n))?;
+        floats
+            .checked_mul(4)?
+            .checked_add(self.queries.checked_mul(2)?)?
+            .checked_add(self.rows_p.checked_mul(per_row)?)?
+            .checked_add(4 * self.pairs)
+    }
+}
+
 impl Scratch {
-    pub(crate) fn new(plan: &Plan) -> Scratch {
-        let rows_p = round_up(plan.group * plan.tq, MAX_NR);
-        let dvp = round_up(plan.dv, MAX_NR);
-        Scratch {
+    pub(crate) fn new(plan: &Plan) -> Alloc<Scratch> {
+        let n = Sizes::of(plan)?;
+        let rows_p = n.rows_p;
+        Ok(Scratch {
             q: Queries {
-                t: vec![0.0; plan.d * rows_p],
-                rows: vec![0.0; plan.d * rows_p],
-                vis: vec![Vis::default(); rows_p],
-                at: vec![RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 }; rows_p],
+                t: zeroed(n.queries)?,
+                rows: zeroed(n.queries)?,
+                vis: filled(rows_p, Vis::default())?,
+                at: filled(rows_p, RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 })?,
             },
-            s: Scores { st: vec![0.0; plan.bc * rows_p], masked: false, facts: TileFacts::default() },
-            soft: Online::new(rows_p, rows_p * dvp),
+            s: Scores { st: zeroed(n.scores)?, masked: false, facts: TileFacts::default() },
+            soft: Online::new(rows_p, n.acc)?,
             kv: Widened { k: Vec::new(), v: Vec::new() },
             int8: Int8 {
-                keyscale: vec![0.0; plan.bc],
-                q16: vec![0; plan.d * rows_p],
-                qscale: vec![0.0; rows_p],
+                keyscale: zeroed(plan.bc)?,
+                q16: zeroed(n.queries)?,
+                qscale: zeroed(rows_p)?,
                 q16_ready: None,
-                pairs: vec![0; 8 * plan.bc.div_ceil(32) * 16],
+                pairs: zeroed(n.pairs)?,
             },
-            row: vec![0.0; plan.d.max(plan.dv)],
-        }
+            row: zeroed(n.row)?,
+        })
+    }
+
+    /// Bytes [`Scratch::new`] allocates for `plan` (`None`: beyond a 64-bit size).
+    pub(crate) fn bytes(plan: &Plan) -> Option<usize> {
+        Sizes::of(plan).ok()?.bytes()
     }
 }
 
 /// `buf`, made `len` zeros on first use (padding columns are never written, so stay zero).
-pub(crate) fn tile_buffer(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+pub(crate) fn tile_buffer(buf: &mut Vec<f32>, len: usize) -> Alloc<*mut f32> {
     if buf.len() < len {
-        *buf = vec![0.0; len];
+        *buf = zeroed(len)?;
     }
-    buf.as_mut_ptr()
+    Ok(buf.as_mut_ptr())
 }
 
 /// Row `r` of a task is query `i0 + r % tq` of head `kvh·group + r / tq`.
@@ -265,12 +322,19 @@ pub(crate) fn tile_is_dead(ctx: &Ctx, sc: &Scratch, dims: &Dims, k0: usize, kn: 
 }
 
 /// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.s.st`: softcapped, and −∞
-/// where a row may not look.
+/// where a row may not look. Fails only when a tile of keys to widen cannot be allocated.
 ///
 /// # Safety
 /// The scratch is sized for the plan; `k0..k0 + kn` are keys of the task's sequence.
 #[inline(always)]
-pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+pub(crate) unsafe fn score_tile<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    k0: usize,
+    kn: usize,
+) -> Alloc<()> {
     let plan = &ctx.plan;
     let seq = &ctx.seqs[task.seq];
     let (d, rows_p) = (plan.d, dims.rows_p);
@@ -278,7 +342,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
     let (a, lda) = match ctx.k.f32_rows(seq.batch, task.kvh, first) {
         Some(direct) => direct,
         None => {
-            let buf = tile_buffer(&mut sc.kv.k, plan.bc * d);
+            let buf = tile_buffer(&mut sc.kv.k, mul(plan.bc, d)?)?;
             // SAFETY: the buffer holds bc × d floats; the rows come from the validated view.
             unsafe { widen_rows::<S>(ctx.k.typed_rows(seq.batch, task.kvh, first), kn, d, buf, d) };
             (sc.kv.k.as_ptr(), d as isize)
@@ -294,6 +358,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
         }
     }
     mask_tile(ctx, sc, dims, k0, kn);
+    Ok(())
 }
 
 /// Few rows (decode): padding them to 2·LANES score columns would waste most of the products,

@@ -3,6 +3,7 @@
 
 use super::online::with_sink;
 use super::tile::{load_queries, row_of, score_tile, tile_is_dead, Ctx, Scratch, Task};
+use crate::memory::Alloc;
 use crate::simd::{kernel_entry, Isa, Simd};
 
 /// `(B, Hq, Sq, Sk)` contiguous f32 destination; `dims` are the strides of batch, head, query.
@@ -30,19 +31,19 @@ kernel_entry! {
     /// # Safety
     /// `isa` must be available on this CPU, no other task may write the rows of `task`, and
     /// the scratch must be made for the plan of `ctx`.
-    pub(crate) unsafe fn run(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) => body
+    pub(crate) unsafe fn run(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) -> Alloc<()> => body
 }
 
 /// Writes the weights of `task`'s rows: a first pass for each row's max and sum, a second to
-/// write the probabilities.
+/// write the probabilities. Fails only when a tile of keys to widen cannot be allocated.
 ///
 /// # Safety
 /// As for [`run`], with `S` available.
 #[inline(always)]
-unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
+unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) -> Alloc<()> {
     let ranges = ctx.key_ranges(task);
     if ranges.is_empty() {
-        return;
+        return Ok(());
     }
     let plan = ctx.plan;
     let dims = load_queries::<S>(ctx, task, sc);
@@ -68,7 +69,7 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
                     continue;
                 }
                 // SAFETY: buffers sized by Scratch::new for this plan.
-                unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
+                unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn)? };
                 if pass == 0 {
                     // SAFETY: as above.
                     unsafe { sc.soft.update_cols::<S>(&mut sc.s.st, rows_p, dims.cols, kn) };
@@ -96,4 +97,5 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
             }
         }
     }
+    Ok(())
 }
