@@ -151,7 +151,7 @@ pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> Vis {
     if p.causal {
         hi = hi.min(pos + 1);
     }
-    // Sinks obey causality and the key length, not the window.
+    // Sink keys obey causality and the key length, not the window.
     let sink = (p.sink_keys as i64).min(hi).max(0) as usize;
     if let Some(left) = p.window.0 {
         lo = lo.max(pos - left as i64);
