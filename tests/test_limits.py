@@ -12,6 +12,7 @@ from reference import reference_attention, rel_err
 
 import ferroattn
 from ferroattn import _ferroattn
+from ferroattn._args import MaskOptions
 
 F32 = np.float32
 
@@ -90,10 +91,11 @@ def test_kernel_working_memory_beyond_the_machine_is_refused_by_name():
     x = np.broadcast_to(np.ones((1, 1, 1, 1), F32), (1, 1, 1, 2**40))
     v = np.ones((1, 1, 1, 1), F32)
     out = np.empty((1, 1, 1, 1), F32)
+    plain = MaskOptions(1.0, None, False, False, None, None)
     with pytest.raises(MemoryError, match="q, k and v"):
-        _ferroattn.attention(x, x, v, out, "float32", scale=1.0)
+        _ferroattn.attention(x, x, v, out, "float32", plain)
     with pytest.raises(MemoryError, match="q and k"):
-        _ferroattn.attention_weights(x, x, "float32", scale=1.0)
+        _ferroattn.attention_weights(x, x, "float32", plain)
     with pytest.raises(MemoryError, match="q, k and v"):
         _ferroattn.linear_attention(x, x, v, out, "float32")
 
