@@ -92,17 +92,17 @@ def _run(
 
 _F32 = np.dtype(np.float32)
 
-# The mask options of the fast path, by (head dimension, causal): made once, not per call.
-_FAST_OPTS: dict[tuple[int, bool], MaskOptions] = {}
+# The mask options of the fast path by head dimension, one table per value of `causal` (a
+# bool indexes them): made once, looked up without building a key.
+_FAST_OPTS: tuple[dict[int, MaskOptions], dict[int, MaskOptions]] = ({}, {})
 
 
 def _fast_options(d: int, causal: bool) -> MaskOptions:
-    opts = _FAST_OPTS.get((d, causal))
-    if opts is None:
-        if len(_FAST_OPTS) >= 64:  # head dimensions are few; keep the table small anyway
-            _FAST_OPTS.clear()
-        opts = MaskOptions(1.0 / math.sqrt(d), None, causal, False, None, None)
-        _FAST_OPTS[(d, causal)] = opts
+    """Make and keep the fast path's mask options for head dimension ``d``."""
+    table = _FAST_OPTS[causal]
+    if len(table) >= 64:  # head dimensions are few; keep the table small anyway
+        table.clear()
+    opts = table[d] = MaskOptions(1.0 / math.sqrt(d), None, causal, False, None, None)
     return opts
 
 
@@ -113,7 +113,11 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         return None
     for a in (q, k, v):
-        if a.dtype != _F32 or a.ndim != 4 or a.strides[3] != 4 or not a.flags.aligned:
+        # `is` first: NumPy's float32 dtype is one object, and `!=` costs a conversion.
+        dt = a.dtype
+        if (dt is not _F32 and dt != _F32) or a.ndim != 4 or a.strides[3] != 4:
+            return None
+        if not a.flags.aligned:
             return None
     d = q.shape[3]
     if d < 1:
@@ -122,7 +126,10 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
         result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
     except (MemoryError, ValueError):
         return None  # the general path reports it, by name
-    _ferroattn.attention(q, k, v, result, "float32", _fast_options(d, causal))
+    opts = _FAST_OPTS[causal].get(d)
+    if opts is None:
+        opts = _fast_options(d, causal)
+    _ferroattn.attention(q, k, v, result, "float32", opts)
     return result
 
 

@@ -652,7 +652,7 @@ class KVCache:
             result = out
             result.fill(0)
         # Every query of sequence b sees its first lengths[b] keys: right padding.
-        sequences = Sequences(kv_lengths=self._len.tolist())
+        sequences = Sequences(self._len.tolist())  # kv_lengths, its first field
         mask, encoding = opts
         _ferroattn.attention(
             q, self._k, self._v, result, code, mask, sequences=sequences, kv_encoding=encoding

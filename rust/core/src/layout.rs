@@ -131,7 +131,7 @@ impl Extent {
     }
 
     /// The number of elements from the lowest to the highest one, both included.
-    pub fn len(&self) -> usize {
+    pub fn elements(&self) -> usize {
         (self.hi as i128 - self.lo as i128 + 1) as usize
     }
 

@@ -21,16 +21,16 @@ fn empty_shapes_reach_nothing() {
 #[test]
 fn contiguous_and_single_elements() {
     let e = extent([2, 3, 4, 5], [60, 20, 5, 1]).unwrap();
-    assert_eq!((e.lo, e.hi, e.len()), (0, 119, 120));
+    assert_eq!((e.lo, e.hi, e.elements()), (0, 119, 120));
     assert!(e.fits(120, 0) && !e.fits(119, 0) && !e.fits(120, 1));
     let one = extent([1, 1, 1, 1], [isize::MAX, isize::MIN, 9, -9]).unwrap();
-    assert_eq!((one.lo, one.hi, one.len()), (0, 0, 1), "length-1 axes never step");
+    assert_eq!((one.lo, one.hi, one.elements()), (0, 0, 1), "length-1 axes never step");
 }
 
 #[test]
 fn negative_strides_reach_below_element_zero() {
     let e = extent([1, 1, 4, 3], [12, 12, -3, 1]).unwrap();
-    assert_eq!((e.lo, e.hi, e.len()), (-9, 2, 12));
+    assert_eq!((e.lo, e.hi, e.elements()), (-9, 2, 12));
     assert!(e.fits(12, 9), "element 0 at index 9: indices 0..12");
     assert!(!e.fits(12, 8) && !e.fits(11, 9));
     let x = [0.0f32; 12];
@@ -78,7 +78,7 @@ fn spans_beyond_any_buffer_are_errors() {
 fn the_largest_span_a_buffer_can_hold_is_exact() {
     // From isize::MIN / 2 to isize::MAX / 2 of bytes: hi - lo + 1 = isize::MAX, one byte each.
     let e = Extent::of("x", [2, 2, 1, 1], [isize::MIN / 2 + 1, isize::MAX / 2, 1, 1], 1).unwrap().unwrap();
-    assert_eq!(e.len(), isize::MAX as usize);
+    assert_eq!(e.elements(), isize::MAX as usize);
     assert!(!e.fits(usize::MAX, 0), "element 0 at offset 0 with elements below it");
     assert!(e.fits(isize::MAX as usize, (-e.lo) as usize));
 }

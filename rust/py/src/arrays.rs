@@ -91,7 +91,7 @@ impl Raw {
         let size = self.item_size() as isize;
         // In bounds of the allocation NumPy describes (`Extent::of` bounded its byte span).
         let start = self.base.wrapping_offset(e.lo * size) as usize;
-        Some((start, start.saturating_add(e.len() * self.item_size())))
+        Some((start, start.saturating_add(e.elements() * self.item_size())))
     }
 
     /// Refuses an output that shares memory with an input: the core would alias `&` and `&mut`.
@@ -109,7 +109,7 @@ impl Raw {
     /// index of element 0 among them (a null pointer and zeros when the array is empty).
     fn reach(&self) -> (*mut u8, usize, usize) {
         match self.extent {
-            Some(e) => (self.base.wrapping_offset(e.lo * self.item_size() as isize), e.len(), (-e.lo) as usize),
+            Some(e) => (self.base.wrapping_offset(e.lo * self.item_size() as isize), e.elements(), (-e.lo) as usize),
             None => (std::ptr::null_mut(), 0, 0),
         }
     }

@@ -45,15 +45,13 @@ fn attention<'py>(
         let rk = Raw::new("k", k, kv_dtype)?;
         let rv = Raw::new("v", v, kv_dtype)?;
         let ro = Raw::new("out", out, dtype)?;
-        let scales = |e: &KvEncodingArgs<'py>| -> Result<_, core::Error> {
-            let raw = |name, a: &Option<Bound<'py, PyUntypedArray>>| a.as_ref().map(|a| Raw::new(name, a, "float32"));
-            Ok((raw("k_scales", &e.k_scales).transpose()?, raw("v_scales", &e.v_scales).transpose()?))
-        };
-        let (rks, rvs) = kv_encoding.as_ref().map(scales).transpose()?.unwrap_or((None, None));
+        let scales = |name, a: Option<&Bound<'py, PyUntypedArray>>| a.map(|a| Raw::new(name, a, "float32")).transpose();
+        let encoding = kv_encoding.as_ref();
+        let rks = scales("k_scales", encoding.and_then(|e| e.k_scales.as_ref()))?;
+        let rvs = scales("v_scales", encoding.and_then(|e| e.v_scales.as_ref()))?;
         let variants = VariantBuffers::new(variants)?;
-        let inputs =
-            [Some(&rq), Some(&rk), Some(&rv), rks.as_ref(), rvs.as_ref(), variants.bias.as_ref(), variants.mask.as_ref()];
-        for input in inputs.into_iter().flatten() {
+        let optional = [&rks, &rvs, &variants.bias, &variants.mask];
+        for input in [&rq, &rk, &rv].into_iter().chain(optional.into_iter().flatten()) {
             ro.check_disjoint(input)?;
         }
         Ok((rq, rk, rv, ro, rks, rvs, variants))
