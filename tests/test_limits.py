@@ -100,6 +100,17 @@ def test_kernel_working_memory_beyond_the_machine_is_refused_by_name():
         _ferroattn.linear_attention(x, x, v, out, "float32")
 
 
+@pytest.mark.parametrize("stride", [2**62, -(2**62), 2**63 - 4])
+def test_strides_no_buffer_can_span_are_refused_not_read(stride):
+    # Strides NumPy takes on trust (as_strided) whose span exceeds any buffer: the binding
+    # bounds arrays in 128-bit arithmetic and refuses them before reading anything.
+    base = np.ones(4, F32)
+    q = np.lib.stride_tricks.as_strided(base, shape=(3, 1, 1, 4), strides=(stride, 0, 0, 4))
+    k = np.ones((3, 1, 1, 4), F32)
+    with pytest.raises(ValueError, match="q: .*spans more memory than a buffer can hold"):
+        ferroattn.attention(q, k, k)
+
+
 @pytest.mark.parametrize("window", [None, 4])
 @pytest.mark.parametrize("lengths", [None, [1, 1]])
 def test_step_that_fails_after_storing_is_undone(rng, monkeypatch, window, lengths):

@@ -160,19 +160,12 @@ pub(crate) fn check_extent(
 }
 
 /// The checks every view makes: a contiguous last axis, and every index inside the buffer.
-fn check_view(
-    name: &str,
-    len: usize,
-    offset: usize,
-    shape: [usize; 4],
-    strides: [isize; 4],
-    dtype: DType,
-) -> Result<()> {
+fn check_view(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4], dt: DType) -> Result<()> {
     ensure_shape!(
         shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
         "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
     );
-    check_extent(name, len, offset, shape, strides, dtype.size())
+    check_extent(name, len, offset, shape, strides, dt.size())
 }
 
 /// Checks that `q (B, Hq, Nq, D)`, `k (B, Hkv, Nk, D)` and `v (B, Hkv, Nk, Dv)` fit together:
