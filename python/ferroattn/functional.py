@@ -119,11 +119,11 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
             return None
         if not a.flags.aligned:
             return None
-    d = q.shape[3]
+    b, h, n, d = q.shape  # once: each `.shape` builds a tuple
     if d < 1:
         return None
     try:
-        result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
+        result = np.empty((b, h, n, v.shape[3]), dtype=_F32)
     except (MemoryError, ValueError):
         return None  # the general path reports it, by name
     opts = _FAST_OPTS[causal].get(d)
