@@ -12,7 +12,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -197,9 +197,13 @@ def check_packed(named: dict[str, Any]) -> None:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MaskOptions:
-    """Normalized mask and score options, as the binding takes them."""
+    """Normalized mask and score options, as the binding takes them (its ``mask``; slots, so
+    the binding reads each field without a dictionary lookup).
+
+    ``sink_keys``: the leading keys the window does not hide (a window cache's sinks).
+    """
 
     scale: float
     softcap: float | None
@@ -207,16 +211,23 @@ class MaskOptions:
     top_left: bool
     window_left: int | None
     window_right: int | None
+    sink_keys: int = 0
 
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "scale": self.scale,
-            "softcap": self.softcap,
-            "causal": self.causal,
-            "top_left": self.top_left,
-            "window_left": self.window_left,
-            "window_right": self.window_right,
-        }
+
+class Sequences(NamedTuple):
+    """Which queries see which keys, as the binding takes it (its ``sequences``): at most one
+    description; none means every query of a batch entry sees all of its keys.
+
+    Attributes:
+        kv_lengths: valid keys per batch entry (right padding).
+        cu_seqlens_q, cu_seqlens_k: packed sequences' cumulative lengths (together).
+        explicit: ``(batch, q_start, q_len, k_start, k_len)`` per sequence.
+    """
+
+    kv_lengths: list[int] | None = None
+    cu_seqlens_q: list[int] | None = None
+    cu_seqlens_k: list[int] | None = None
+    explicit: list[tuple[int, int, int, int, int]] | None = None
 
 
 # The largest finite float32: the kernels compute in float32, so an option or a bias beyond

@@ -9,6 +9,7 @@ object that does the few things that differ between array libraries. Two exist:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from . import _ferroattn
 from ._args import (
     MaskOptions,
+    Sequences,
     aligned_copy,
     as_array,
     check_out,
@@ -25,9 +27,26 @@ from ._args import (
 )
 from ._dispatch import tensor_among
 from ._memory import zeros
-from .variants import extras_kwargs
+from .variants import normalize_variants
 
-__all__ = ["CacheQuery", "CacheStorage", "NumpyStorage", "attend_sequences", "encode_numpy"]
+__all__ = [
+    "CacheQuery",
+    "CacheStorage",
+    "KVEncoding",
+    "NumpyStorage",
+    "attend_sequences",
+    "encode_numpy",
+]
+
+
+class KVEncoding(NamedTuple):
+    """The type the keys and values are stored in, as the binding takes it (its
+    ``kv_encoding``): ``kv_dtype`` a kernel dtype name; int8 comes with per-row float32 scales
+    of shape ``(B, Hkv, N, 1)``."""
+
+    kv_dtype: str
+    k_scales: np.ndarray | None = None
+    v_scales: np.ndarray | None = None
 
 
 class CacheQuery(NamedTuple):
@@ -159,7 +178,7 @@ class NumpyStorage:
 
     @staticmethod
     def check_terms(shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
-        extras_kwargs(shape4=shape4, ndim=4, **terms)
+        normalize_variants(shape4=shape4, ndim=4, **terms)
 
     encode = staticmethod(encode_numpy)
 
@@ -192,22 +211,25 @@ class NumpyStorage:
             and result.flags.aligned
         )
         target = result if direct else zeros("out (a float32 buffer for it)", shape, qk.dtype)
-        kwargs = query.opts.kwargs()
         shape4 = (shape[0], q.shape[1], q.shape[2], k.shape[2])
-        kwargs.update(extras_kwargs(shape4=shape4, ndim=4, **query.terms))
-        if scales is not None:
-            kwargs["k_scales"] = scales[0][..., None]
-            kwargs["v_scales"] = scales[1][..., None]
+        variants = normalize_variants(shape4=shape4, ndim=4, **query.terms)
+        if scales is None:
+            encoding = KVEncoding(query.code)
+        else:
+            encoding = KVEncoding(query.code, scales[0][..., None], scales[1][..., None])
+        opts = query.opts
+        if query.sink_keys:
+            opts = dataclasses.replace(opts, sink_keys=query.sink_keys)
         _ferroattn.attention(
             qk,
             k,
             v,
             target,
             qk.dtype.name,
-            kv_dtype=query.code,
-            sink_keys=query.sink_keys,
-            seqs=query.seqs,
-            **kwargs,
+            opts,
+            sequences=Sequences(explicit=query.seqs),
+            variants=variants,
+            kv_encoding=encoding,
         )
         if not direct:
             result[...] = target

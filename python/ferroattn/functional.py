@@ -10,6 +10,7 @@ import numpy as np
 from . import _dispatch, _ferroattn
 from ._args import (
     MaskOptions,
+    Sequences,
     as_array,
     as_is,
     check_cu_seqlens,
@@ -25,7 +26,7 @@ from ._args import (
     to_bhsd,
 )
 from ._memory import allocating, empty
-from .variants import T5Bias, extras_kwargs
+from .variants import T5Bias, Variants, normalize_variants
 
 Causal = bool | Literal["bottom_right", "top_left"]
 Window = int | tuple[int | None, int | None] | None
@@ -63,7 +64,8 @@ def _run(
     out4: np.ndarray,
     opts: MaskOptions,
     return_lse: bool,
-    **seqs: Any,
+    sequences: Sequences | None,
+    variants: Variants | None = None,
 ) -> np.ndarray | None:
     """Call the kernel, writing into ``out4`` when it is kernel-writable, else via a buffer."""
     direct = (
@@ -73,7 +75,15 @@ def _run(
     )
     target = out4 if direct else empty("out (a float32 buffer for it)", out4.shape, q4.dtype)
     lse = _ferroattn.attention(
-        q4, k4, v4, target, q4.dtype.name, return_lse=return_lse, **opts.kwargs(), **seqs
+        q4,
+        k4,
+        v4,
+        target,
+        q4.dtype.name,
+        opts,
+        sequences=sequences,
+        variants=variants,
+        return_lse=return_lse,
     )
     if not direct:
         out4[...] = target
@@ -81,6 +91,19 @@ def _run(
 
 
 _F32 = np.dtype(np.float32)
+
+# The mask options of the fast path by head dimension, one table per value of `causal` (a
+# bool indexes them): made once, looked up without building a key.
+_FAST_OPTS: tuple[dict[int, MaskOptions], dict[int, MaskOptions]] = ({}, {})
+
+
+def _fast_options(d: int, causal: bool) -> MaskOptions:
+    """Make and keep the fast path's mask options for head dimension ``d``."""
+    table = _FAST_OPTS[causal]
+    if len(table) >= 64:  # head dimensions are few; keep the table small anyway
+        table.clear()
+    opts = table[d] = MaskOptions(1.0 / math.sqrt(d), None, causal, False, None, None)
+    return opts
 
 
 def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
@@ -90,16 +113,23 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         return None
     for a in (q, k, v):
-        if a.dtype != _F32 or a.ndim != 4 or a.strides[3] != 4 or not a.flags.aligned:
+        # `is` first: NumPy's float32 dtype is one object, and `!=` costs a conversion.
+        dt = a.dtype
+        if (dt is not _F32 and dt != _F32) or a.ndim != 4 or a.strides[3] != 4:
             return None
-    d = q.shape[3]
+        if not a.flags.aligned:
+            return None
+    b, h, n, d = q.shape  # once: each `.shape` builds a tuple
     if d < 1 or k.shape[1] < 1:
         return None  # the general path names what is wrong (the kernels take Hq = Hkv = 0)
     try:
-        result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
+        result = np.empty((b, h, n, v.shape[3]), dtype=_F32)
     except (MemoryError, ValueError):
         return None  # the general path reports it, by name
-    _ferroattn.attention(q, k, v, result, "float32", scale=1.0 / math.sqrt(d), causal=causal)
+    opts = _FAST_OPTS[causal].get(d)
+    if opts is None:
+        opts = _fast_options(d, causal)
+    _ferroattn.attention(q, k, v, result, "float32", opts)
     return result
 
 
@@ -251,7 +281,7 @@ def attention(
     b, hq, nq, _ = q4.shape
     opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, k4.shape[2])
-    extras = extras_kwargs(
+    variants = normalize_variants(
         shape4=(b, hq, nq, k4.shape[2]),
         ndim=ndim,
         mask=mask,
@@ -270,9 +300,9 @@ def attention(
         check_out(out, user_shape, dtype, arrays)
         result = out
     q4, k4, v4 = kernel_views(q4, k4, v4)
-    lse = _run(
-        q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens, **extras
-    )
+    sequences = None if lens is None else Sequences(kv_lengths=lens)
+    out4 = to_bhsd("out", result, layout)
+    lse = _run(q4, k4, v4, out4, opts, return_lse, sequences, variants)
     if not return_lse:
         return result
     assert lse is not None
@@ -345,7 +375,8 @@ def attention_varlen(
         check_out(out, user_shape, dtype, arrays)
         result = out
     q4, k4, v4 = kernel_views(q4, k4, v4)
-    lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck))
+    sequences = Sequences(cu_seqlens_q=cq, cu_seqlens_k=ck)
+    lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, sequences)
     if not return_lse:
         return result
     assert lse is not None
@@ -414,7 +445,7 @@ def attention_weights(
     nk = k4.shape[2]
     opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, nk)
-    extras = extras_kwargs(
+    variants = normalize_variants(
         shape4=(b, hq, nq, nk),
         ndim=ndim,
         mask=mask,
@@ -426,8 +457,9 @@ def attention_weights(
         block_size=block_size,
     )
     q4, k4 = kernel_views(q4, k4)
+    sequences = None if lens is None else Sequences(kv_lengths=lens)
     flat = _ferroattn.attention_weights(
-        q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs(), **extras
+        q4, k4, q4.dtype.name, opts, sequences=sequences, variants=variants
     )
     w: np.ndarray = flat.reshape(b, hq, nq, nk)
     w = w.reshape(w.shape[4 - ndim :])

@@ -19,10 +19,11 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _ferroattn
-from ._args import NATIVE_CODES, MaskOptions, check_dtypes, mask_options
+from ._args import NATIVE_CODES, MaskOptions, Sequences, check_dtypes, mask_options
 from ._cache_storage import (
     CacheQuery,
     CacheStorage,
+    KVEncoding,
     NumpyStorage,
     attend_sequences,
     encode_numpy,
@@ -190,7 +191,7 @@ class KVCache:
         # Decoding calls the same few options every step: see `_plain_call`. The kernels read
         # NumPy storage directly, so only it has that path.
         self._plain = isinstance(self._store, NumpyStorage) and window is None
-        self._plain_opts: dict[tuple[Any, Any], dict[str, Any]] = {}
+        self._plain_opts: dict[tuple[Any, Any], tuple[MaskOptions, KVEncoding]] = {}
 
     # ----------------------------------------------------------------- facts
 
@@ -664,7 +665,9 @@ class KVCache:
     # (None/False, nothing changed) for everything else, which the general path then
     # validates and runs.
 
-    def _plain_call(self, q: Any, scale: Any, softcap: Any) -> tuple[str, dict[str, Any]] | None:
+    def _plain_call(
+        self, q: Any, scale: Any, softcap: Any
+    ) -> tuple[str, tuple[MaskOptions, KVEncoding]] | None:
         """q's kernel dtype and the binding's options when the plain path takes this call."""
         if not self._plain or type(q) is not np.ndarray or q.ndim != 4:
             return None
@@ -686,13 +689,14 @@ class KVCache:
         key = (scale, softcap)
         opts = self._plain_opts.get(key)
         if opts is None:
-            every = mask_options(
+            mask = mask_options(
                 head_dim=self.head_dim, causal=True, window=None, scale=scale, softcap=softcap
-            ).kwargs()
-            # The binding's defaults (None, False) need not be matched by name every call.
-            opts = {name: x for name, x in every.items() if x is not None and x is not False}
+            )
             if self._code == "int8":
-                opts["k_scales"], opts["v_scales"] = self._ks[..., None], self._vs[..., None]
+                encoding = KVEncoding(self._code, self._ks[..., None], self._vs[..., None])
+            else:
+                encoding = KVEncoding(self._code)
+            opts = (mask, encoding)
             if len(self._plain_opts) >= 8:  # a caller that varies the scale every call
                 self._plain_opts.clear()
             self._plain_opts[key] = opts
@@ -712,10 +716,12 @@ class KVCache:
         )
 
     def _attend_plain(
-        self, q: np.ndarray, code: str, opts: dict[str, Any], out: np.ndarray | None = None
+        self,
+        q: np.ndarray,
+        code: str,
+        opts: tuple[MaskOptions, KVEncoding],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        t = q.shape[2]
-        seqs = [(b, 0, t, 0, n) for b, n in enumerate(self._len.tolist())]
         if out is None:
             try:
                 result = np.zeros(self._result_shape(q), dtype=q.dtype)
@@ -724,8 +730,11 @@ class KVCache:
         else:
             result = out
             result.fill(0)
+        # Every query of sequence b sees its first lengths[b] keys: right padding.
+        sequences = Sequences(self._len.tolist())  # kv_lengths, its first field
+        mask, encoding = opts
         _ferroattn.attention(
-            q, self._k, self._v, result, code, kv_dtype=self._code, sink_keys=0, seqs=seqs, **opts
+            q, self._k, self._v, result, code, mask, sequences=sequences, kv_encoding=encoding
         )
         return result
 

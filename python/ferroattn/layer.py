@@ -14,7 +14,7 @@ from ._dispatch import on_tensor_views, tensor_among, to_numpy
 from .functional import Causal, Window, attention, attention_varlen
 from .kv_cache import KVCache
 from .rope import rope
-from .variants import T5Bias, extras_kwargs
+from .variants import T5Bias, normalize_variants
 
 __all__ = ["SelfAttention"]
 
@@ -223,7 +223,7 @@ class SelfAttention:
         self.softcap = softcap
         self.scale = scale
         # Score terms (see ferroattn.attention), checked once here.
-        extras_kwargs(
+        normalize_variants(
             shape4=(1, h, 1, 1), ndim=4, alibi_slopes=alibi_slopes, sinks=sinks, rel_bias=rel_bias
         )
         self.alibi_slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, np.float32)

@@ -43,7 +43,7 @@ from ._args import (
     mask_options,
     prepare,
 )
-from .variants import T5Bias, check_dense_term, extras_kwargs
+from .variants import T5Bias, check_dense_term, normalize_variants
 
 __all__ = ["TorchStorage", "from_numpy", "is_tensor", "numpy_call", "to_numpy"]
 
@@ -222,11 +222,11 @@ def _check_out(out: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Non
         raise ValueError(f"out is on {out.device}, expected {device}")
 
 
-def _validate_extras(shape4: tuple[int, int, int, int], ndim: int, aux: dict[str, Any]) -> None:
+def _validate_variants(shape4: tuple[int, int, int, int], ndim: int, aux: dict[str, Any]) -> None:
     """The NumPy path's checks of the score terms, so both paths raise the same errors; the
     dense ones (mask, bias) are judged by shape and dtype where they are, not copied over."""
     small = {n: aux[n] for n in ("alibi_slopes", "sinks", "rel_bias", "block_layout")}
-    extras_kwargs(
+    normalize_variants(
         shape4=shape4,
         ndim=ndim,
         block_size=aux["block_size"],
@@ -474,7 +474,7 @@ def attention(
         "block_layout": block_layout,
         "block_size": block_size,
     }
-    _validate_extras((b, hq, nq, nk), ndim, aux)
+    _validate_variants((b, hq, nq, nk), ndim, aux)
     user_shape = from_bhsd_shape((b, hq, nq, v4.shape[3]), ndim, layout)
     if out is not None:
         _check_out(out, user_shape, dtype, q.device)
@@ -566,7 +566,7 @@ def attention_weights(
         "block_layout": block_layout,
         "block_size": block_size,
     }
-    _validate_extras((b, hq, nq, nk), ndim, aux)
+    _validate_variants((b, hq, nq, nk), ndim, aux)
     scoring = _Scoring((b, hq, nq, nk), q4.device, opts, lens, aux)
     w = torch.empty((b, hq, nq, nk), dtype=torch.float32, device=q4.device)
     for i0, i1 in _chunks((b, hq, nq, nk)):
@@ -637,7 +637,7 @@ class TorchStorage:
 
     def check_terms(self, shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
         aux = {"mask": None, "bias": None, "block_layout": None, "block_size": None, **terms}
-        _validate_extras(shape4, 4, aux)
+        _validate_variants(shape4, 4, aux)
 
     def encode(self, x: Any, code: str, dtype: np.dtype) -> tuple[Any, Any]:
         if code != "int8":
@@ -663,7 +663,7 @@ class TorchStorage:
             result.zero_()
         aux = {"mask": None, "bias": None, "block_layout": None, "block_size": None}
         aux.update(query.terms)
-        _validate_extras((query.shape[0], q.shape[1], q.shape[2], k.shape[2]), 4, aux)
+        _validate_variants((query.shape[0], q.shape[1], q.shape[2], k.shape[2]), 4, aux)
         for b, q0, q1, k0, k1 in query.seqs:
             kb, vb = k[b : b + 1, :, k0:k1], v[b : b + 1, :, k0:k1]
             if scales is not None:

@@ -167,7 +167,7 @@ pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> Vis {
     if p.causal {
         hi = hi.min(pos.saturating_add(1));
     }
-    // Sinks obey causality and the key length, not the window.
+    // Sink keys obey causality and the key length, not the window.
     let sink = wide(p.sink_keys).min(hi).max(0) as usize;
     if let Some(left) = p.window.0 {
         lo = lo.max(pos.saturating_sub(wide(left)));

@@ -70,7 +70,8 @@ pub fn forget_pool_after_fork() {
 /// task, spinning, and returns without the ones that have not started (they find the call
 /// closed and leave). A rayon scope instead parked the caller until every helper had run, and
 /// a parked virtual CPU took 50–70 µs to come back after a 4096-token decode step here, and a
-/// helper woken late held a call 1.3 ms past its work (`benches/NOTES.md`).
+/// helper woken late held a call 1.3 ms past its work (`docs/performance.md`, "Caller's thread
+/// in for_each").
 pub(crate) fn for_each<T, I, F>(n: usize, init: I, f: F)
 where
     I: Fn() -> T + Sync,

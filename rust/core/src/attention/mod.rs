@@ -16,7 +16,7 @@
 //! dots     dot-product score kernels  ·  online  the online softmax  ·  output  rows and LSE out
 //! ```
 //!
-//! (Besides, they use the crate's `simd`, `gemm`, `layout`, `mask` and `extras`.)
+//! (Besides, they use the crate's `simd`, `gemm`, `layout`, `mask` and `variants`.)
 
 mod decode;
 mod dots;
@@ -28,12 +28,12 @@ mod tile;
 mod weights;
 
 use crate::error::{ensure_shape, Error, Result};
-use crate::extras::Extras;
 use crate::layout::{check_qkv, DType, Strided, StridedMut};
 use crate::mask::{visible, Params, Sequence};
 use crate::memory::{mul, product, with_capacity, zeroed, Alloc, NoMemory};
 use crate::parallel;
 use crate::simd::Isa;
+use crate::variants::Variants;
 use decode::Part;
 use output::{LsePtr, Output};
 use rayon::prelude::*;
@@ -74,14 +74,14 @@ fn longest_first(ctx: &Ctx, work: &[Task]) -> Alloc<Vec<usize>> {
     Ok(order)
 }
 
-/// The checks every entry point makes: options, q/k/v shapes, sequences, extras.
+/// The checks every entry point makes: options, q/k/v shapes, sequences, variants.
 fn check_inputs(
     q: &Strided,
     k: &Strided,
     v_shape: [usize; 4],
     seqs: &[Sequence],
     params: &Params,
-    extras: &Extras,
+    variants: &Variants,
 ) -> Result<()> {
     params.validate()?;
     check_qkv(q.shape(), k.shape(), v_shape)?;
@@ -95,7 +95,7 @@ fn check_inputs(
             k.shape()
         );
     }
-    extras.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])
+    variants.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])
 }
 
 /// The checks of [`attention_with`]: [`check_inputs`], then the output shape, dtypes,
@@ -109,9 +109,9 @@ fn check_attention(
     lse_len: Option<usize>,
     seqs: &[Sequence],
     params: &Params,
-    extras: &Extras,
+    variants: &Variants,
 ) -> Result<()> {
-    check_inputs(q, k, v.shape(), seqs, params, extras)?;
+    check_inputs(q, k, v.shape(), seqs, params, variants)?;
     let [b, hq, sq, _] = q.shape();
     let dv = v.shape()[3];
     ensure_shape!(out.shape() == [b, hq, sq, dv], "out has shape {:?}, expected {:?}", out.shape(), [b, hq, sq, dv]);
@@ -198,10 +198,10 @@ pub fn attention(
     seqs: &[Sequence],
     params: &Params,
 ) -> Result<()> {
-    attention_with(q, k, v, out, lse, seqs, params, &Extras::default())
+    attention_with(q, k, v, out, lse, seqs, params, &Variants::default())
 }
 
-/// [`attention`] with biases, masks, block-sparse layouts or sinks (see [`Extras`]; their
+/// [`attention`] with biases, masks, block-sparse layouts or sinks (see [`Variants`]; their
 /// `(B, H, Nq, Nk)` indices are the tensors' own).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_with(
@@ -212,16 +212,16 @@ pub fn attention_with(
     lse: Option<&mut [f32]>,
     seqs: &[Sequence],
     params: &Params,
-    extras: &Extras,
+    variants: &Variants,
 ) -> Result<()> {
-    check_attention(q, k, v, out, lse.as_deref().map(<[f32]>::len), seqs, params, extras)?;
+    check_attention(q, k, v, out, lse.as_deref().map(<[f32]>::len), seqs, params, variants)?;
     let [_, hq, sq, d] = q.shape();
     let (hkv, dv) = (k.shape()[1], v.shape()[3]);
     if hq == 0 || seqs.is_empty() {
         return Ok(());
     }
     let plan = Plan::new(hq / hkv, d, dv, seqs);
-    let ctx = Ctx { q, k, v: Some(v), seqs, params, extras, plan };
+    let ctx = Ctx { q, k, v: Some(v), seqs, params, variants, plan };
     let lse = lse.map(|buf| LsePtr(buf.as_mut_ptr()));
     let lse_dims = [product("q (its log-sum-exp)", &[("Hq", hq), ("Nq", sq)])?, sq, 1];
     let out = Output { rows: out.rows(), lse, lse_dims };
@@ -302,19 +302,19 @@ pub fn attention_weights(
     seqs: &[Sequence],
     params: &Params,
 ) -> Result<()> {
-    attention_weights_with(q, k, weights, seqs, params, &Extras::default())
+    attention_weights_with(q, k, weights, seqs, params, &Variants::default())
 }
 
-/// [`attention_weights`] with [`Extras`].
+/// [`attention_weights`] with [`Variants`].
 pub fn attention_weights_with(
     q: &Strided,
     k: &Strided,
     weights: &mut [f32],
     seqs: &[Sequence],
     params: &Params,
-    extras: &Extras,
+    variants: &Variants,
 ) -> Result<()> {
-    check_inputs(q, k, k.shape(), seqs, params, extras)?;
+    check_inputs(q, k, k.shape(), seqs, params, variants)?;
     k.check_readable("k")?;
     let [b, hq, sq, d] = q.shape();
     let [_, hkv, sk, _] = k.shape();
@@ -326,7 +326,7 @@ pub fn attention_weights_with(
     // Each at most `total` (B ≥ 1 where there are sequences).
     let dims = [hq * sq * sk, sq * sk, sk];
     let plan = Plan::new(hq / hkv, d, d, seqs);
-    let ctx = Ctx { q, k, v: None, seqs, params, extras, plan };
+    let ctx = Ctx { q, k, v: None, seqs, params, variants, plan };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims };
     run_weights(&ctx, &dest, is_small(seqs, hq, 2 * d)).map_err(|e| e.named(WEIGHTS_MEMORY))
 }

@@ -76,7 +76,7 @@ unsafe fn accumulate<S: Simd>(
     kmax: usize,
 ) -> Alloc<()> {
     let bc = ctx.plan.bc;
-    ctx.extras.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
+    ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
     let step = decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
     let mut k0 = kmin;
     while k0 < kmax {
@@ -104,7 +104,7 @@ fn write_rows(ctx: &Ctx, out: &Output, task: &Task, sc: &mut Scratch, dims: &Dim
     let seq = &ctx.seqs[task.seq];
     for r in 0..dims.rows {
         let (h, i) = row_of(&ctx.plan, task, r);
-        let lse = sc.soft.finish(r, dv, dvp, &mut sc.row[..dv], ctx.extras.sink(h));
+        let lse = sc.soft.finish(r, dv, dvp, &mut sc.row[..dv], ctx.variants.sink(h));
         // SAFETY: this task is the only writer of its rows.
         unsafe { out.write(seq, h, seq.q_start + i, &sc.row[..dv], lse) };
     }

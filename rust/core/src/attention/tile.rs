@@ -12,16 +12,16 @@
 
 use super::dots::{dots, dots_from};
 use super::online::Online;
-use crate::extras::{Extras, RowAt, TileFacts};
 use crate::gemm::{gemm, stream_rows, A, B, C};
 use crate::layout::{Strided, TypedRows};
 use crate::mask::{position, visible, Params, Sequence, Vis};
 use crate::memory::{filled, mul, zeroed, Alloc, NoMemory};
 use crate::simd::{elem::Elem, round_up, Prefetch, Simd, MAX_LANES};
+use crate::variants::{RowAt, TileFacts, Variants};
 use half::{bf16, f16};
 
 /// Query rows per task (all heads of a group together) and keys per tile. Measured on a 2-core
-/// AVX2 machine (benches/NOTES.md): 64–128 rows and 64–256 keys are within 3% of each other;
+/// AVX2 machine (`docs/performance.md`, "Tile sizes ROWS and KEYS"): 64–128 rows and 64–256 keys are within 3% of each other;
 /// 64 rows keep enough tasks for balance, 128 keys amortize the per-tile softmax bookkeeping.
 const ROWS: usize = 64;
 const KEYS: usize = 128;
@@ -73,7 +73,7 @@ pub(crate) struct Ctx<'a> {
     pub v: Option<&'a Strided<'a>>,
     pub seqs: &'a [Sequence],
     pub params: &'a Params,
-    pub extras: &'a Extras<'a>,
+    pub variants: &'a Variants<'a>,
     pub plan: Plan,
 }
 
@@ -315,10 +315,10 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
 }
 
 /// Whether the masks let no row of the task see any key of `k0..k0 + kn` (the tile is then
-/// skipped); `ctx.extras.scan` must have covered the tile.
+/// skipped); `ctx.variants.scan` must have covered the tile.
 #[inline(always)]
 pub(crate) fn tile_is_dead(ctx: &Ctx, sc: &Scratch, dims: &Dims, k0: usize, kn: usize) -> bool {
-    ctx.extras.masks() && !ctx.extras.tile_live(&sc.q.at[..dims.rows], k0, kn, sc.s.facts.tile(k0))
+    ctx.variants.masks() && !ctx.variants.tile_live(&sc.q.at[..dims.rows], k0, kn, sc.s.facts.tile(k0))
 }
 
 /// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.s.st`: softcapped, and −∞
@@ -419,7 +419,7 @@ pub(crate) fn mask_tile(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, k0: usize, kn:
         }
     }
     let facts = sc.s.facts.tile(k0);
-    masked |= ctx.extras.apply(&sc.q.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E, facts);
+    masked |= ctx.variants.apply(&sc.q.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E, facts);
     sc.s.masked = masked;
 }
 

@@ -55,12 +55,12 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) -
             // A sink takes its share of every row's probability mass.
             for r in 0..dims.rows {
                 let (h, _) = row_of(&plan, task, r);
-                let (m, l, _) = with_sink(sc.soft.m[r], sc.soft.l[r], ctx.extras.sink(h));
+                let (m, l, _) = with_sink(sc.soft.m[r], sc.soft.l[r], ctx.variants.sink(h));
                 (sc.soft.m[r], sc.soft.l[r]) = (m, l);
             }
         }
         for &(kmin, kmax) in &ranges {
-            ctx.extras.scan(&sc.q.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.s.facts);
+            ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.s.facts);
             let mut k0 = kmin;
             while k0 < kmax {
                 let kn = plan.bc.min(kmax - k0);

@@ -3,7 +3,7 @@
 //! Kernels are written once, generic over [`Simd`], and marked `#[inline(always)]`; each ISA gets
 //! a `#[target_feature]` entry point that instantiates them (the table in `dispatch`), so one
 //! binary built for the baseline target runs the best path the CPU offers. The path is chosen
-//! once per process ([`Isa::active`]); `FERROATTN_ISA=scalar|avx2|avx512|neon` forces a path
+//! once per process ([`Isa::active`]); `FERROATTN_ISA=scalar|avx2|avx512` forces a path
 //! (lower ones only: a path the CPU lacks is refused and the best available one is used instead).
 //! Intrinsics beyond the [`Simd`] trait that one kernel needs (the VNNI integer products) live
 //! here too, in their own files, so the algorithms hold no architecture-specific code.
@@ -205,10 +205,11 @@ const HINT_L2: i32 = 0;
 
 /// How far ahead of its use a row of a stream read in order is requested, in bytes of the
 /// stream. The best distance depends on the core's prefetchers, so it is picked by vendor from
-/// measurements with 128-wide heads (`benches/NOTES.md`): on Zen 4, 8 KiB beat 4 and 16 KiB;
-/// on a Xeon with AVX-512 and AMX, 3 KiB beat 2, 4 and 8 KiB (GQA float caches 11–17% faster
-/// than at 8 KiB, int8 level; one-row fp32 and fp16 streams 12–20% slower at 6–8 KiB, int8 up to
-/// 4% faster).
+/// measurements with 128-wide heads (`docs/performance.md`, "Stream requests and their
+/// distance by vendor"): on Zen 4, 8 KiB beat 4 and 16 KiB; on a Xeon with AVX-512 and AMX,
+/// 3 KiB beat 2, 4 and 8 KiB (GQA float caches 11–17% faster than at 8 KiB, int8 level;
+/// one-row fp32 and fp16 streams 12–20% slower at 6–8 KiB, int8 up to 4% faster: "One-row
+/// streams and ONE_ROW_KEYS").
 fn stream_ahead_bytes() -> usize {
     static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *AHEAD.get_or_init(|| if intel() { 3 << 10 } else { 8 << 10 })
