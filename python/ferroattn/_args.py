@@ -413,3 +413,14 @@ def check_out(
     for name, a in zip(("q", "k", "v"), inputs, strict=False):
         if np.may_share_memory(out, a):
             raise ValueError(f"out must not share memory with {name}")
+
+
+def output_array(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]
+) -> np.ndarray:
+    """The array a call writes its result into: the caller's ``out=``, checked (see
+    :func:`check_out`), or a new one of ``shape`` and ``dtype``."""
+    if out is None:
+        return empty("the output of q, k and v", shape, dtype)
+    check_out(out, shape, dtype, inputs)
+    return out

@@ -16,12 +16,12 @@ from ._args import (
     check_cu_seqlens,
     check_flag,
     check_kv_lengths,
-    check_out,
     check_packed,
     dtype_code,
     from_bhsd_shape,
     kernel_views,
     mask_options,
+    output_array,
     prepare,
     to_bhsd,
 )
@@ -294,11 +294,7 @@ def attention(
     )
     shape4 = (b, hq, nq, v4.shape[3])
     user_shape = from_bhsd_shape(shape4, ndim, layout)
-    if out is None:
-        result = empty("the output of q, k and v", user_shape, dtype)
-    else:
-        check_out(out, user_shape, dtype, arrays)
-        result = out
+    result = output_array(out, user_shape, dtype, arrays)
     q4, k4, v4 = kernel_views(q4, k4, v4)
     sequences = None if lens is None else Sequences(kv_lengths=lens)
     out4 = to_bhsd("out", result, layout)
@@ -369,11 +365,7 @@ def attention_varlen(
     opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
     cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q4.shape[2], k4.shape[2])
     user_shape = (total_q, hq, v4.shape[3])
-    if out is None:
-        result = empty("the output of q, k and v", user_shape, dtype)
-    else:
-        check_out(out, user_shape, dtype, arrays)
-        result = out
+    result = output_array(out, user_shape, dtype, arrays)
     q4, k4, v4 = kernel_views(q4, k4, v4)
     sequences = Sequences(cu_seqlens_q=cq, cu_seqlens_k=ck)
     lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, sequences)
