@@ -28,6 +28,7 @@ mod layout;
 mod linear;
 mod mask;
 mod parallel;
+mod precision;
 mod quant;
 mod simd;
 
@@ -38,5 +39,6 @@ pub use layout::{DType, Elems, ElemsMut, Strided, StridedMut};
 pub use linear::{linear_attention, FeatureMap, LinearParams, LinearState};
 pub use mask::{padded_sequences, varlen_sequences, Align, Params, Sequence};
 pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads};
+pub use precision::Precision;
 pub use quant::quantize_int8;
-pub use simd::{cpu_features, stream_requests, Isa};
+pub use simd::{bf16_dot, cpu_features, stream_requests, Isa};

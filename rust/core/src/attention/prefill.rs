@@ -5,6 +5,7 @@
 //! (f16, bf16 and int8 read in place when the tile is fully visible, else converted into a
 //! buffer once per tile; f32 read in place), and values holding NaN or ∞ behind a mask.
 
+use super::paired;
 use super::tile::{pv_transposed, score_tile, tile_buffer, widen_rows, Ctx, Dims, Scratch, Task};
 use crate::gemm::{gemm, A, B, C};
 use crate::layout::TypedRows;
@@ -18,6 +19,12 @@ use crate::simd::Simd;
 pub(crate) unsafe fn tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
     // SAFETY: forwarded; Sᵀ holds a whole tile.
     unsafe {
+        // Where the CPU multiplies bf16 pairs, the same step on them (see `paired`).
+        if let Some(mode) = ctx.paired {
+            if paired::tile::<S>(ctx, task, sc, dims, k0, kn, mode) {
+                return;
+            }
+        }
         score_tile::<S>(ctx, task, sc, dims, k0, kn);
         sc.soft.update_cols::<S>(&mut sc.s.st, dims.rows_p, dims.cols, kn);
         sc.soft.rescale(dims.rows, dims.dvp);
@@ -30,7 +37,7 @@ pub(crate) unsafe fn tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dim
 /// # Safety
 /// As for [`tile`].
 #[inline(always)]
-unsafe fn add_pv<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+pub(crate) unsafe fn add_pv<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
     let plan = ctx.plan;
     let (rows_p, dvp, dv) = (dims.rows_p, dims.dvp, plan.dv);
     let seq = &ctx.seqs[task.seq];
