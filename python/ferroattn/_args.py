@@ -207,9 +207,10 @@ class MaskOptions:
     top_left: bool
     window_left: int | None
     window_right: int | None
+    precision: str = "highest"
 
     def kwargs(self) -> dict[str, Any]:
-        return {
+        kw: dict[str, Any] = {
             "scale": self.scale,
             "softcap": self.softcap,
             "causal": self.causal,
@@ -217,6 +218,10 @@ class MaskOptions:
             "window_left": self.window_left,
             "window_right": self.window_right,
         }
+        # Only attention takes it (and "highest" is the binding's default).
+        if self.precision != "highest":
+            kw["precision"] = self.precision
+        return kw
 
 
 # The largest finite float32: the kernels compute in float32, so an option or a bias beyond
@@ -262,8 +267,10 @@ def mask_options(
     scale: Any,
     softcap: Any,
     span: int = _FAR,
+    precision: str = "highest",
 ) -> MaskOptions:
-    """Validate ``causal``, ``window``, ``scale`` and ``softcap``.
+    """Validate ``causal``, ``window``, ``scale`` and ``softcap``; ``precision`` is one
+    that :func:`ferroattn.precision.check_precision` returned.
 
     ``span``: ``max(Nq, Nk)`` when known. A window side of at least that many tokens sees
     every key a side can reach, so it is passed on as unbounded (exactly the same mask), and
@@ -320,7 +327,7 @@ def mask_options(
                 f"softcap must be a positive number within float32's range, got {softcap!r}"
             )
 
-    return MaskOptions(scale_f, cap, is_causal, top_left, left, right)
+    return MaskOptions(scale_f, cap, is_causal, top_left, left, right, precision)
 
 
 def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:

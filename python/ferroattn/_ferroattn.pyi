@@ -34,6 +34,7 @@ def attention(
     bias: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     blocks: tuple[list[int], int, int, int, int] | None = None,
+    precision: str = "highest",
 ) -> npt.NDArray[np.float32] | None: ...
 def attention_weights(
     q: np.ndarray,

@@ -28,6 +28,7 @@ fn options(
     window_left: Option<usize>,
     window_right: Option<usize>,
     sink_keys: usize,
+    precision: &str,
 ) -> Options {
     let mut params = core::Params::new(scale as f32);
     params.softcap = softcap.map(|c| c as f32);
@@ -35,6 +36,8 @@ fn options(
     params.align = if top_left { core::Align::TopLeft } else { core::Align::BottomRight };
     params.window = (window_left, window_right);
     params.sink_keys = sink_keys;
+    // The Python layer validated the name; anything else keeps f32 products.
+    params.precision = core::Precision::from_name(precision).unwrap_or_default();
     Options { params }
 }
 
@@ -129,7 +132,7 @@ fn sequences(
 #[pyo3(signature = (q, k, v, out, dtype, *, scale, kv_dtype=None, k_scales=None, v_scales=None, softcap=None,
                     causal=false, top_left=false, window_left=None, window_right=None, sink_keys=0,
                     kv_lengths=None, cu_seqlens=None, seqs=None, return_lse=false, alibi_slopes=None,
-                    sinks=None, rel_bias=None, bias=None, mask=None, blocks=None))]
+                    sinks=None, rel_bias=None, bias=None, mask=None, blocks=None, precision="highest"))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -158,6 +161,7 @@ fn attention<'py>(
     bias: Option<&Bound<'py, PyUntypedArray>>,
     mask: Option<&Bound<'py, PyUntypedArray>>,
     blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
+    precision: &str,
 ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
     let kv_dtype = kv_dtype.unwrap_or(dtype);
     let convert = || -> Result<_, core::Error> {
@@ -176,7 +180,7 @@ fn attention<'py>(
         Ok((rq, rk, rv, ro, rks, rvs, extras))
     };
     let (rq, rk, rv, ro, rks, rvs, extras) = convert().map_err(errors::to_py)?;
-    let opts = options(scale, softcap, causal, top_left, window_left, window_right, sink_keys);
+    let opts = options(scale, softcap, causal, top_left, window_left, window_right, sink_keys, precision);
     let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
     let (hkv, dv) = (k.shape().get(1).copied().unwrap_or(0), v.shape().get(3).copied().unwrap_or(0));
     let sizes = || -> Result<_, core::Error> {
@@ -250,7 +254,7 @@ fn attention_weights<'py>(
         Ok((rq, rk, extras_args(alibi_slopes, sinks, rel_bias, bias, mask, blocks)?))
     };
     let (rq, rk, extras) = convert().map_err(errors::to_py)?;
-    let opts = options(scale, softcap, causal, top_left, window_left, window_right, 0);
+    let opts = options(scale, softcap, causal, top_left, window_left, window_right, 0, "highest");
     let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
     let (hkv, sk) = (k.shape().get(1).copied().unwrap_or(0), k.shape().get(2).copied().unwrap_or(0));
     let weights = py.detach(|| {
@@ -314,6 +318,8 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("stream_prefetch_bytes", ahead)?;
     d.set_item("one_row_stream_prefetch", one_row)?;
     d.set_item("arch", std::env::consts::ARCH)?;
+    d.set_item("bf16_dot", core::bf16_dot())?;
+    d.set_item("amx", false)?;
     Ok(d)
 }
 
