@@ -234,7 +234,9 @@ class SelfAttention:
         self.alibi_slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, np.float32)
         self.sinks = None if sinks is None else np.asarray(sinks, np.float32)
         self.rel_bias = rel_bias
-        self.precision = None if precision is None else check_precision(precision)
+        self.precision: Precision | None = None
+        if precision is not None:
+            self.precision = cast(Precision, check_precision(precision))
 
     # ------------------------------------------------------------------ weights
 

@@ -85,7 +85,13 @@ pub(crate) unsafe fn pack_rows(src: Rows, n: usize, d: usize, terms: usize, side
             let out = dst.add(j * ld);
             for c in (0..d).step_by(16) {
                 let m = lanes(d, c);
-                let (hi, lo) = split(load_row(src, j, c, d));
+                let x = load_row(src, j, c, d);
+                if terms == 1 {
+                    let hi: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(x));
+                    _mm256_mask_storeu_epi16(out.add(c) as *mut i16, m, hi);
+                    continue;
+                }
+                let (hi, lo) = split(x);
                 for t in 0..terms {
                     let part = if side.low(t) { lo } else { hi };
                     _mm256_mask_storeu_epi16(out.add(t * dp + c) as *mut i16, m, part);
@@ -123,6 +129,7 @@ pub(crate) unsafe fn pack_row_pairs(
     let half = n.div_ceil(2);
     // SAFETY: every access stays inside the extents the caller vouched for.
     unsafe {
+        let idx = _mm512_loadu_si512(INTERLEAVE.as_ptr() as *const __m512i);
         for jp in 0..half {
             let j = 2 * jp;
             for c in (0..wp).step_by(16) {
@@ -132,17 +139,42 @@ pub(crate) unsafe fn pack_row_pairs(
                 } else {
                     (_mm512_setzero_ps(), _mm512_setzero_ps())
                 };
+                let out = dst.add(jp * ld + c);
+                if terms == 1 {
+                    // One rounding of both rows at once (row j's values in the low half).
+                    let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+                    _mm512_storeu_si512(out as *mut __m512i, _mm512_permutexvar_epi16(idx, both));
+                    continue;
+                }
                 let ((h0, l0), (h1, l1)) = (split(x0), split(x1));
                 for t in 0..terms {
-                    let (a, b) = if side.low(t) { (l0, l1) } else { (h0, h1) };
-                    let word =
-                        _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(b)));
-                    _mm512_storeu_si512(dst.add((t * half + jp) * ld + c) as *mut __m512i, word);
+                    let word = if side.low(t) { pairs_of(idx, l0, l1) } else { pairs_of(idx, h0, h1) };
+                    _mm512_storeu_si512(out.add(t * half * ld) as *mut __m512i, word);
                 }
             }
         }
     }
 }
+
+/// Two rows' 16 bf16 each as 16 words of pairs (row `a`'s value in the low half of each).
+#[inline(always)]
+unsafe fn pairs_of(idx: __m512i, a: __m256i, b: __m256i) -> __m512i {
+    // SAFETY: register operations; the features are the caller's promise.
+    unsafe { _mm512_permutexvar_epi16(idx, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)) }
+}
+
+/// The permutation that interleaves the halves of 32 bf16: word `c` takes element `c` of the
+/// low half and element `c` of the high half.
+const INTERLEAVE: [i16; 32] = {
+    let mut idx = [0i16; 32];
+    let mut c = 0;
+    while c < 16 {
+        idx[2 * c] = c as i16;
+        idx[2 * c + 1] = c as i16 + 16;
+        c += 1;
+    }
+    idx
+};
 
 /// `C[m×n] = scale · A[m×k2]·B[k2×n]` (or `C += A·B` with `accumulate`, `scale` then unused)
 /// over `k2` pair words; B's rows are `ldb` words apart, C's rows `ldc` floats apart.
@@ -402,6 +434,43 @@ mod tests {
                     assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "m {m} n {n} k {k}: {got} vs {want}");
                 }
             }
+        }
+    }
+
+    /// The ceiling of the products: `vdpbf16ps` and `vfmadd231ps` on independent accumulators,
+    /// one core (`cargo test --release -p ferroattn-core -- --ignored --nocapture rate`).
+    /// Zen 4 (docs/performance.md, "bf16 dot products"): 2.1–2.4 G instructions/s each, so
+    /// bf16 pairs multiply twice as many values per second as f32 FMA, not more.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn rate_of_bf16_pairs_and_f32_fma() {
+        #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+        fn run(n: usize, bf16: bool) -> f32 {
+            // SAFETY: register operations only; the features are enabled here and checked by
+            // the caller.
+            unsafe {
+                let a: __m512bh = std::mem::transmute(std::hint::black_box(_mm512_set1_epi32(0x3f80_3f80)));
+                let x = std::hint::black_box(_mm512_set1_ps(0.999));
+                let mut acc = [_mm512_setzero_ps(); 12];
+                for _ in 0..n {
+                    for y in acc.iter_mut() {
+                        *y = if bf16 { _mm512_dpbf16_ps(*y, a, a) } else { _mm512_fmadd_ps(*y, x, x) };
+                    }
+                }
+                acc.iter().fold(0.0, |s, &y| s + _mm512_reduce_add_ps(y))
+            }
+        }
+        if !available() {
+            return;
+        }
+        let n = 2_000_000;
+        for bf16 in [true, false, true, false] {
+            let t = std::time::Instant::now();
+            // SAFETY: `available` checked the features.
+            std::hint::black_box(unsafe { run(n, bf16) });
+            let rate = (n * 12) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let (name, macs) = if bf16 { ("vdpbf16ps", 32.0) } else { ("vfmadd231ps", 16.0) };
+            println!("{name}: {rate:.2} G instructions/s, {:.1} G multiply-adds/s", rate * macs);
         }
     }
 }
