@@ -50,11 +50,14 @@ def _prepare(
     return prepare(named, layout, as_array, as_is)
 
 
-def _mask(q4: np.ndarray, k4: np.ndarray, **options: Any) -> MaskOptions:
+def _mask(q4: np.ndarray, k4: np.ndarray, precision: Any, **options: Any) -> MaskOptions:
     """The mask options of a call over head-major ``q4``/``k4`` (``causal``, ``window``,
-    ``scale``, ``softcap``): window sides as long as the sequences are unbounded."""
+    ``scale``, ``softcap``): window sides as long as the sequences are unbounded; ``precision``
+    as the caller gave it (None: the process-wide setting)."""
     span = max(q4.shape[2], k4.shape[2])
-    return mask_options(head_dim=q4.shape[3], span=span, **options)
+    return mask_options(
+        head_dim=q4.shape[3], span=span, precision=check_precision(precision), **options
+    )
 
 
 def _run(
@@ -257,15 +260,7 @@ def attention(
     return_lse = check_flag("return_lse", return_lse)
     arrays, (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
     b, hq, nq, _ = q4.shape
-    opts = _mask(
-        q4,
-        k4,
-        causal=causal,
-        window=window,
-        scale=scale,
-        softcap=softcap,
-        precision=check_precision(precision),
-    )
+    opts = _mask(q4, k4, precision, causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, k4.shape[2])
     extras = extras_kwargs(
         shape4=(b, hq, nq, k4.shape[2]),
@@ -354,15 +349,7 @@ def attention_varlen(
     check_packed(named)
     arrays, (q4, k4, v4), dtype, _ = _prepare(named["q"], named["k"], named["v"], layout="bshd")
     _, hq, total_q, _ = q4.shape
-    opts = _mask(
-        q4,
-        k4,
-        causal=causal,
-        window=window,
-        scale=scale,
-        softcap=softcap,
-        precision=check_precision(precision),
-    )
+    opts = _mask(q4, k4, precision, causal=causal, window=window, scale=scale, softcap=softcap)
     cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q4.shape[2], k4.shape[2])
     user_shape = (total_q, hq, v4.shape[3])
     if out is None:
@@ -438,7 +425,7 @@ def attention_weights(
     _, (q4, k4), dtype, ndim = _prepare(q, k, _NO_VALUES, layout)
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, "highest", causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, nk)
     extras = extras_kwargs(
         shape4=(b, hq, nq, nk),

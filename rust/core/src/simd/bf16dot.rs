@@ -13,6 +13,7 @@
 //! a row or pairs two segments.
 
 use super::pairs::{Pairs, Rows, Side};
+use super::vnni::lanes;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
@@ -26,16 +27,6 @@ pub(crate) fn available() -> bool {
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512bf16")
     })
-}
-
-/// The lanes of a 16-element vector at element `c` of a run of `n`.
-#[inline(always)]
-fn lanes(n: usize, c: usize) -> __mmask16 {
-    if n - c >= 16 {
-        0xffff
-    } else {
-        (1u16 << (n - c)) - 1
-    }
 }
 
 /// Elements `c..c + 16` of row `j` as f32 (lanes past `n` are zero).
