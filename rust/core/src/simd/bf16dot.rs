@@ -430,7 +430,7 @@ mod tests {
 
     /// The ceiling of the products: `vdpbf16ps` and `vfmadd231ps` on independent accumulators,
     /// one core (`cargo test --release -p ferroattn-core -- --ignored --nocapture rate`).
-    /// Zen 4 (docs/performance.md, "bf16 dot products"): 2.1–2.4 G instructions/s each, so
+    /// Zen 4 (docs/performance.md, "bf16 dot products"): one instruction per cycle each, so
     /// bf16 pairs multiply twice as many values per second as f32 FMA, not more.
     #[test]
     #[ignore = "a measurement, not a check"]
