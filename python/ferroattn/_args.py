@@ -212,6 +212,7 @@ class MaskOptions:
     window_left: int | None
     window_right: int | None
     sink_keys: int = 0
+    precision: str = "highest"
 
 
 class Sequences(NamedTuple):
@@ -273,8 +274,10 @@ def mask_options(
     scale: Any,
     softcap: Any,
     span: int = _FAR,
+    precision: str = "highest",
 ) -> MaskOptions:
-    """Validate ``causal``, ``window``, ``scale`` and ``softcap``.
+    """Validate ``causal``, ``window``, ``scale`` and ``softcap``; ``precision`` is one
+    that :func:`ferroattn.precision.check_precision` returned.
 
     ``span``: ``max(Nq, Nk)`` when known. A window side of at least that many tokens sees
     every key a side can reach, so it is passed on as unbounded (exactly the same mask), and
@@ -331,7 +334,7 @@ def mask_options(
                 f"softcap must be a positive number within float32's range, got {softcap!r}"
             )
 
-    return MaskOptions(scale_f, cap, is_causal, top_left, left, right)
+    return MaskOptions(scale_f, cap, is_causal, top_left, left, right, precision=precision)
 
 
 def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:

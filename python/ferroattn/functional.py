@@ -26,6 +26,7 @@ from ._args import (
     to_bhsd,
 )
 from ._memory import allocating, empty
+from .precision import Precision, check_precision
 from .variants import T5Bias, Variants, normalize_variants
 
 Causal = bool | Literal["bottom_right", "top_left"]
@@ -50,11 +51,14 @@ def _prepare(
     return prepare(named, layout, as_array, as_is)
 
 
-def _mask(q4: np.ndarray, k4: np.ndarray, **options: Any) -> MaskOptions:
+def _mask(q4: np.ndarray, k4: np.ndarray, precision: Any, **options: Any) -> MaskOptions:
     """The mask options of a call over head-major ``q4``/``k4`` (``causal``, ``window``,
-    ``scale``, ``softcap``): window sides as long as the sequences are unbounded."""
+    ``scale``, ``softcap``): window sides as long as the sequences are unbounded; ``precision``
+    as the caller gave it (None: the process-wide setting)."""
     span = max(q4.shape[2], k4.shape[2])
-    return mask_options(head_dim=q4.shape[3], span=span, **options)
+    return mask_options(
+        head_dim=q4.shape[3], span=span, precision=check_precision(precision), **options
+    )
 
 
 def _run(
@@ -154,6 +158,7 @@ def attention(
     block_layout: Any = None,
     block_size: int | None = None,
     backend: Backend = "auto",
+    precision: Precision | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled-dot-product attention, ``softmax(scale · q kᵀ [masked]) v``.
 
@@ -204,6 +209,12 @@ def attention(
             on another device are copied to the CPU and the result copied back). ``"torch"``:
             always torch (NumPy inputs are wrapped with ``torch.from_numpy`` and the result is
             NumPy). See :mod:`ferroattn.torch`.
+        precision: how float32 inputs may be multiplied: ``"highest"`` (float32 products),
+            ``"high"`` (three bfloat16 products each, ~1e-5 relative) or ``"medium"`` (one,
+            ~1e-2), as :func:`torch.set_float32_matmul_precision` names them; default
+            :func:`ferroattn.get_float32_precision` (``"highest"``). The bfloat16 products need
+            a CPU with AVX-512 BF16 (else float32 math) and run on prefill tiles; see
+            :mod:`ferroattn.precision`. The torch backend ignores it.
 
     Torch tensors in give torch tensors out, of the same dtype and on the same device; ``out``
     must then be a tensor (written in place). ``q``, ``k``, ``v`` and ``out`` must be all
@@ -246,6 +257,7 @@ def attention(
         and sinks is None
         and block_layout is None
         and block_size is None
+        and check_precision(precision) == "highest"
     )
     if plain and (causal is True or causal is False):
         fast = _fast_float32(q, k, v, causal)
@@ -279,7 +291,7 @@ def attention(
     return_lse = check_flag("return_lse", return_lse)
     arrays, (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
     b, hq, nq, _ = q4.shape
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, precision, causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, k4.shape[2])
     variants = normalize_variants(
         shape4=(b, hq, nq, k4.shape[2]),
@@ -319,6 +331,7 @@ def attention_varlen(
     return_lse: bool = False,
     out: Any = None,
     backend: Backend = "auto",
+    precision: Precision | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over packed sequences of different lengths (flash-attn's varlen API).
 
@@ -331,6 +344,7 @@ def attention_varlen(
         cu_seqlens_k: the same for keys and values.
         causal, window, scale, softcap, return_lse, out: as in :func:`attention`, per sequence.
         backend: as in :func:`attention` (torch tensors in, torch tensors out).
+        precision: as in :func:`attention`.
 
     Returns:
         ``(total_q, Hq, Dv)``, or with ``return_lse`` also the float32 LSE ``(Hq, total_q)``.
@@ -362,7 +376,7 @@ def attention_varlen(
     check_packed(named)
     arrays, (q4, k4, v4), dtype, _ = _prepare(named["q"], named["k"], named["v"], layout="bshd")
     _, hq, total_q, _ = q4.shape
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, precision, causal=causal, window=window, scale=scale, softcap=softcap)
     cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q4.shape[2], k4.shape[2])
     user_shape = (total_q, hq, v4.shape[3])
     result = output_array(out, user_shape, dtype, arrays)
@@ -435,7 +449,7 @@ def attention_weights(
     _, (q4, k4), dtype, ndim = _prepare(q, k, _NO_VALUES, layout)
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, "highest", causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, nk)
     variants = normalize_variants(
         shape4=(b, hq, nq, nk),

@@ -30,6 +30,7 @@ from ._cache_storage import (
 )
 from ._dispatch import cache_storage, on_tensor_views
 from ._memory import allocating, nbytes, zeros
+from .precision import Precision, check_precision
 
 __all__ = ["KVCache"]
 
@@ -191,7 +192,7 @@ class KVCache:
         # Decoding calls the same few options every step: see `_plain_call`. The kernels read
         # NumPy storage directly, so only it has that path.
         self._plain = isinstance(self._store, NumpyStorage) and window is None
-        self._plain_opts: dict[tuple[Any, Any], tuple[MaskOptions, KVEncoding]] = {}
+        self._plain_opts: dict[tuple[Any, Any, str], tuple[MaskOptions, KVEncoding]] = {}
 
     # ----------------------------------------------------------------- facts
 
@@ -493,6 +494,7 @@ class KVCache:
         alibi_slopes: Any = None,
         sinks: Any = None,
         rel_bias: Any = None,
+        precision: Precision | None = None,
     ) -> np.ndarray:
         """Attention of the queries of the last appended tokens over everything cached.
 
@@ -508,12 +510,14 @@ class KVCache:
                 counted over the whole history (not available with ``sinks`` tokens of a
                 window cache, whose positions are not contiguous in storage).
             out: optional output array ``(batch, heads, T, value_dim)`` of q's dtype.
+            precision: as in :func:`ferroattn.attention` (bfloat16 products on prefill
+                chunks; decode steps of a few query rows compute in float32).
 
         Returns:
             ``(batch, heads, T, value_dim)`` in q's dtype.
         """
         if lengths is alibi_slopes is sinks is rel_bias is None:
-            plain = self._plain_call(q, scale, softcap)
+            plain = self._plain_call(q, scale, softcap, check_precision(precision))
             if plain is not None and self._plain_out(out, q):
                 return self._attend_plain(q, *plain, out)
         if self._store.foreign(q, out):
@@ -527,12 +531,13 @@ class KVCache:
                 alibi_slopes=alibi_slopes,
                 sinks=sinks,
                 rel_bias=rel_bias,
+                precision=precision,
             )
         q = self._check_q(q)
         self._check_out(out, q)
         counts = self._valid_counts(lengths, q.shape[2])
         terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
-        opts = self._options(q, scale, softcap, terms)
+        opts = self._options(q, scale, softcap, terms, check_precision(precision))
         if self.window is not None:
             self._check_window_queries(counts)
             gathered = [self._gather(b, int(counts[b]), None) for b in range(self.batch)]
@@ -547,12 +552,19 @@ class KVCache:
         ]
         return self._run(q, self._k, self._v, self._scales(), seqs, 0, opts, out, terms)
 
-    def _options(self, q: Any, scale: Any, softcap: Any, terms: _ScoreTerms) -> MaskOptions:
+    def _options(
+        self, q: Any, scale: Any, softcap: Any, terms: _ScoreTerms, precision: str = "highest"
+    ) -> MaskOptions:
         """Checks ``scale``, ``softcap`` and the score terms for queries ``q`` (before a step
         stores anything); returns the kernels' mask options."""
         window = None if self.window is None else (self.window - 1, 0)
         opts = mask_options(
-            head_dim=self.head_dim, causal=True, window=window, scale=scale, softcap=softcap
+            head_dim=self.head_dim,
+            causal=True,
+            window=window,
+            scale=scale,
+            softcap=softcap,
+            precision=precision,
         )
         if self.sinks and terms.positional():
             raise ValueError(
@@ -594,15 +606,16 @@ class KVCache:
         alibi_slopes: Any = None,
         sinks: Any = None,
         rel_bias: Any = None,
+        precision: Precision | None = None,
     ) -> np.ndarray:
         """Append ``k``/``v`` and attend with ``q`` (flash-attn's ``flash_attn_with_kvcache``).
 
         Shapes as in :meth:`append` and :meth:`attend`; ``T`` may be one token (decoding) or a
         chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype (a torch tensor
-        for tensor inputs).
+        for tensor inputs). ``precision``: as in :meth:`attend`.
         """
         if lengths is alibi_slopes is sinks is rel_bias is None:
-            plain = self._plain_call(q, scale, softcap)
+            plain = self._plain_call(q, scale, softcap, check_precision(precision))
             if (
                 plain is not None
                 and self._plain_out(out, q)
@@ -626,6 +639,7 @@ class KVCache:
                 alibi_slopes=alibi_slopes,
                 sinks=sinks,
                 rel_bias=rel_bias,
+                precision=precision,
             )
         k, v = self._check_kv(k, v)
         q = self._check_q(q)
@@ -636,7 +650,7 @@ class KVCache:
         counts = self._valid_counts(lengths, k.shape[2])
         self._check_room(counts)
         terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
-        opts = self._options(q, scale, softcap, terms)
+        opts = self._options(q, scale, softcap, terms, check_precision(precision))
         # Every argument is checked: from here on the call stores its tokens and attends, and
         # a failure (out of memory) leaves the cache as it was.
         enc_k, enc_v = self._encode(k), self._encode(v)
@@ -666,7 +680,7 @@ class KVCache:
     # validates and runs.
 
     def _plain_call(
-        self, q: Any, scale: Any, softcap: Any
+        self, q: Any, scale: Any, softcap: Any, precision: str = "highest"
     ) -> tuple[str, tuple[MaskOptions, KVEncoding]] | None:
         """q's kernel dtype and the binding's options when the plain path takes this call."""
         if not self._plain or type(q) is not np.ndarray or q.ndim != 4:
@@ -686,11 +700,16 @@ class KVCache:
         numbers = (float, np.floating, type(None))
         if not isinstance(scale, numbers) or not isinstance(softcap, numbers):
             return None  # the general path converts (and reports) other kinds
-        key = (scale, softcap)
+        key = (scale, softcap, precision)
         opts = self._plain_opts.get(key)
         if opts is None:
             mask = mask_options(
-                head_dim=self.head_dim, causal=True, window=None, scale=scale, softcap=softcap
+                head_dim=self.head_dim,
+                causal=True,
+                window=None,
+                scale=scale,
+                softcap=softcap,
+                precision=precision,
             )
             if self._code == "int8":
                 encoding = KVEncoding(self._code, self._ks[..., None], self._vs[..., None])

@@ -6,6 +6,7 @@
 
 use crate::error::{ensure_shape, Error, Result};
 use crate::memory::with_capacity;
+use crate::precision::Precision;
 
 /// Where query `i` of a sequence sits among its keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -32,11 +33,22 @@ pub struct Params {
     /// The first `sink_keys` keys of every sequence stay visible whatever the window
     /// (StreamingLLM's attention sinks), still subject to causality.
     pub sink_keys: usize,
+    /// How f32 inputs' products may be computed (bf16 inputs always use bf16 products where
+    /// the CPU has them).
+    pub precision: Precision,
 }
 
 impl Params {
     pub fn new(scale: f32) -> Self {
-        Params { scale, softcap: None, causal: false, align: Align::BottomRight, window: (None, None), sink_keys: 0 }
+        Params {
+            scale,
+            softcap: None,
+            causal: false,
+            align: Align::BottomRight,
+            window: (None, None),
+            sink_keys: 0,
+            precision: Precision::Highest,
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

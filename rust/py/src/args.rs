@@ -19,6 +19,8 @@ pub(crate) struct MaskArgs {
     window_right: Option<usize>,
     /// Leading keys the window does not hide (StreamingLLM's sink keys).
     sink_keys: usize,
+    /// How float32 products are taken ("highest", "high", "medium"; see `core::Precision`).
+    precision: PyBackedStr,
 }
 
 impl MaskArgs {
@@ -29,6 +31,8 @@ impl MaskArgs {
         params.align = if self.top_left { core::Align::TopLeft } else { core::Align::BottomRight };
         params.window = (self.window_left, self.window_right);
         params.sink_keys = self.sink_keys;
+        // The Python layer validated the name; anything else keeps f32 products.
+        params.precision = core::Precision::from_name(&self.precision).unwrap_or_default();
         params
     }
 }

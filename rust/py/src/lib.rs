@@ -171,6 +171,8 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("stream_prefetch_bytes", ahead)?;
     d.set_item("one_row_stream_prefetch", one_row)?;
     d.set_item("arch", std::env::consts::ARCH)?;
+    d.set_item("bf16_dot", core::bf16_dot())?;
+    d.set_item("amx", false)?;
     Ok(d)
 }
 

@@ -9,7 +9,8 @@
 //! ```text
 //! mod      entry points, checks, planning; tasks or split-K parts, merge  → task, decode, weights, tile, output
 //! task     one task: each key tile through the first step that applies   → prefill, decode, tile, output
-//! prefill  the blocked step on one key tile (many rows)                   → tile
+//! prefill  the blocked step on one key tile (many rows)                   → paired, tile
+//! paired   the same step on bf16 pair products                            → prefill (its P·V), tile
 //! decode   the typed few-rows step; split-K and its merge                 → tile, dots, online, output
 //! weights  the probability matrix, two passes                             → tile, online
 //! tile     plan, scratch, queries, score tiles, masks, widening, P·V      → dots, online
@@ -22,6 +23,7 @@ mod decode;
 mod dots;
 mod online;
 mod output;
+mod paired;
 mod prefill;
 mod task;
 mod tile;
@@ -221,7 +223,8 @@ pub fn attention_with(
         return Ok(());
     }
     let plan = Plan::new(hq / hkv, d, dv, seqs);
-    let ctx = Ctx { q, k, v: Some(v), seqs, params, variants, plan };
+    let paired = paired::Paired::choose(q.dtype(), k.dtype(), params.precision, Isa::active());
+    let ctx = Ctx { q, k, v: Some(v), seqs, params, variants, plan, paired };
     let lse = lse.map(|buf| LsePtr(buf.as_mut_ptr()));
     let lse_dims = [product("q (its log-sum-exp)", &[("Hq", hq), ("Nq", sq)])?, sq, 1];
     let out = Output { rows: out.rows(), lse, lse_dims };
@@ -326,7 +329,7 @@ pub fn attention_weights_with(
     // Each at most `total` (B ≥ 1 where there are sequences).
     let dims = [hq * sq * sk, sq * sk, sk];
     let plan = Plan::new(hq / hkv, d, d, seqs);
-    let ctx = Ctx { q, k, v: None, seqs, params, variants, plan };
+    let ctx = Ctx { q, k, v: None, seqs, params, variants, plan, paired: None };
     let dest = weights::Dest { ptr: weights.as_mut_ptr(), dims };
     run_weights(&ctx, &dest, is_small(seqs, hq, 2 * d)).map_err(|e| e.named(WEIGHTS_MEMORY))
 }

@@ -12,6 +12,7 @@
 
 use super::dots::{dots, dots_from};
 use super::online::Online;
+use super::paired::{PairBufs, Paired};
 use crate::gemm::{gemm, stream_rows, A, B, C};
 use crate::layout::{Strided, TypedRows};
 use crate::mask::{position, visible, Params, Sequence, Vis};
@@ -75,6 +76,8 @@ pub(crate) struct Ctx<'a> {
     pub params: &'a Params,
     pub variants: &'a Variants<'a>,
     pub plan: Plan,
+    /// Whether prefill tiles run on bf16 pair products, and how.
+    pub paired: Option<Paired>,
 }
 
 impl<'a> Ctx<'a> {
@@ -121,6 +124,8 @@ pub(crate) struct Scratch {
     pub int8: Int8,
     /// One converted input or output row.
     pub row: Vec<f32>,
+    /// Buffers of the pair-product step (`paired`).
+    pub pairs: PairBufs,
 }
 
 /// The task's queries, scaled (see [`load_queries`]), and what each row may see.
@@ -238,6 +243,7 @@ impl Scratch {
                 pairs: zeroed(n.pairs)?,
             },
             row: zeroed(n.row)?,
+            pairs: PairBufs::default(),
         })
     }
 
@@ -265,7 +271,7 @@ pub(crate) fn row_of(plan: &Plan, task: &Task, r: usize) -> (usize, usize) {
 /// Scores are kept in base 2 (`log2 e` folded into the scale) so the softmax needs `2^x` only;
 /// a softcap needs natural units for its tanh and converts after it.
 #[inline(always)]
-fn query_mul(ctx: &Ctx) -> f32 {
+pub(crate) fn query_mul(ctx: &Ctx) -> f32 {
     match ctx.params.softcap {
         Some(_) => ctx.params.scale,
         None => ctx.params.scale * std::f32::consts::LOG2_E,
@@ -311,6 +317,7 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
         }
     }
     sc.int8.q16_ready = None;
+    sc.pairs.ready = false;
     dims
 }
 

@@ -10,8 +10,11 @@
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16dot;
 pub(crate) mod dispatch;
 pub(crate) mod elem;
+pub(crate) mod pairs;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni;
@@ -138,6 +141,13 @@ impl Isa {
             }
         })
     }
+}
+
+/// Whether prefill tiles of bf16 inputs (and of f32 inputs at a lower `Precision`) run on
+/// bf16 pair products on this CPU: the AVX-512 path with AVX-512 BF16, unless
+/// `FERROATTN_BF16DOT=0`. (No AMX unit is used yet: see `pairs`.)
+pub fn bf16_dot() -> bool {
+    pairs::PairUnit::active(Isa::active()).is_some()
 }
 
 /// CPU features relevant to the kernels that this CPU reports.
