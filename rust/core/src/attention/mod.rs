@@ -9,7 +9,7 @@
 //! ```text
 //! mod      entry points, checks, planning; tasks or split-K parts, merge  → task, decode, weights, tile, output
 //! task     one task: each key tile through the first step that applies   → prefill, decode, tile, output
-//! prefill  the blocked step on one key tile (many rows)                   → paired, tile
+//! prefill  the blocked step on one key tile (many rows)                   → tile
 //! paired   the same step on bf16 pair products                            → prefill (its P·V), tile
 //! decode   the typed few-rows step; split-K and its merge                 → tile, dots, online, output
 //! weights  the probability matrix, two passes                             → tile, online
@@ -223,7 +223,7 @@ pub fn attention_with(
         return Ok(());
     }
     let plan = Plan::new(hq / hkv, d, dv, seqs);
-    let paired = paired::Paired::choose(q.dtype(), k.dtype(), params.precision, Isa::active());
+    let paired = tile::Paired::choose(q.dtype(), k.dtype(), params.precision, Isa::active());
     let ctx = Ctx { q, k, v: Some(v), seqs, params, variants, plan, paired };
     let lse = lse.map(|buf| LsePtr(buf.as_mut_ptr()));
     let lse_dims = [product("q (its log-sum-exp)", &[("Hq", hq), ("Nq", sq)])?, sq, 1];

@@ -12,54 +12,15 @@
 //! f32 scores as on the f32 step (`tile`), which this step leaves the same state for.
 
 use super::prefill;
-use super::tile::{mask_tile, query_mul, row_of, Ctx, Dims, Scratch, Task};
-use crate::layout::{DType, TypedRows};
+use super::tile::{mask_tile, query_mul, row_of, Ctx, Dims, Paired, Scratch, Task};
+use crate::layout::TypedRows;
 use crate::memory::{Alloc, NoMemory};
-use crate::precision::Precision;
-use crate::simd::pairs::{PairUnit, Pairs, Rows, Side};
-use crate::simd::{Isa, Simd};
+use crate::simd::pairs::{Pairs, Rows, Side};
+use crate::simd::Simd;
 
 /// Rows below which a tile stays on the f32 step: few rows pad the product's 16-lane columns
 /// mostly with zeros (decoding's tiles).
 const MIN_ROWS: usize = 9;
-
-/// How a call's prefill tiles use pair products: the unit, and bf16 products per f32 product.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Paired {
-    pub unit: PairUnit,
-    pub terms: usize,
-}
-
-impl Paired {
-    /// The mode for queries of `q` and keys/values of `kv` at `precision` on `isa`: bf16
-    /// inputs always (one product: their values are exact in bf16), f32 queries over f32 or
-    /// bf16 keys as `precision` allows; none for other types or without a unit.
-    pub(crate) fn choose(q: DType, kv: DType, precision: Precision, isa: Isa) -> Option<Paired> {
-        let terms = match (q, kv) {
-            (DType::BF16, DType::BF16) => 1,
-            (DType::F32, DType::F32 | DType::BF16) => precision.terms()?,
-            _ => return None,
-        };
-        Some(Paired { unit: PairUnit::active(isa)?, terms })
-    }
-}
-
-/// Per-worker buffers of the step, empty until a call first takes it.
-#[derive(Default)]
-pub(crate) struct PairBufs {
-    /// The task's queries as bf16 rows (`rows_p × terms·dp`), then as pair rows of Qᵀ
-    /// (`terms·dp/2 × rows_p` words).
-    qrows: Vec<u16>,
-    qt: Vec<u32>,
-    /// A key tile's rows (`bc × terms·dp`) when not read in place.
-    k: Vec<u16>,
-    /// A value tile's row pairs (`terms·bc/2 × dvp` words) and the probabilities' (`terms·bc/2
-    /// × rows_p`).
-    v: Vec<u32>,
-    p: Vec<u32>,
-    /// Whether `qt` holds this task's queries.
-    pub ready: bool,
-}
 
 /// `buf` with at least `len` elements (zeros where new); `Err` when they cannot be allocated.
 fn sized<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> Alloc<*mut T> {

@@ -5,7 +5,6 @@
 //! (f16, bf16 and int8 read in place when the tile is fully visible, else converted into a
 //! buffer once per tile; f32 read in place), and values holding NaN or ∞ behind a mask.
 
-use super::paired;
 use super::tile::{pv_transposed, score_tile, tile_buffer, widen_rows, Ctx, Dims, Scratch, Task};
 use crate::gemm::{gemm, A, B, C};
 use crate::layout::TypedRows;
@@ -28,12 +27,6 @@ pub(crate) unsafe fn tile<S: Simd>(
 ) -> Alloc<()> {
     // SAFETY: forwarded; Sᵀ holds a whole tile.
     unsafe {
-        // Where the CPU multiplies bf16 pairs, the same step on them (see `paired`).
-        if let Some(mode) = ctx.paired {
-            if paired::tile::<S>(ctx, task, sc, dims, k0, kn, mode)? {
-                return Ok(());
-            }
-        }
         score_tile::<S>(ctx, task, sc, dims, k0, kn)?;
         sc.soft.update_cols::<S>(&mut sc.s.st, dims.rows_p, dims.cols, kn);
         sc.soft.rescale(dims.rows, dims.dvp);

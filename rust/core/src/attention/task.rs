@@ -10,6 +10,7 @@
 
 use super::decode;
 use super::output::Output;
+use super::paired;
 use super::prefill;
 use super::tile::{load_queries, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
 use crate::memory::Alloc;
@@ -91,8 +92,17 @@ unsafe fn accumulate<S: Simd>(
             k0 += wide;
             continue;
         }
-        // SAFETY: as above.
-        unsafe { prefill::tile::<S>(ctx, task, sc, dims, k0, kn)? };
+        // Where the CPU multiplies bf16 pairs, the same step on them (see `paired`); it
+        // declines tiles it does not apply to.
+        let paired = match ctx.paired {
+            // SAFETY: as above; `mode` was chosen for this call's types.
+            Some(mode) => unsafe { paired::tile::<S>(ctx, task, sc, dims, k0, kn, mode)? },
+            None => false,
+        };
+        if !paired {
+            // SAFETY: as above.
+            unsafe { prefill::tile::<S>(ctx, task, sc, dims, k0, kn)? };
+        }
         k0 += kn;
     }
     Ok(())

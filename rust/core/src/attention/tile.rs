@@ -12,12 +12,13 @@
 
 use super::dots::{dots, dots_from};
 use super::online::Online;
-use super::paired::{PairBufs, Paired};
 use crate::gemm::{gemm, stream_rows, A, B, C};
-use crate::layout::{Strided, TypedRows};
+use crate::layout::{DType, Strided, TypedRows};
 use crate::mask::{position, visible, Params, Sequence, Vis};
 use crate::memory::{filled, mul, zeroed, Alloc, NoMemory};
-use crate::simd::{elem::Elem, round_up, Prefetch, Simd, MAX_LANES};
+use crate::precision::Precision;
+use crate::simd::pairs::PairUnit;
+use crate::simd::{elem::Elem, round_up, Isa, Prefetch, Simd, MAX_LANES};
 use crate::variants::{RowAt, TileFacts, Variants};
 use half::{bf16, f16};
 
@@ -29,6 +30,44 @@ const KEYS: usize = 128;
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
 const MAX_NR: usize = 2 * MAX_LANES;
+
+/// How a call's prefill tiles use pair products (the `paired` step): the unit, and bf16 products per f32 product.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Paired {
+    pub unit: PairUnit,
+    pub terms: usize,
+}
+
+impl Paired {
+    /// The mode for queries of `q` and keys/values of `kv` at `precision` on `isa`: bf16
+    /// inputs always (one product: their values are exact in bf16), f32 queries over f32 or
+    /// bf16 keys as `precision` allows; none for other types or without a unit.
+    pub(crate) fn choose(q: DType, kv: DType, precision: Precision, isa: Isa) -> Option<Paired> {
+        let terms = match (q, kv) {
+            (DType::BF16, DType::BF16) => 1,
+            (DType::F32, DType::F32 | DType::BF16) => precision.terms()?,
+            _ => return None,
+        };
+        Some(Paired { unit: PairUnit::active(isa)?, terms })
+    }
+}
+
+/// Per-worker buffers of the pair-product step (`paired`), empty until a call first takes it.
+#[derive(Default)]
+pub(crate) struct PairBufs {
+    /// The task's queries as bf16 rows (`rows_p × terms·dp`), then as pair rows of Qᵀ
+    /// (`terms·dp/2 × rows_p` words).
+    pub qrows: Vec<u16>,
+    pub qt: Vec<u32>,
+    /// A key tile's rows (`bc × terms·dp`) when not read in place.
+    pub k: Vec<u16>,
+    /// A value tile's row pairs (`terms·bc/2 × dvp` words) and the probabilities' (`terms·bc/2
+    /// × rows_p`).
+    pub v: Vec<u32>,
+    pub p: Vec<u32>,
+    /// Whether `qt` holds this task's queries.
+    pub ready: bool,
+}
 
 /// Sizes shared by every task of a call.
 #[derive(Clone, Copy, Debug)]

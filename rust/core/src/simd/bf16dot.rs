@@ -12,7 +12,7 @@
 //! of odd length is padded with a zero in each segment, on both sides, so no product reads past
 //! a row or pairs two segments.
 
-use super::pairs::{Pairs, Rows, Side};
+use super::pair_operands::{Pairs, Rows, Side};
 use super::vnni::lanes;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;

@@ -14,7 +14,9 @@ use std::sync::OnceLock;
 pub(crate) mod bf16dot;
 pub(crate) mod dispatch;
 pub(crate) mod elem;
+pub(crate) mod pair_operands;
 pub(crate) mod pairs;
+pub use pairs::bf16_dot;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni;
@@ -141,13 +143,6 @@ impl Isa {
             }
         })
     }
-}
-
-/// Whether prefill tiles of bf16 inputs (and of f32 inputs at a lower `Precision`) run on
-/// bf16 pair products on this CPU: the AVX-512 path with AVX-512 BF16, unless
-/// `FERROATTN_BF16DOT=0`. (No AMX unit is used yet: see `pairs`.)
-pub fn bf16_dot() -> bool {
-    pairs::PairUnit::active(Isa::active()).is_some()
 }
 
 /// CPU features relevant to the kernels that this CPU reports.

@@ -9,38 +9,8 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::bf16dot;
+pub(crate) use super::pair_operands::{Pairs, Rows, Side};
 use super::Isa;
-
-/// Rows of f32 or bf16 (as bits) elements, `ld` elements apart.
-#[derive(Clone, Copy)]
-pub(crate) enum Rows {
-    F32(*const f32, isize),
-    BF16(*const u16, isize),
-}
-
-/// Which operand of a product a packed matrix is: its segments are (hi, hi, lo) for the first
-/// and (hi, lo, hi) for the second, so the three segment products are hi·hi, hi·lo, lo·hi.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    First,
-    Second,
-}
-
-impl Side {
-    /// Whether segment `t` of this side holds the low parts.
-    #[inline(always)]
-    pub(crate) fn low(self, t: usize) -> bool {
-        matches!((self, t), (Side::First, 2) | (Side::Second, 1))
-    }
-}
-
-/// The left operand of [`PairUnit::gemm`]: the pair word `(i, p)` at `p + i·rs + p·ks`.
-#[derive(Clone, Copy)]
-pub(crate) struct Pairs {
-    pub p: *const u32,
-    pub rs: isize,
-    pub ks: isize,
-}
 
 /// A unit that multiplies packed bf16 pairs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,4 +136,11 @@ pub(crate) unsafe fn transpose_words(src: *const u32, rows: usize, w2: usize, ld
             }
         }
     }
+}
+
+/// Whether prefill tiles of bf16 inputs (and of f32 inputs at a lower `Precision`) run on
+/// bf16 pair products on this CPU: the AVX-512 path with AVX-512 BF16, unless
+/// `FERROATTN_BF16DOT=0`. (No AMX unit is used yet.)
+pub fn bf16_dot() -> bool {
+    PairUnit::active(Isa::active()).is_some()
 }
