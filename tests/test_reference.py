@@ -5,18 +5,17 @@ rebuilt from torch.tril / torch.triu diagonals, the attention (with every extra 
 term, masks, block layouts and sinks) is computed by torch in float64 over a full score
 matrix with the sink as one more softmax column, T5's buckets against Hugging Face's own
 function, and a few values by hand.  The torch-based checks skip without torch, unless
-FERROATTN_REQUIRE_TORCH=1 (CI).
+FERROATTN_REQUIRE_EXTRAS=1 (CI).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from optional import require
 from reference import (
     block_mask,
     from_bhsd,
@@ -31,15 +30,9 @@ from reference import (
 )
 
 
-def _require(name):
-    if os.environ.get("FERROATTN_REQUIRE_TORCH") == "1":
-        return importlib.import_module(name)
-    return pytest.importorskip(name)
-
-
 @pytest.fixture(scope="module")
 def torch():
-    return _require("torch")
+    return require("torch")
 
 
 def _torch_mask(torch, nq, nk, k_len, causal, window):
@@ -181,7 +174,7 @@ def test_t5_bucket_by_hand():
 @pytest.mark.parametrize("bidirectional", [True, False])
 @pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 10), (16, 24), (40, 21)])
 def test_t5_bucket_matches_transformers(torch, bidirectional, num_buckets, max_distance):
-    t5 = _require("transformers.models.t5.modeling_t5")
+    t5 = require("transformers.models.t5.modeling_t5")
     rel = np.arange(-600, 601)
     want = t5.T5Attention._relative_position_bucket(
         torch.from_numpy(rel),
@@ -234,7 +227,7 @@ def _torch_variant(torch, q, k, v, *, k_len, causal=False, window=None, scale, o
     if "alibi_slopes" in opts:
         s = s - torch.from_numpy(opts["alibi_slopes"])[:, None, None] * dist.abs()
     if "rel_bias" in opts:
-        t5 = _require("transformers.models.t5.modeling_t5")
+        t5 = require("transformers.models.t5.modeling_t5")
         rb = opts["rel_bias"]
         bucket = t5.T5Attention._relative_position_bucket(
             dist.long(),

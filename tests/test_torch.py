@@ -1,32 +1,19 @@
 """torch tensors through ferroattn: the torch path equals the Rust path, tensors come back as
 tensors (dtype, device kept), CPU tensors are read and written in place, and importing ferroattn
-never imports torch. Skipped without torch, unless FERROATTN_REQUIRE_TORCH=1 (CI)."""
+never imports torch. Skipped without torch, unless FERROATTN_REQUIRE_EXTRAS=1 (CI)."""
 
 from __future__ import annotations
 
-import importlib
-import os
 import subprocess
 import sys
 import zlib
 
 import numpy as np
 import pytest
+from optional import require
 from reference import BF16, F16, F32, OUT_RTOL, rel_err
 
-
-def _require(name: str):
-    if os.environ.get("FERROATTN_REQUIRE_TORCH") == "1":
-        try:
-            return importlib.import_module(name)
-        except ImportError as e:
-            pytest.fail(f"FERROATTN_REQUIRE_TORCH=1 but {name} cannot be imported: {e}", False)
-    return pytest.importorskip(
-        name, reason=f"{name} is not installed (pip install ferroattn[torch])"
-    )
-
-
-torch = _require("torch")
+torch = require("torch", "torch")
 
 import ferroattn  # noqa: E402
 from ferroattn import torch as fa_torch  # noqa: E402

@@ -2,28 +2,16 @@
 
 Encoders with padded batches match ``"sdpa"`` on the valid positions; decoders produce the same
 greedy tokens as ``"eager"`` (GQA, sliding windows, softcapping, left padding, the KV cache of
-``generate()``). Skipped without torch/transformers, unless FERROATTN_REQUIRE_TORCH=1 (CI).
+``generate()``). Skipped without torch/transformers, unless FERROATTN_REQUIRE_EXTRAS=1 (CI).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
+from optional import require, tiny_config
 
-
-def _require(name: str):
-    if os.environ.get("FERROATTN_REQUIRE_TORCH") == "1":
-        try:
-            return importlib.import_module(name)
-        except ImportError as e:
-            pytest.fail(f"FERROATTN_REQUIRE_TORCH=1 but {name} cannot be imported: {e}", False)
-    return pytest.importorskip(name, reason=f"{name} is not installed (pip install ferroattn[hf])")
-
-
-torch = _require("torch")
-transformers = _require("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from ferroattn.integrations import transformers as fa_hf  # noqa: E402
 
@@ -42,19 +30,6 @@ def calls(monkeypatch):
 
     monkeypatch.setitem(transformers.AttentionInterface._global_mapping, fa_hf.NAME, counted)
     return seen
-
-
-def _tiny(cls, **extra):
-    common = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    common.update(extra)
-    return cls(**common)
 
 
 def _padded_ids(batch=3, n=11, vocab=97, left=False, seed=0):
@@ -78,7 +53,7 @@ def test_register_is_an_attention_implementation():
 
 
 def test_bert_padded_matches_sdpa(calls):
-    cfg = _tiny(transformers.BertConfig, type_vocab_size=2)
+    cfg = tiny_config(transformers.BertConfig, type_vocab_size=2)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
     ids, mask = _padded_ids()
@@ -114,19 +89,19 @@ def _same_greedy_tokens(model, calls, *, n=9, left_pad=True, new=8):
 
 
 def test_llama_gqa_generate_matches_eager(calls):
-    cfg = _tiny(transformers.LlamaConfig, num_key_value_heads=2)
+    cfg = tiny_config(transformers.LlamaConfig, num_key_value_heads=2)
     torch.manual_seed(1)
     _same_greedy_tokens(transformers.LlamaForCausalLM(cfg).eval(), calls)
 
 
 def test_mistral_sliding_window_generate_matches_eager(calls):
-    cfg = _tiny(transformers.MistralConfig, num_key_value_heads=1, sliding_window=4)
+    cfg = tiny_config(transformers.MistralConfig, num_key_value_heads=1, sliding_window=4)
     torch.manual_seed(2)
     _same_greedy_tokens(transformers.MistralForCausalLM(cfg).eval(), calls, n=10)
 
 
 def test_gemma2_softcap_sliding_generate_matches_eager(calls):
-    cfg = _tiny(
+    cfg = tiny_config(
         transformers.Gemma2Config,
         num_key_value_heads=2,
         head_dim=16,
@@ -141,7 +116,7 @@ def test_gemma2_softcap_sliding_generate_matches_eager(calls):
 
 def test_encoder_prefill_hidden_states_match_eager_for_decoder(calls):
     # A causal prefill with right padding: logits of valid positions agree with eager.
-    cfg = _tiny(transformers.LlamaConfig, num_key_value_heads=2)
+    cfg = tiny_config(transformers.LlamaConfig, num_key_value_heads=2)
     torch.manual_seed(4)
     model = transformers.LlamaForCausalLM(cfg).eval()
     ids, mask = _padded_ids()

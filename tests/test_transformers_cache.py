@@ -4,29 +4,18 @@ fp32 storage gives the greedy tokens of ``"eager"`` with transformers' ``Dynamic
 sliding windows as ring buffers, softcapping, a left-padded batch of 3, beam search, assisted
 generation); fp16 / bf16 / int8 storage keep the logits within a stated bound. Masks reach the
 kernels as options, never as ``(B, 1, Nq, Nk)`` arrays. Skipped without torch/transformers,
-unless FERROATTN_REQUIRE_TORCH=1 (CI).
+unless FERROATTN_REQUIRE_EXTRAS=1 (CI).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import os
 
 import pytest
+from optional import require, tiny_config
 
-
-def _require(name: str):
-    if os.environ.get("FERROATTN_REQUIRE_TORCH") == "1":
-        try:
-            return importlib.import_module(name)
-        except ImportError as e:
-            pytest.fail(f"FERROATTN_REQUIRE_TORCH=1 but {name} cannot be imported: {e}", False)
-    return pytest.importorskip(name, reason=f"{name} is not installed (pip install ferroattn[hf])")
-
-
-torch = _require("torch")
-transformers = _require("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 from ferroattn.integrations import hf_mask  # noqa: E402
 from ferroattn.integrations import transformers as fa_hf  # noqa: E402
@@ -55,31 +44,18 @@ def seen(monkeypatch):
     return calls
 
 
-def _tiny(cls, **extra):
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    common.update(extra)
-    return cls(**common)
-
-
 MODELS = {
     "llama": lambda: transformers.LlamaForCausalLM(
-        _tiny(transformers.LlamaConfig, num_key_value_heads=2)
+        tiny_config(transformers.LlamaConfig, num_key_value_heads=2)
     ),
     "qwen2": lambda: transformers.Qwen2ForCausalLM(
-        _tiny(transformers.Qwen2Config, num_key_value_heads=2)
+        tiny_config(transformers.Qwen2Config, num_key_value_heads=2)
     ),
     "mistral": lambda: transformers.MistralForCausalLM(
-        _tiny(transformers.MistralConfig, num_key_value_heads=1, sliding_window=4)
+        tiny_config(transformers.MistralConfig, num_key_value_heads=1, sliding_window=4)
     ),
     "gemma2": lambda: transformers.Gemma2ForCausalLM(
-        _tiny(
+        tiny_config(
             transformers.Gemma2Config,
             num_key_value_heads=2,
             head_dim=16,
