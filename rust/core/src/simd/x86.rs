@@ -154,6 +154,7 @@ pub(crate) struct Avx512;
 // called after run-time detection of avx512f.
 unsafe impl Simd for Avx512 {
     const LANES: usize = 16;
+    const REGISTERS: usize = 32;
     type V = __m512;
 
     #[inline(always)]
