@@ -5,8 +5,12 @@
 # - aarch64: the same for Linux aarch64, cross-built with Debian's toolchain (scripts/aarch64/env.sh);
 # - sdist: the source archive (`pip install` from it needs a Rust toolchain), checked to compile.
 # Both wheels are built for the baseline of their architecture (no target-cpu: the SIMD path is
-# chosen at run time) and tagged manylinux_2_17 (manylinux2014) after maturin's audit, which fails
-# the build if the extension needs a newer glibc symbol or links a library outside the policy.
+# chosen at run time) and tagged manylinux_2_34 after maturin's audit, which fails the build if the
+# extension needs a newer glibc symbol or links a library outside the policy. 2.34 is what linking
+# against this machine's glibc (Debian 12: 2.36, native and cross) allows: since glibc 2.34 the
+# pthread functions Rust's std calls carry that version (libpthread merged into libc), and
+# stat64/fstat64 2.33. An older level (manylinux2014, glibc 2.17) needs an older glibc to link
+# against: a manylinux2014 container, or maturin --zig.
 # Then each wheel's size is checked (at most FERROATTN_WHEEL_MAX_BYTES, default 5 MB) and its tag,
 # size and highest glibc symbol version are printed.
 set -euo pipefail
@@ -29,7 +33,7 @@ if ! command -v "$maturin" >/dev/null; then
     exit 1
 fi
 maturin=$(command -v "$maturin")
-policy=manylinux2014
+policy=manylinux_2_34
 max_bytes=${FERROATTN_WHEEL_MAX_BYTES:-5000000}
 
 # The wheel's highest GLIBC_x.y symbol version: the oldest glibc it loads on.
