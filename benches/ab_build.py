@@ -25,7 +25,8 @@ machine that other work keeps busy.
 Cases (2 threads unless FERROATTN_NUM_THREADS says otherwise): prefill B=1 H=16 N=2048 fp32,
 D=64 dense and causal, D=128; decode of one token through ``ferroattn.KVCache`` with 32768
 cached tokens, D=128, 32 query / 8 KV heads in fp32, fp16, int8 and 32 / 32 heads in fp32;
-``attention_weights`` H=16 N=1024 D=64.
+``attention_weights`` H=16 N=1024 D=64; a tiny call (B=1 H=1 N=16 D=32 fp32), its cost
+the per-call overhead.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ CASES = [
     "decode_int8",
     "decode_mha_fp32",
     "weights_n1024",
+    "tiny_fp32",
 ]
 
 
@@ -75,6 +77,9 @@ def make(case: str, fa: Any, np: Any) -> Callable[[], Any]:
         cache.append(rnd(1, hkv, 1, d), rnd(1, hkv, 1, d))
         q = rnd(1, hq, 1, d)
         return lambda: cache.attend(q)
+    if case == "tiny_fp32":  # a call whose cost is the per-call overhead
+        q, k, v = rnd(1, 1, 16, 32), rnd(1, 1, 16, 32), rnd(1, 1, 16, 32)
+        return lambda: fa.attention(q, k, v)
     if case == "weights_n1024":
         q, k = rnd(1, 16, 1024, 64), rnd(1, 16, 1024, 64)
         return lambda: fa.attention_weights(q, k)

@@ -147,6 +147,13 @@ if [[ " $isas " == *" avx512 "* ]] && grep -qw avx512_vnni /proc/cpuinfo 2>/dev/
     step "Python cache tests, FERROATTN_ISA=avx512 FERROATTN_VNNI=0"
     FERROATTN_ISA=avx512 FERROATTN_VNNI=0 "${pytest[@]}" tests/test_kv_cache.py
 fi
+# With AVX-512 BF16, bf16 prefill (and float32 at precision="high"/"medium") takes bf16 dot
+# products; the scalar and AVX2 passes run those tests on the float32 kernels, and this one on the
+# AVX-512 float32 kernels that CPUs without AVX-512 BF16 (Skylake-X, Ice Lake) take.
+if [[ " $isas " == *" avx512 "* ]] && grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+    step "Python bf16 tests, FERROATTN_ISA=avx512 FERROATTN_BF16DOT=0"
+    FERROATTN_ISA=avx512 FERROATTN_BF16DOT=0 "${pytest[@]}" tests/test_bf16_dot.py
+fi
 step "x86_64 wheel: fresh virtualenv without Rust, smoke test, ferroattn demo"
 bash scripts/check-wheel.sh "${wheels[0]}"
 # aarch64 (FERROATTN_AARCH64=1, as .ci/run sets): cross-built with Debian's toolchain, run under

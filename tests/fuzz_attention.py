@@ -4,8 +4,8 @@ reuse.
 
 Each ``*_case(draw)`` draws one call (its arguments and their verdicts, see ``fuzz_inputs``)
 and the oracle that judges a result: the float64 references of the test suite
-(``reference.py``: ``reference`` and ``reference_varlen``) read the arguments exactly as the caller's
-dtype holds them.
+(``reference.py``: ``reference`` and ``reference_varlen``) read the arguments exactly as the
+caller's dtype holds them.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from fuzz_inputs import (
     size,
 )
 from hypothesis import strategies as st
-from reference import reference_varlen, to_bhsd
 from reference import reference as reference_full
+from reference import reference_varlen, to_bhsd
 
 import ferroattn
 
@@ -81,7 +81,11 @@ def draw_dims(draw, *, huge_axes: tuple[str, ...]) -> tuple[dict[str, int], str 
 
 
 def user_shape(shape4: tuple[int, ...], rank: int, layout: str) -> tuple[int, ...]:
+    """The shape a caller passes for a head-major ``shape4``: a 2-D input is one head's
+    ``(N, D)`` in either layout (``ferroattn.attention``'s rule)."""
     b, h, n, d = shape4
+    if rank == 2:
+        return (n, d)
     full = (b, h, n, d) if layout == "bhsd" else (b, n, h, d)
     return full[4 - rank :]
 
@@ -617,9 +621,32 @@ def _cu_arg(draw, lens: list[int]) -> Arg:
     return lit(cu)
 
 
+def _is_cu(value: Any, total: int) -> bool:
+    """Whether ``value`` is a list of ints that starts at 0, never decreases and ends at
+    ``total``."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(type(c) is int for c in value)
+        and value[0] == 0
+        and value[-1] == total
+        and all(a <= b for a, b in zip(value, value[1:], strict=False))
+    )
+
+
+def _judge_cu_pair(args: dict[str, Arg], total_q: int, total_k: int) -> None:
+    """A drawn "bad" cu_seqlens can still be a valid one (dropping the first entry of
+    ``[0, 0]`` gives ``[0]``, no sequences): a pair of valid lists of one length is valid."""
+    cq, ck = args["cu_seqlens_q"], args["cu_seqlens_k"]
+    if INVALID not in (cq.verdict, ck.verdict):
+        return
+    if _is_cu(cq.value, total_q) and _is_cu(ck.value, total_k) and len(cq.value) == len(ck.value):
+        args["cu_seqlens_q"], args["cu_seqlens_k"] = lit(cq.value), lit(ck.value)
+
+
 def attention_varlen_case(draw) -> Case:
     dims, odd = draw_dims(draw, huge_axes=())
-    n_seq = size(draw, 1, 3)
+    n_seq = size(draw, 0, 3)  # no sequences at all: cu_seqlens [0] and an empty result
     lens_q = [draw(st.integers(0, 5)) for _ in range(n_seq)]
     lens_k = [draw(st.integers(0, 5)) for _ in range(n_seq)]
     dims.update(B=1, Nq=sum(lens_q), Nk=sum(lens_k))
@@ -636,6 +663,7 @@ def attention_varlen_case(draw) -> Case:
     args["cu_seqlens_k"] = _cu_arg(draw, lens_k)
     if chance(draw, 0.05):
         args["cu_seqlens_k"] = lit([0, *np.cumsum(lens_k).tolist(), sum(lens_k)], INVALID)
+    _judge_cu_pair(args, sum(lens_q), sum(lens_k))
     for name, maker, p in (
         ("causal", causal_arg, 0.5),
         ("window", window_arg, 0.3),

@@ -409,10 +409,15 @@ def self_attention_cases(draw):
             w_arg = Arg(w.astype(np.int32), f"params[{name!r}].astype(np.int32)", INVALID)
         elif r == 2:
             w_arg = junk_arg(draw)
+            if name.startswith("b_") and w_arg.value is None:
+                w_arg = lit(None)  # a bias of None is no bias
         args[name] = w_arg
     args["num_heads"] = int_option(draw, [h])
     if chance(draw, 0.5):
-        args["num_kv_heads"] = int_option(draw, [h_kv])
+        # None means num_heads: valid where that is the drawn number of KV heads.
+        args["num_kv_heads"] = int_option(draw, [h_kv], none_ok=True)
+        if args["num_kv_heads"].value is None and h_kv != h:
+            args["num_kv_heads"] = lit(None, INVALID)
     elif h_kv != h:
         args["num_kv_heads"] = lit(h_kv)
     if chance(draw, 0.2):
@@ -437,7 +442,7 @@ def self_attention_cases(draw):
     # Where RoPE meets an odd head dimension, the refusal is about head_dim (not passed); a
     # weight of the wrong shape may be reported by the weight it disagrees with.
     extra_blame = ("head_dim",) if odd_rope else ()
-    if any(args[n].verdict != VALID for n in params):
+    if any(args[n].verdict != VALID for n in (*params, "num_kv_heads") if n in args):
         extra_blame += tuple(params) + ("num_heads", "num_kv_heads", "head_dim")
     if chance(draw, 0.05):
         args["sinks"] = per_head_arg(draw, "sinks", h + 1)
@@ -473,7 +478,9 @@ def self_attention_cases(draw):
         for k in ("causal", "rope_theta", "rope_interleaved", "window", "softcap", "scale")
         if k in m
     }
-    ref_params = {k: as_f64(v) for k, v in values.items() if k.startswith(("w_", "b_"))}
+    ref_params = {
+        k: None if v is None else as_f64(v) for k, v in values.items() if k.startswith(("w_", "b_"))
+    }
     b, n = size(draw, 1, 2), size(draw, 0, 6)
     x_arg = array_arg(draw, (b, n, d_model), pick(draw, FLOAT_DTYPES), allow_list=False)
     r = roll(draw, 15)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +112,32 @@ def test_cli_info_names_the_decode_prefetch():
     )
     assert "8192 B of each K/V stream ahead" in text and "one-row" not in text
     assert "stream_prefetch_bytes" not in text  # shown once, by its label
+
+
+def test_info_reports_bf16_dot_products_and_no_amx():
+    info = ferroattn.info()
+    assert isinstance(info["bf16_dot"], bool)
+    assert info["amx"] is False
+    if info["bf16_dot"]:
+        assert info["isa"] == "avx512" and "avx512bf16" in info["cpu_features"]
+
+
+def _cpu_feature_vocabulary() -> set[str]:
+    """Every name ``info()["cpu_features"]`` can hold, on any CPU: the core's probe list."""
+    src = (Path(__file__).resolve().parents[1] / "rust/core/src/simd/mod.rs").read_text()
+    probes = re.findall(r"probe!\(([^)]*)\)", src)
+    names = set(re.findall(r'"([^"]+)"', " ".join(probes)))
+    names |= set(re.findall(r'found\.push\("([^"]+)"\)', src))
+    assert "avx2" in names, "the probe list moved: update this test"
+    return names
+
+
+def test_the_benchmark_reads_only_names_info_has(monkeypatch):
+    # The harness once looked for "avx512_bf16", which info() never reports, so a target that
+    # applies on this CPU was skipped silently.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benches"))
+    import importlib
+
+    lowp = importlib.import_module("fabench.cases.lowp")
+    assert set(lowp.INFO_KEYS) <= set(ferroattn.info())
+    assert set(lowp.CPU_FEATURES) <= _cpu_feature_vocabulary()

@@ -12,6 +12,7 @@ from reference import reference_attention, rel_err
 
 import ferroattn
 from ferroattn import _ferroattn
+from ferroattn._args import MaskOptions
 
 F32 = np.float32
 
@@ -90,12 +91,24 @@ def test_kernel_working_memory_beyond_the_machine_is_refused_by_name():
     x = np.broadcast_to(np.ones((1, 1, 1, 1), F32), (1, 1, 1, 2**40))
     v = np.ones((1, 1, 1, 1), F32)
     out = np.empty((1, 1, 1, 1), F32)
+    plain = MaskOptions(1.0, None, False, False, None, None)
     with pytest.raises(MemoryError, match="q, k and v"):
-        _ferroattn.attention(x, x, v, out, "float32", scale=1.0)
+        _ferroattn.attention(x, x, v, out, "float32", plain)
     with pytest.raises(MemoryError, match="q and k"):
-        _ferroattn.attention_weights(x, x, "float32", scale=1.0)
+        _ferroattn.attention_weights(x, x, "float32", plain)
     with pytest.raises(MemoryError, match="q, k and v"):
         _ferroattn.linear_attention(x, x, v, out, "float32")
+
+
+@pytest.mark.parametrize("stride", [2**62, -(2**62), 2**63 - 4])
+def test_strides_no_buffer_can_span_are_refused_not_read(stride):
+    # Strides NumPy takes on trust (as_strided) whose span exceeds any buffer: the binding
+    # bounds arrays in 128-bit arithmetic and refuses them before reading anything.
+    base = np.ones(4, F32)
+    q = np.lib.stride_tricks.as_strided(base, shape=(3, 1, 1, 4), strides=(stride, 0, 0, 4))
+    k = np.ones((3, 1, 1, 4), F32)
+    with pytest.raises(ValueError, match="q: .*spans more memory than a buffer can hold"):
+        ferroattn.attention(q, k, k)
 
 
 @pytest.mark.parametrize("window", [None, 4])

@@ -20,6 +20,7 @@ CASES = (
     "scaling",
     "memory",
     "variants",
+    "hf",
 )
 CASE_TITLES = {
     "prefill": "1. prefill fp32, non-causal",
@@ -31,6 +32,7 @@ CASE_TITLES = {
     "scaling": "7. thread scaling",
     "memory": "8. peak memory",
     "variants": "9. variants: block-sparse density, linear attention, mask/bias overhead",
+    "hf": "10. generate() through transformers: DynamicCache vs FerroattnCache, window masks",
 }
 
 

@@ -154,14 +154,15 @@ def torch_cand(
     name: str = TORCH,
 ) -> Cand:
     """torch SDPA (``is_causal``, a boolean ``attn_mask``, ``enable_gqa``); ``dtype`` float16
-    casts q, k and v once (one dtype for all three)."""
+    or bfloat16 casts q, k and v once (one dtype for all three)."""
     torch = peers.get("torch")
     if torch is None:
         return Cand(name, status=peers.status("torch"))
     sdpa = torch.nn.functional.scaled_dot_product_attention
     tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))  # zero copy
-    if dtype == "float16":
-        tq, tk, tv = (x.to(torch.float16).contiguous() for x in (tq, tk, tv))
+    if dtype in ("float16", "bfloat16"):
+        cast = getattr(torch, dtype)
+        tq, tk, tv = (x.to(cast).contiguous() for x in (tq, tk, tv))
     tm = torch.from_numpy(mask) if mask is not None else None
     kwargs: dict[str, Any] = {"is_causal": causal} if tm is None else {"attn_mask": tm}
     if gqa:

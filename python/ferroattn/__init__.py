@@ -24,6 +24,7 @@ from .layer import SelfAttention
 from .linear import LinearAttentionState, linear_attention
 from .merge import merge_partials
 from .plot import plot_attention, render_attention
+from .precision import get_float32_precision, set_float32_precision
 from .rope import rope
 from .variants import (
     T5Bias,
@@ -46,6 +47,7 @@ __all__ = [
     "attention_varlen",
     "attention_weights",
     "bigbird_layout",
+    "get_float32_precision",
     "get_num_threads",
     "info",
     "linear_attention",
@@ -54,6 +56,7 @@ __all__ = [
     "plot_attention",
     "render_attention",
     "rope",
+    "set_float32_precision",
     "set_num_threads",
     "strided_layout",
 ]
@@ -87,6 +90,11 @@ def info() -> dict[str, Any]:
     ``stream_prefetch_bytes`` and ``one_row_stream_prefetch`` say how decoding requests its
     K and V streams ahead on this CPU, picked by CPU vendor (``docs/performance.md``, "Stream
     requests and their distance by vendor" and "One-row streams and ONE_ROW_KEYS").
+
+    ``bf16_dot`` says whether prefill tiles of bfloat16 inputs (and of float32 inputs at a
+    lower :func:`set_float32_precision`) run on bfloat16 dot products (AVX-512 BF16's
+    ``vdpbf16ps``; ``FERROATTN_BF16DOT=0`` turns them off). ``amx`` is always False: there is
+    no AMX tile path yet.
 
     Never imports torch (``ferroattn info`` on the command line reports torch as well).
     """

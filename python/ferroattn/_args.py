@@ -12,7 +12,7 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -197,9 +197,13 @@ def check_packed(named: dict[str, Any]) -> None:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MaskOptions:
-    """Normalized mask and score options, as the binding takes them."""
+    """Normalized mask and score options, as the binding takes them (its ``mask``; slots, so
+    the binding reads each field without a dictionary lookup).
+
+    ``sink_keys``: the leading keys the window does not hide (a window cache's sinks).
+    """
 
     scale: float
     softcap: float | None
@@ -207,16 +211,24 @@ class MaskOptions:
     top_left: bool
     window_left: int | None
     window_right: int | None
+    sink_keys: int = 0
+    precision: str = "highest"
 
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "scale": self.scale,
-            "softcap": self.softcap,
-            "causal": self.causal,
-            "top_left": self.top_left,
-            "window_left": self.window_left,
-            "window_right": self.window_right,
-        }
+
+class Sequences(NamedTuple):
+    """Which queries see which keys, as the binding takes it (its ``sequences``): at most one
+    description; none means every query of a batch entry sees all of its keys.
+
+    Attributes:
+        kv_lengths: valid keys per batch entry (right padding).
+        cu_seqlens_q, cu_seqlens_k: packed sequences' cumulative lengths (together).
+        explicit: ``(batch, q_start, q_len, k_start, k_len)`` per sequence.
+    """
+
+    kv_lengths: list[int] | None = None
+    cu_seqlens_q: list[int] | None = None
+    cu_seqlens_k: list[int] | None = None
+    explicit: list[tuple[int, int, int, int, int]] | None = None
 
 
 # The largest finite float32: the kernels compute in float32, so an option or a bias beyond
@@ -262,8 +274,10 @@ def mask_options(
     scale: Any,
     softcap: Any,
     span: int = _FAR,
+    precision: str = "highest",
 ) -> MaskOptions:
-    """Validate ``causal``, ``window``, ``scale`` and ``softcap``.
+    """Validate ``causal``, ``window``, ``scale`` and ``softcap``; ``precision`` is one
+    that :func:`ferroattn.precision.check_precision` returned.
 
     ``span``: ``max(Nq, Nk)`` when known. A window side of at least that many tokens sees
     every key a side can reach, so it is passed on as unbounded (exactly the same mask), and
@@ -320,7 +334,7 @@ def mask_options(
                 f"softcap must be a positive number within float32's range, got {softcap!r}"
             )
 
-    return MaskOptions(scale_f, cap, is_causal, top_left, left, right)
+    return MaskOptions(scale_f, cap, is_causal, top_left, left, right, precision=precision)
 
 
 def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:
@@ -402,3 +416,14 @@ def check_out(
     for name, a in zip(("q", "k", "v"), inputs, strict=False):
         if np.may_share_memory(out, a):
             raise ValueError(f"out must not share memory with {name}")
+
+
+def output_array(
+    out: Any, shape: tuple[int, ...], dtype: np.dtype, inputs: list[np.ndarray]
+) -> np.ndarray:
+    """The array a call writes its result into: the caller's ``out=``, checked (see
+    :func:`check_out`), or a new one of ``shape`` and ``dtype``."""
+    if out is None:
+        return empty("the output of q, k and v", shape, dtype)
+    check_out(out, shape, dtype, inputs)
+    return out

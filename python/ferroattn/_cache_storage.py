@@ -9,17 +9,44 @@ object that does the few things that differ between array libraries. Two exist:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from . import _ferroattn
-from ._args import MaskOptions, aligned_copy, as_array, check_out, dtype_code, kernel_ready
+from ._args import (
+    MaskOptions,
+    Sequences,
+    aligned_copy,
+    as_array,
+    check_out,
+    dtype_code,
+    kernel_ready,
+    mask_options,
+)
 from ._dispatch import tensor_among
 from ._memory import zeros
-from .variants import extras_kwargs
+from .variants import normalize_variants
 
-__all__ = ["CacheQuery", "CacheStorage", "NumpyStorage", "encode_numpy"]
+__all__ = [
+    "CacheQuery",
+    "CacheStorage",
+    "KVEncoding",
+    "NumpyStorage",
+    "attend_sequences",
+    "encode_numpy",
+]
+
+
+class KVEncoding(NamedTuple):
+    """The type the keys and values are stored in, as the binding takes it (its
+    ``kv_encoding``): ``kv_dtype`` a kernel dtype name; int8 comes with per-row float32 scales
+    of shape ``(B, Hkv, N, 1)``."""
+
+    kv_dtype: str
+    k_scales: np.ndarray | None = None
+    v_scales: np.ndarray | None = None
 
 
 class CacheQuery(NamedTuple):
@@ -151,7 +178,7 @@ class NumpyStorage:
 
     @staticmethod
     def check_terms(shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
-        extras_kwargs(shape4=shape4, ndim=4, **terms)
+        normalize_variants(shape4=shape4, ndim=4, **terms)
 
     encode = staticmethod(encode_numpy)
 
@@ -184,23 +211,64 @@ class NumpyStorage:
             and result.flags.aligned
         )
         target = result if direct else zeros("out (a float32 buffer for it)", shape, qk.dtype)
-        kwargs = query.opts.kwargs()
         shape4 = (shape[0], q.shape[1], q.shape[2], k.shape[2])
-        kwargs.update(extras_kwargs(shape4=shape4, ndim=4, **query.terms))
-        if scales is not None:
-            kwargs["k_scales"] = scales[0][..., None]
-            kwargs["v_scales"] = scales[1][..., None]
+        variants = normalize_variants(shape4=shape4, ndim=4, **query.terms)
+        if scales is None:
+            encoding = KVEncoding(query.code)
+        else:
+            encoding = KVEncoding(query.code, scales[0][..., None], scales[1][..., None])
+        opts = query.opts
+        if query.sink_keys:
+            opts = dataclasses.replace(opts, sink_keys=query.sink_keys)
         _ferroattn.attention(
             qk,
             k,
             v,
             target,
             qk.dtype.name,
-            kv_dtype=query.code,
-            sink_keys=query.sink_keys,
-            seqs=query.seqs,
-            **kwargs,
+            opts,
+            sequences=Sequences(explicit=query.seqs),
+            variants=variants,
+            kv_encoding=encoding,
         )
         if not direct:
             result[...] = target
         return result
+
+
+def attend_sequences(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    seqs: list[tuple[int, int, int, int, int]],
+    *,
+    scales: tuple[np.ndarray, np.ndarray] | None = None,
+    causal: bool = False,
+    window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: Any = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Attention over ``(B, H, N, D)`` NumPy arrays as explicit sequences pair their rows.
+
+    For callers that keep positions themselves (a cache of another library, a ring buffer read
+    in place): ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
+    batch ``b`` over keys ``k0 : k0 + k_len``, causal (bottom-right) and ``window`` counted
+    inside that range; rows no entry names are zeros. ``k``/``v`` are float arrays the kernels
+    read (float32, float16, bfloat16) or int8 with ``scales`` ``(B, Hkv, N)``; ``out``
+    ``(B, H, Nq, Dv)`` of q's dtype.
+    """
+    shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    opts = mask_options(
+        head_dim=q.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+    )
+    if out is not None:
+        check_out(out, shape, q.dtype, [q, k, v])
+    code = "int8" if scales is not None else dtype_code(k)
+    if code is None:
+        raise TypeError(f"k must be float32, float16, bfloat16 or int8, got {k.dtype}")
+    terms = {} if sinks is None else {"sinks": sinks}
+    return NumpyStorage.run(
+        CacheQuery(list(seqs), 0, opts, terms, shape, code), q, k, v, scales, out
+    )

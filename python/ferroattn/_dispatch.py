@@ -21,6 +21,7 @@ from .variants import T5Bias
 
 __all__ = [
     "cache_storage",
+    "from_numpy",
     "on_tensor_views",
     "route",
     "tensor_among",
@@ -126,6 +127,11 @@ def on_tensor_views(method: Callable[..., Any], *arrays: Any, **kwargs: Any) -> 
 def to_numpy(t: Any) -> Any:
     """A tensor as a NumPy array (a view of CPU memory; see :func:`ferroattn.torch.to_numpy`)."""
     return _torch_module().to_numpy(t)
+
+
+def from_numpy(a: Any) -> Any:
+    """A CPU tensor sharing a NumPy array's memory (see :func:`ferroattn.torch.from_numpy`)."""
+    return _torch_module().from_numpy(a)
 
 
 def cache_storage(device: Any, backend: Any = "auto") -> Any | None:

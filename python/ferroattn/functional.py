@@ -10,22 +10,24 @@ import numpy as np
 from . import _dispatch, _ferroattn
 from ._args import (
     MaskOptions,
+    Sequences,
     as_array,
     as_is,
     check_cu_seqlens,
     check_flag,
     check_kv_lengths,
-    check_out,
     check_packed,
     dtype_code,
     from_bhsd_shape,
     kernel_views,
     mask_options,
+    output_array,
     prepare,
     to_bhsd,
 )
 from ._memory import allocating, empty
-from .variants import T5Bias, extras_kwargs
+from .precision import Precision, check_precision
+from .variants import T5Bias, Variants, normalize_variants
 
 Causal = bool | Literal["bottom_right", "top_left"]
 Window = int | tuple[int | None, int | None] | None
@@ -49,11 +51,14 @@ def _prepare(
     return prepare(named, layout, as_array, as_is)
 
 
-def _mask(q4: np.ndarray, k4: np.ndarray, **options: Any) -> MaskOptions:
+def _mask(q4: np.ndarray, k4: np.ndarray, precision: Any, **options: Any) -> MaskOptions:
     """The mask options of a call over head-major ``q4``/``k4`` (``causal``, ``window``,
-    ``scale``, ``softcap``): window sides as long as the sequences are unbounded."""
+    ``scale``, ``softcap``): window sides as long as the sequences are unbounded; ``precision``
+    as the caller gave it (None: the process-wide setting)."""
     span = max(q4.shape[2], k4.shape[2])
-    return mask_options(head_dim=q4.shape[3], span=span, **options)
+    return mask_options(
+        head_dim=q4.shape[3], span=span, precision=check_precision(precision), **options
+    )
 
 
 def _run(
@@ -63,7 +68,8 @@ def _run(
     out4: np.ndarray,
     opts: MaskOptions,
     return_lse: bool,
-    **seqs: Any,
+    sequences: Sequences | None,
+    variants: Variants | None = None,
 ) -> np.ndarray | None:
     """Call the kernel, writing into ``out4`` when it is kernel-writable, else via a buffer."""
     direct = (
@@ -73,7 +79,15 @@ def _run(
     )
     target = out4 if direct else empty("out (a float32 buffer for it)", out4.shape, q4.dtype)
     lse = _ferroattn.attention(
-        q4, k4, v4, target, q4.dtype.name, return_lse=return_lse, **opts.kwargs(), **seqs
+        q4,
+        k4,
+        v4,
+        target,
+        q4.dtype.name,
+        opts,
+        sequences=sequences,
+        variants=variants,
+        return_lse=return_lse,
     )
     if not direct:
         out4[...] = target
@@ -81,6 +95,19 @@ def _run(
 
 
 _F32 = np.dtype(np.float32)
+
+# The mask options of the fast path by head dimension, one table per value of `causal` (a
+# bool indexes them): made once, looked up without building a key.
+_FAST_OPTS: tuple[dict[int, MaskOptions], dict[int, MaskOptions]] = ({}, {})
+
+
+def _fast_options(d: int, causal: bool) -> MaskOptions:
+    """Make and keep the fast path's mask options for head dimension ``d``."""
+    table = _FAST_OPTS[causal]
+    if len(table) >= 64:  # head dimensions are few; keep the table small anyway
+        table.clear()
+    opts = table[d] = MaskOptions(1.0 / math.sqrt(d), None, causal, False, None, None)
+    return opts
 
 
 def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
@@ -90,16 +117,23 @@ def _fast_float32(q: Any, k: Any, v: Any, causal: bool) -> np.ndarray | None:
     if not (type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray):
         return None
     for a in (q, k, v):
-        if a.dtype != _F32 or a.ndim != 4 or a.strides[3] != 4 or not a.flags.aligned:
+        # `is` first: NumPy's float32 dtype is one object, and `!=` costs a conversion.
+        dt = a.dtype
+        if (dt is not _F32 and dt != _F32) or a.ndim != 4 or a.strides[3] != 4:
             return None
-    d = q.shape[3]
-    if d < 1:
-        return None
+        if not a.flags.aligned:
+            return None
+    b, h, n, d = q.shape  # once: each `.shape` builds a tuple
+    if d < 1 or k.shape[1] < 1:
+        return None  # the general path names what is wrong (the kernels take Hq = Hkv = 0)
     try:
-        result = np.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=_F32)
+        result = np.empty((b, h, n, v.shape[3]), dtype=_F32)
     except (MemoryError, ValueError):
         return None  # the general path reports it, by name
-    _ferroattn.attention(q, k, v, result, "float32", scale=1.0 / math.sqrt(d), causal=causal)
+    opts = _FAST_OPTS[causal].get(d)
+    if opts is None:
+        opts = _fast_options(d, causal)
+    _ferroattn.attention(q, k, v, result, "float32", opts)
     return result
 
 
@@ -124,12 +158,14 @@ def attention(
     block_layout: Any = None,
     block_size: int | None = None,
     backend: Backend = "auto",
+    precision: Precision | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Scaled-dot-product attention, ``softmax(scale · q kᵀ [masked]) v``.
 
     Args:
         q: queries ``(B, Hq, Nq, D)``; also ``(H, N, D)`` or ``(N, D)``. With ``layout="bshd"``:
-            ``(B, N, H, D)`` or ``(N, H, D)``.
+            ``(B, N, H, D)`` or ``(N, H, D)``; a 2-D input is one head's ``(N, D)`` in either
+            layout.
         k: keys ``(B, Hkv, Nk, D)``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA: query head
             ``h`` reads key/value head ``h // (Hq // Hkv)``).
         v: values ``(B, Hkv, Nk, Dv)``.
@@ -173,6 +209,12 @@ def attention(
             on another device are copied to the CPU and the result copied back). ``"torch"``:
             always torch (NumPy inputs are wrapped with ``torch.from_numpy`` and the result is
             NumPy). See :mod:`ferroattn.torch`.
+        precision: how float32 inputs may be multiplied: ``"highest"`` (float32 products),
+            ``"high"`` (three bfloat16 products each, ~1e-5 relative) or ``"medium"`` (one,
+            ~1e-2), as :func:`torch.set_float32_matmul_precision` names them; default
+            :func:`ferroattn.get_float32_precision` (``"highest"``). The bfloat16 products need
+            a CPU with AVX-512 BF16 (else float32 math) and run on prefill tiles; see
+            :mod:`ferroattn.precision`. The torch backend ignores it.
 
     Torch tensors in give torch tensors out, of the same dtype and on the same device; ``out``
     must then be a tensor (written in place). ``q``, ``k``, ``v`` and ``out`` must be all
@@ -215,6 +257,7 @@ def attention(
         and sinks is None
         and block_layout is None
         and block_size is None
+        and check_precision(precision) == "highest"
     )
     if plain and (causal is True or causal is False):
         fast = _fast_float32(q, k, v, causal)
@@ -248,9 +291,9 @@ def attention(
     return_lse = check_flag("return_lse", return_lse)
     arrays, (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
     b, hq, nq, _ = q4.shape
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, precision, causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, k4.shape[2])
-    extras = extras_kwargs(
+    variants = normalize_variants(
         shape4=(b, hq, nq, k4.shape[2]),
         ndim=ndim,
         mask=mask,
@@ -263,15 +306,11 @@ def attention(
     )
     shape4 = (b, hq, nq, v4.shape[3])
     user_shape = from_bhsd_shape(shape4, ndim, layout)
-    if out is None:
-        result = empty("the output of q, k and v", user_shape, dtype)
-    else:
-        check_out(out, user_shape, dtype, arrays)
-        result = out
+    result = output_array(out, user_shape, dtype, arrays)
     q4, k4, v4 = kernel_views(q4, k4, v4)
-    lse = _run(
-        q4, k4, v4, to_bhsd("out", result, layout), opts, return_lse, kv_lengths=lens, **extras
-    )
+    sequences = None if lens is None else Sequences(kv_lengths=lens)
+    out4 = to_bhsd("out", result, layout)
+    lse = _run(q4, k4, v4, out4, opts, return_lse, sequences, variants)
     if not return_lse:
         return result
     assert lse is not None
@@ -292,6 +331,7 @@ def attention_varlen(
     return_lse: bool = False,
     out: Any = None,
     backend: Backend = "auto",
+    precision: Precision | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Attention over packed sequences of different lengths (flash-attn's varlen API).
 
@@ -304,6 +344,7 @@ def attention_varlen(
         cu_seqlens_k: the same for keys and values.
         causal, window, scale, softcap, return_lse, out: as in :func:`attention`, per sequence.
         backend: as in :func:`attention` (torch tensors in, torch tensors out).
+        precision: as in :func:`attention`.
 
     Returns:
         ``(total_q, Hq, Dv)``, or with ``return_lse`` also the float32 LSE ``(Hq, total_q)``.
@@ -335,16 +376,13 @@ def attention_varlen(
     check_packed(named)
     arrays, (q4, k4, v4), dtype, _ = _prepare(named["q"], named["k"], named["v"], layout="bshd")
     _, hq, total_q, _ = q4.shape
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, precision, causal=causal, window=window, scale=scale, softcap=softcap)
     cq, ck = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q4.shape[2], k4.shape[2])
     user_shape = (total_q, hq, v4.shape[3])
-    if out is None:
-        result = empty("the output of q, k and v", user_shape, dtype)
-    else:
-        check_out(out, user_shape, dtype, arrays)
-        result = out
+    result = output_array(out, user_shape, dtype, arrays)
     q4, k4, v4 = kernel_views(q4, k4, v4)
-    lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, cu_seqlens=(cq, ck))
+    sequences = Sequences(cu_seqlens_q=cq, cu_seqlens_k=ck)
+    lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, sequences)
     if not return_lse:
         return result
     assert lse is not None
@@ -411,9 +449,9 @@ def attention_weights(
     _, (q4, k4), dtype, ndim = _prepare(q, k, _NO_VALUES, layout)
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    opts = _mask(q4, k4, causal=causal, window=window, scale=scale, softcap=softcap)
+    opts = _mask(q4, k4, "highest", causal=causal, window=window, scale=scale, softcap=softcap)
     lens = check_kv_lengths(kv_lengths, b, nk)
-    extras = extras_kwargs(
+    variants = normalize_variants(
         shape4=(b, hq, nq, nk),
         ndim=ndim,
         mask=mask,
@@ -425,8 +463,9 @@ def attention_weights(
         block_size=block_size,
     )
     q4, k4 = kernel_views(q4, k4)
+    sequences = None if lens is None else Sequences(kv_lengths=lens)
     flat = _ferroattn.attention_weights(
-        q4, k4, q4.dtype.name, kv_lengths=lens, **opts.kwargs(), **extras
+        q4, k4, q4.dtype.name, opts, sequences=sequences, variants=variants
     )
     w: np.ndarray = flat.reshape(b, hq, nq, nk)
     w = w.reshape(w.shape[4 - ndim :])

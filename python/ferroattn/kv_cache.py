@@ -19,10 +19,18 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _ferroattn
-from ._args import NATIVE_CODES, MaskOptions, check_dtypes, mask_options
-from ._cache_storage import CacheQuery, CacheStorage, NumpyStorage, encode_numpy
+from ._args import NATIVE_CODES, MaskOptions, Sequences, check_dtypes, mask_options
+from ._cache_storage import (
+    CacheQuery,
+    CacheStorage,
+    KVEncoding,
+    NumpyStorage,
+    attend_sequences,
+    encode_numpy,
+)
 from ._dispatch import cache_storage, on_tensor_views
 from ._memory import allocating, nbytes, zeros
+from .precision import Precision, check_precision
 
 __all__ = ["KVCache"]
 
@@ -184,7 +192,7 @@ class KVCache:
         # Decoding calls the same few options every step: see `_plain_call`. The kernels read
         # NumPy storage directly, so only it has that path.
         self._plain = isinstance(self._store, NumpyStorage) and window is None
-        self._plain_opts: dict[tuple[Any, Any], dict[str, Any]] = {}
+        self._plain_opts: dict[tuple[Any, Any, str], tuple[MaskOptions, KVEncoding]] = {}
 
     # ----------------------------------------------------------------- facts
 
@@ -401,6 +409,78 @@ class KVCache:
             data[b][:, slots], None if scales is None else scales[b][:, slots]
         )
 
+    # ------------------------------------------------------- storage in place
+    # For callers that keep positions themselves (the transformers cache of
+    # ferroattn.integrations): they read the storage slot by slot, a ring buffer included,
+    # rather than through a gathered copy in position order.
+
+    def slot(self, position: int) -> int:
+        """The storage slot of ``position`` (past the sinks, a window cache wraps around)."""
+        return int(self._slot(np.int64(position)))
+
+    def span(self, start: int, stop: int) -> tuple[Any, Any]:
+        """Keys and values of positions ``start:stop`` of every sequence, each
+        ``(batch, kv_heads, stop - start, dim)`` in position order.
+
+        Views into the cache for a float cache without window; copies otherwise (int8
+        dequantized to float32). Every sequence must still hold those positions.
+        """
+        if not 0 <= start <= stop <= int(self._len.min()):
+            raise ValueError(
+                f"positions {start}:{stop} are not stored for every sequence "
+                f"(lengths {self._len.tolist()})"
+            )
+        int8 = self._code == "int8"
+        if self.window is None:
+            pick: Any = slice(start, stop)
+        else:
+            evicted = [
+                b
+                for b in range(self.batch)
+                if stop > self.sinks and max(start, self.sinks) < self._first_held(b)
+            ]
+            if evicted:
+                raise ValueError(
+                    f"positions {start}:{stop} left the window of sequence {evicted[0]}"
+                )
+            pick = self._store.index(self._slot(np.arange(start, stop)))
+        k, v = self._k[:, :, pick], self._v[:, :, pick]
+        if not int8:
+            return k, v
+        return (
+            self._store.decode(k, self._ks[:, :, pick]),
+            self._store.decode(v, self._vs[:, :, pick]),
+        )
+
+    def attend_slots(
+        self, q: np.ndarray, seqs: list[tuple[int, int, int, int, int]], **options: Any
+    ) -> np.ndarray:
+        """Attention of ``q`` ``(batch, heads, T, head_dim)`` over the storage as it lies, by
+        slot: ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
+        sequence ``b`` over slots ``k0 : k0 + k_len`` (see :meth:`slot`). ``options``
+        (``causal``, ``window``, ``scale``, ``softcap``, ``sinks``, ``out``) as in
+        ``_cache_storage.attend_sequences``: causal and window count positions inside each
+        slot range. The stored lengths are not consulted: the caller says which slots hold
+        what. NumPy arrays, a cache with NumPy storage only.
+        """
+        if not isinstance(self._store, NumpyStorage):
+            raise ValueError("attend_slots reads NumPy storage (a cache with backend 'cpu')")
+        return attend_sequences(q, self._k, self._v, seqs, scales=self._scales(), **options)
+
+    def reorder(self, index: Any) -> None:
+        """Put sequence ``index[i]`` in slot ``i`` for every ``i`` (beam search keeps its best
+        beams this way); ``index`` holds ``batch`` ints in ``[0, batch)``, repeats allowed."""
+        idx = np.asarray(index)
+        if idx.shape != (self.batch,) or idx.dtype.kind not in "iu":
+            raise ValueError(f"index must be {self.batch} ints, got {idx.shape} {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.batch):
+            raise ValueError(f"index must lie in [0, {self.batch}), got {idx.tolist()}")
+        pick = self._store.index(idx.astype(np.int64))
+        for a in self._storage():
+            a[...] = a[pick]
+        self._len = self._len[idx]
+        self._oldest = self._oldest[idx]
+
     # ------------------------------------------------------------- attention
 
     def attend(
@@ -414,6 +494,7 @@ class KVCache:
         alibi_slopes: Any = None,
         sinks: Any = None,
         rel_bias: Any = None,
+        precision: Precision | None = None,
     ) -> np.ndarray:
         """Attention of the queries of the last appended tokens over everything cached.
 
@@ -429,12 +510,14 @@ class KVCache:
                 counted over the whole history (not available with ``sinks`` tokens of a
                 window cache, whose positions are not contiguous in storage).
             out: optional output array ``(batch, heads, T, value_dim)`` of q's dtype.
+            precision: as in :func:`ferroattn.attention` (bfloat16 products on prefill
+                chunks; decode steps of a few query rows compute in float32).
 
         Returns:
             ``(batch, heads, T, value_dim)`` in q's dtype.
         """
         if lengths is alibi_slopes is sinks is rel_bias is None:
-            plain = self._plain_call(q, scale, softcap)
+            plain = self._plain_call(q, scale, softcap, check_precision(precision))
             if plain is not None and self._plain_out(out, q):
                 return self._attend_plain(q, *plain, out)
         if self._store.foreign(q, out):
@@ -448,12 +531,13 @@ class KVCache:
                 alibi_slopes=alibi_slopes,
                 sinks=sinks,
                 rel_bias=rel_bias,
+                precision=precision,
             )
         q = self._check_q(q)
         self._check_out(out, q)
         counts = self._valid_counts(lengths, q.shape[2])
         terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
-        opts = self._options(q, scale, softcap, terms)
+        opts = self._options(q, scale, softcap, terms, check_precision(precision))
         if self.window is not None:
             self._check_window_queries(counts)
             gathered = [self._gather(b, int(counts[b]), None) for b in range(self.batch)]
@@ -468,12 +552,19 @@ class KVCache:
         ]
         return self._run(q, self._k, self._v, self._scales(), seqs, 0, opts, out, terms)
 
-    def _options(self, q: Any, scale: Any, softcap: Any, terms: _ScoreTerms) -> MaskOptions:
+    def _options(
+        self, q: Any, scale: Any, softcap: Any, terms: _ScoreTerms, precision: str = "highest"
+    ) -> MaskOptions:
         """Checks ``scale``, ``softcap`` and the score terms for queries ``q`` (before a step
         stores anything); returns the kernels' mask options."""
         window = None if self.window is None else (self.window - 1, 0)
         opts = mask_options(
-            head_dim=self.head_dim, causal=True, window=window, scale=scale, softcap=softcap
+            head_dim=self.head_dim,
+            causal=True,
+            window=window,
+            scale=scale,
+            softcap=softcap,
+            precision=precision,
         )
         if self.sinks and terms.positional():
             raise ValueError(
@@ -515,15 +606,16 @@ class KVCache:
         alibi_slopes: Any = None,
         sinks: Any = None,
         rel_bias: Any = None,
+        precision: Precision | None = None,
     ) -> np.ndarray:
         """Append ``k``/``v`` and attend with ``q`` (flash-attn's ``flash_attn_with_kvcache``).
 
         Shapes as in :meth:`append` and :meth:`attend`; ``T`` may be one token (decoding) or a
         chunk (prefill). Returns ``(batch, heads, T, value_dim)`` in q's dtype (a torch tensor
-        for tensor inputs).
+        for tensor inputs). ``precision``: as in :meth:`attend`.
         """
         if lengths is alibi_slopes is sinks is rel_bias is None:
-            plain = self._plain_call(q, scale, softcap)
+            plain = self._plain_call(q, scale, softcap, check_precision(precision))
             if (
                 plain is not None
                 and self._plain_out(out, q)
@@ -547,6 +639,7 @@ class KVCache:
                 alibi_slopes=alibi_slopes,
                 sinks=sinks,
                 rel_bias=rel_bias,
+                precision=precision,
             )
         k, v = self._check_kv(k, v)
         q = self._check_q(q)
@@ -557,7 +650,7 @@ class KVCache:
         counts = self._valid_counts(lengths, k.shape[2])
         self._check_room(counts)
         terms = _ScoreTerms(alibi_slopes, sinks, rel_bias)
-        opts = self._options(q, scale, softcap, terms)
+        opts = self._options(q, scale, softcap, terms, check_precision(precision))
         # Every argument is checked: from here on the call stores its tokens and attends, and
         # a failure (out of memory) leaves the cache as it was.
         enc_k, enc_v = self._encode(k), self._encode(v)
@@ -586,7 +679,9 @@ class KVCache:
     # (None/False, nothing changed) for everything else, which the general path then
     # validates and runs.
 
-    def _plain_call(self, q: Any, scale: Any, softcap: Any) -> tuple[str, dict[str, Any]] | None:
+    def _plain_call(
+        self, q: Any, scale: Any, softcap: Any, precision: str = "highest"
+    ) -> tuple[str, tuple[MaskOptions, KVEncoding]] | None:
         """q's kernel dtype and the binding's options when the plain path takes this call."""
         if not self._plain or type(q) is not np.ndarray or q.ndim != 4:
             return None
@@ -605,16 +700,22 @@ class KVCache:
         numbers = (float, np.floating, type(None))
         if not isinstance(scale, numbers) or not isinstance(softcap, numbers):
             return None  # the general path converts (and reports) other kinds
-        key = (scale, softcap)
+        key = (scale, softcap, precision)
         opts = self._plain_opts.get(key)
         if opts is None:
-            every = mask_options(
-                head_dim=self.head_dim, causal=True, window=None, scale=scale, softcap=softcap
-            ).kwargs()
-            # The binding's defaults (None, False) need not be matched by name every call.
-            opts = {name: x for name, x in every.items() if x is not None and x is not False}
+            mask = mask_options(
+                head_dim=self.head_dim,
+                causal=True,
+                window=None,
+                scale=scale,
+                softcap=softcap,
+                precision=precision,
+            )
             if self._code == "int8":
-                opts["k_scales"], opts["v_scales"] = self._ks[..., None], self._vs[..., None]
+                encoding = KVEncoding(self._code, self._ks[..., None], self._vs[..., None])
+            else:
+                encoding = KVEncoding(self._code)
+            opts = (mask, encoding)
             if len(self._plain_opts) >= 8:  # a caller that varies the scale every call
                 self._plain_opts.clear()
             self._plain_opts[key] = opts
@@ -634,10 +735,12 @@ class KVCache:
         )
 
     def _attend_plain(
-        self, q: np.ndarray, code: str, opts: dict[str, Any], out: np.ndarray | None = None
+        self,
+        q: np.ndarray,
+        code: str,
+        opts: tuple[MaskOptions, KVEncoding],
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
-        t = q.shape[2]
-        seqs = [(b, 0, t, 0, n) for b, n in enumerate(self._len.tolist())]
         if out is None:
             try:
                 result = np.zeros(self._result_shape(q), dtype=q.dtype)
@@ -646,8 +749,11 @@ class KVCache:
         else:
             result = out
             result.fill(0)
+        # Every query of sequence b sees its first lengths[b] keys: right padding.
+        sequences = Sequences(self._len.tolist())  # kv_lengths, its first field
+        mask, encoding = opts
         _ferroattn.attention(
-            q, self._k, self._v, result, code, kv_dtype=self._code, sink_keys=0, seqs=seqs, **opts
+            q, self._k, self._v, result, code, mask, sequences=sequences, kv_encoding=encoding
         )
         return result
 

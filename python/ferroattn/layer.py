@@ -13,8 +13,9 @@ from ._args import as_array, int_vector, mask_options
 from ._dispatch import on_tensor_views, tensor_among, to_numpy
 from .functional import Causal, Window, attention, attention_varlen
 from .kv_cache import KVCache
+from .precision import Precision, check_precision
 from .rope import rope
-from .variants import T5Bias, extras_kwargs
+from .variants import T5Bias, normalize_variants
 
 __all__ = ["SelfAttention"]
 
@@ -107,6 +108,9 @@ class SelfAttention:
         alibi_slopes, sinks, rel_bias: per-head ALiBi slopes, sink logits and a
             :class:`ferroattn.T5Bias`, as in :func:`ferroattn.attention` (used by
             :meth:`forward` and :meth:`step` alike).
+        precision: how the attention multiplies float32, as in :func:`ferroattn.attention`;
+            None (default) follows :func:`ferroattn.get_float32_precision` at each call. The
+            projections always run in float32.
 
     Raises:
         ValueError: a weight or bias of the wrong shape (named, with its shape), ``num_heads``
@@ -153,6 +157,7 @@ class SelfAttention:
         alibi_slopes: Any = None,
         sinks: Any = None,
         rel_bias: T5Bias | None = None,
+        precision: Precision | None = None,
     ) -> None:
         h = _positive_int("num_heads", num_heads)
         hkv = h if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
@@ -223,12 +228,15 @@ class SelfAttention:
         self.softcap = softcap
         self.scale = scale
         # Score terms (see ferroattn.attention), checked once here.
-        extras_kwargs(
+        normalize_variants(
             shape4=(1, h, 1, 1), ndim=4, alibi_slopes=alibi_slopes, sinks=sinks, rel_bias=rel_bias
         )
         self.alibi_slopes = None if alibi_slopes is None else np.asarray(alibi_slopes, np.float32)
         self.sinks = None if sinks is None else np.asarray(sinks, np.float32)
         self.rel_bias = rel_bias
+        self.precision: Precision | None = None
+        if precision is not None:
+            self.precision = cast(Precision, check_precision(precision))
 
     # ------------------------------------------------------------------ weights
 
@@ -336,6 +344,7 @@ class SelfAttention:
             "window": self.window,
             "scale": self.scale,
             "softcap": self.softcap,
+            "precision": self.precision,
         }
 
     def _score_terms(self) -> dict[str, Any]:
@@ -479,6 +488,7 @@ class SelfAttention:
             lengths=lengths,
             scale=self.scale,
             softcap=self.softcap,
+            precision=self.precision,
             **self._score_terms(),
         )
         if not isinstance(o, np.ndarray):  # a cache on a torch device

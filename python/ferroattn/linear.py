@@ -19,10 +19,10 @@ from . import _ferroattn
 from ._args import (
     as_array,
     as_is,
-    check_out,
     dtype_code,
     from_bhsd_shape,
     kernel_views,
+    output_array,
     prepare,
     to_bhsd,
 )
@@ -145,11 +145,7 @@ def linear_attention(
             f"got q {arrays[0].shape}, k {arrays[1].shape}"
         )
     user_shape = from_bhsd_shape((b, hq, n, v4.shape[3]), ndim, "bhsd")
-    if out is None:
-        result = empty("the output of q, k and v", user_shape, dtype)
-    else:
-        check_out(out, user_shape, dtype, arrays)
-        result = out
+    result = output_array(out, user_shape, dtype, arrays)
     q4, k4, v4 = kernel_views(q4, k4, v4)
     _run(q4, k4, v4, to_bhsd("out", result, "bhsd"), causal=is_causal, feature_map=fm, eps=eps_f)
     return result
@@ -275,11 +271,7 @@ class LinearAttentionState:
                     f"with as many tokens as q ({t}); got {shapes}"
                 )
         user_shape = from_bhsd_shape((b, h, t, dv), ndim, "bhsd")
-        if out is None:
-            result = empty("the output of q, k and v", user_shape, dtype)
-        else:
-            check_out(out, user_shape, dtype, arrays)
-            result = out
+        result = output_array(out, user_shape, dtype, arrays)
         q4, k4, v4 = kernel_views(q4, k4, v4)
         _run(
             q4,

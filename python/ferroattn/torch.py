@@ -43,7 +43,7 @@ from ._args import (
     mask_options,
     prepare,
 )
-from .variants import T5Bias, check_dense_term, extras_kwargs
+from .variants import T5Bias, check_dense_term, normalize_variants
 
 __all__ = ["TorchStorage", "from_numpy", "is_tensor", "numpy_call", "to_numpy"]
 
@@ -222,11 +222,11 @@ def _check_out(out: Any, shape: tuple[int, ...], dtype: Any, device: Any) -> Non
         raise ValueError(f"out is on {out.device}, expected {device}")
 
 
-def _validate_extras(shape4: tuple[int, int, int, int], ndim: int, aux: dict[str, Any]) -> None:
+def _validate_variants(shape4: tuple[int, int, int, int], ndim: int, aux: dict[str, Any]) -> None:
     """The NumPy path's checks of the score terms, so both paths raise the same errors; the
     dense ones (mask, bias) are judged by shape and dtype where they are, not copied over."""
     small = {n: aux[n] for n in ("alibi_slopes", "sinks", "rel_bias", "block_layout")}
-    extras_kwargs(
+    normalize_variants(
         shape4=shape4,
         ndim=ndim,
         block_size=aux["block_size"],
@@ -436,6 +436,27 @@ def _finish(out4: Any, user_shape, ndim, layout, dtype, out) -> Any:
     return res.to(dtype).contiguous() if res.dtype != dtype else res.contiguous()
 
 
+_VARIANT_NAMES = ("mask", "bias", "alibi_slopes", "rel_bias", "sinks", "block_layout", "block_size")
+
+
+def _score_options(
+    q4: Any, k4: Any, ndim: int, mask_kw: dict[str, Any], kv_lengths: Any, variants: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The checked mask options, key lengths and score terms of a dense call over
+    ``(B, H, N, D)`` tensors (what :func:`attention` and :func:`attention_weights` share);
+    ``variants`` holds the score terms given (mask, bias, alibi_slopes, ...), by name."""
+    unknown = sorted(set(variants) - set(_VARIANT_NAMES))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    aux = {name: variants.get(name) for name in _VARIANT_NAMES}
+    opts = mask_options(head_dim=q4.shape[3], **mask_kw)
+    b, hq, nq, _ = q4.shape
+    nk = k4.shape[2]
+    lens = check_kv_lengths(as_numpy(kv_lengths), b, nk)
+    _validate_variants((b, hq, nq, nk), ndim, aux)
+    return opts, lens, aux
+
+
 def attention(
     q,
     k,
@@ -449,32 +470,15 @@ def attention(
     layout="bhsd",
     return_lse=False,
     out=None,
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    rel_bias=None,
-    sinks=None,
-    block_layout=None,
-    block_size=None,
+    **variants,
 ):
     """:func:`ferroattn.attention` computed by torch on the tensors' device."""
     (q4, k4, v4), dtype, ndim = _prepare(q, k, v, layout)
-    opts = mask_options(
-        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
-    )
+    opts, lens, aux = _score_options(
+        q4, k4, ndim, dict(causal=causal, window=window, scale=scale, softcap=softcap),
+        kv_lengths, variants
+    )  # fmt: skip
     b, hq, nq, _ = q4.shape
-    nk = k4.shape[2]
-    lens = check_kv_lengths(as_numpy(kv_lengths), b, nk)
-    aux = {
-        "mask": mask,
-        "bias": bias,
-        "alibi_slopes": alibi_slopes,
-        "rel_bias": rel_bias,
-        "sinks": sinks,
-        "block_layout": block_layout,
-        "block_size": block_size,
-    }
-    _validate_extras((b, hq, nq, nk), ndim, aux)
     user_shape = from_bhsd_shape((b, hq, nq, v4.shape[3]), ndim, layout)
     if out is not None:
         _check_out(out, user_shape, dtype, q.device)
@@ -515,8 +519,7 @@ def attention_varlen(
         _check_out(out, user_shape, dtype, q.device)
     out4 = torch.zeros((1, hq, total_q, dv), dtype=torch.float32, device=q.device)
     lse = torch.full((hq, total_q), float("-inf"), dtype=torch.float32, device=q.device)
-    none = dict.fromkeys(("mask", "bias", "alibi_slopes", "rel_bias", "sinks", "block_layout"))
-    aux = {**none, "block_size": None}
+    aux = dict.fromkeys(_VARIANT_NAMES)
     for s in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[s], cq[s + 1], ck[s], ck[s + 1]
         if q1 == q0:
@@ -541,32 +544,16 @@ def attention_weights(
     kv_lengths=None,
     softcap=None,
     layout="bhsd",
-    mask=None,
-    bias=None,
-    alibi_slopes=None,
-    rel_bias=None,
-    sinks=None,
-    block_layout=None,
-    block_size=None,
+    **variants,
 ):
     """:func:`ferroattn.attention_weights` computed by torch (float32, cast to q's dtype)."""
     (q4, k4), dtype, ndim = _prepare(q, k, None, layout)
-    opts = mask_options(
-        head_dim=q4.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
-    )
+    opts, lens, aux = _score_options(
+        q4, k4, ndim, dict(causal=causal, window=window, scale=scale, softcap=softcap),
+        kv_lengths, variants
+    )  # fmt: skip
     b, hq, nq, _ = q4.shape
     nk = k4.shape[2]
-    lens = check_kv_lengths(as_numpy(kv_lengths), b, nk)
-    aux = {
-        "mask": mask,
-        "bias": bias,
-        "alibi_slopes": alibi_slopes,
-        "rel_bias": rel_bias,
-        "sinks": sinks,
-        "block_layout": block_layout,
-        "block_size": block_size,
-    }
-    _validate_extras((b, hq, nq, nk), ndim, aux)
     scoring = _Scoring((b, hq, nq, nk), q4.device, opts, lens, aux)
     w = torch.empty((b, hq, nq, nk), dtype=torch.float32, device=q4.device)
     for i0, i1 in _chunks((b, hq, nq, nk)):
@@ -637,7 +624,7 @@ class TorchStorage:
 
     def check_terms(self, shape4: tuple[int, int, int, int], terms: dict[str, Any]) -> None:
         aux = {"mask": None, "bias": None, "block_layout": None, "block_size": None, **terms}
-        _validate_extras(shape4, 4, aux)
+        _validate_variants(shape4, 4, aux)
 
     def encode(self, x: Any, code: str, dtype: np.dtype) -> tuple[Any, Any]:
         if code != "int8":
@@ -663,7 +650,7 @@ class TorchStorage:
             result.zero_()
         aux = {"mask": None, "bias": None, "block_layout": None, "block_size": None}
         aux.update(query.terms)
-        _validate_extras((query.shape[0], q.shape[1], q.shape[2], k.shape[2]), 4, aux)
+        _validate_variants((query.shape[0], q.shape[1], q.shape[2], k.shape[2]), 4, aux)
         for b, q0, q1, k0, k1 in query.seqs:
             kb, vb = k[b : b + 1, :, k0:k1], v[b : b + 1, :, k0:k1]
             if scales is not None:

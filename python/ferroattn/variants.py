@@ -1,15 +1,16 @@
 """Scores beyond ``q·k``: masks, biases, ALiBi, T5 relative bias, sinks, block-sparse layouts.
 
-Everything here is validated and normalized for the kernels, which apply it tile by tile: no
-``N × N`` array is built unless the caller passes one (``mask=`` / ``bias=``), and even those
-are read through broadcast strides, never expanded.
+Everything here is validated and normalized for the kernels (into a :class:`Variants`, the
+binding's ``variants``), which apply it tile by tile: no ``N × N`` array is built unless the
+caller passes one (``mask=`` / ``bias=``), and even those are read through broadcast strides,
+never expanded.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -43,6 +44,42 @@ class T5Bias:
     table: Any
     bidirectional: bool = True
     max_distance: int = 128
+
+
+class RelBias(NamedTuple):
+    """A :class:`T5Bias` as the kernels take it: the table ``(num_buckets, heads)`` flat."""
+
+    table: list[float]
+    num_buckets: int
+    max_distance: int
+    bidirectional: bool
+
+
+class BlockLayout(NamedTuple):
+    """A block-sparse layout as the kernels take it: ``(heads, q_blocks, k_blocks)`` flat,
+    nonzero where a block of queries sees a block of keys."""
+
+    layout: list[int]
+    heads: int
+    block: int
+    q_blocks: int
+    k_blocks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Variants:
+    """The score variants of a call, validated and normalized (each None when not given).
+
+    ``mask`` (uint8, nonzero = visible) and ``bias`` (float32) are broadcast views of shape
+    ``(B, Hq, Nq, Nk)``; ``alibi_slopes`` and ``sinks`` one float per query head.
+    """
+
+    alibi_slopes: list[float] | None = None
+    sinks: list[float] | None = None
+    rel_bias: RelBias | None = None
+    bias: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    blocks: BlockLayout | None = None
 
 
 # More heads than any model has by orders of magnitude (and 4 MiB of slopes): a count beyond
@@ -228,7 +265,7 @@ def check_dense_term(
         )
 
 
-def extras_kwargs(
+def normalize_variants(
     *,
     shape4: tuple[int, int, int, int],
     ndim: int,
@@ -239,8 +276,9 @@ def extras_kwargs(
     sinks: Any = None,
     block_layout: Any = None,
     block_size: Any = None,
-) -> dict[str, Any]:
-    """Validate the optional score terms and turn them into the binding's keyword arguments.
+) -> Variants | None:
+    """Validate the optional score terms and turn them into the binding's :class:`Variants`
+    (None when no term is given).
 
     ``shape4`` is ``(B, Hq, Nq, Nk)``; ``ndim`` the rank the caller used (for messages).
     """
@@ -289,7 +327,7 @@ def extras_kwargs(
             raise ValueError(
                 f"rel_bias.max_distance must be below 2**64, got {rel_bias.max_distance}"
             )
-        out["rel_bias"] = (
+        out["rel_bias"] = RelBias(
             table.ravel().tolist(),
             buckets,
             int(rel_bias.max_distance),
@@ -317,11 +355,11 @@ def extras_kwargs(
                 f"block_size {block_size} and the heads and lengths of q and k, "
                 f"got {np.shape(block_layout)}"
             )
-        out["blocks"] = (
+        out["blocks"] = BlockLayout(
             np.ascontiguousarray(lay, dtype=np.uint8).ravel().tolist(),
             lay.shape[0],
             int(block_size),
-            want[0],
-            want[1],
+            int(want[0]),
+            int(want[1]),
         )
-    return out
+    return Variants(**out) if out else None

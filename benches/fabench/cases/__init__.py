@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from .base import Case, Run, share_ceilings
 from .decode import decode
+from .hf_generate import hf_generate
 from .lowp import lowp
 from .memory import memory
 from .prefill import prefill, scaling
@@ -23,6 +24,7 @@ RUNNERS: dict[str, Callable[[Run], Case]] = {
     "scaling": scaling,
     "memory": memory,
     "variants": variants,
+    "hf": hf_generate,
 }
 
 __all__ = ["RUNNERS", "Case", "Run", "share_ceilings"]

@@ -184,7 +184,8 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(a: A, b: B<E>, c: C, m: usize, n: us
             let (ai, ci) = (a.at_row(i), c.at_row(i));
             if S::REGISTERS >= 32 {
                 // 32 registers (AVX-512, NEON) hold 6 × 4 accumulators: each broadcast feeds 4
-                // FMAs instead of 2 (prefill 8–15% faster on the Xeon, `benches/NOTES.md`).
+                // FMAs instead of 2 (prefill 8–15% faster on the Xeon; `docs/performance.md`,
+                // "Micro-tiles 6x4 on AVX-512").
                 block::<S, E, MR, 4>(ai, b, ci, n, k, accumulate, Prefetch::NONE);
             } else {
                 block::<S, E, MR, 2>(ai, b, ci, n, k, accumulate, Prefetch::NONE);
@@ -203,7 +204,8 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(a: A, b: B<E>, c: C, m: usize, n: us
 /// Reading B in two strips of half rows (as [`gemm`] does for 3 and 4 rows, to keep its
 /// accumulators in registers) costs a second pass over the tile and breaks the order the
 /// requests run in; one pass, with 4 × 8 accumulators that no longer all fit in registers
-/// next to B's row, measured faster for 4-row GQA groups (`benches/NOTES.md`).
+/// next to B's row, measured faster for 4-row GQA groups (`docs/performance.md`, "P·V in one
+/// pass for GQA groups").
 ///
 /// # Safety
 /// As for [`gemm`], with `m ≤ 4`.

@@ -28,6 +28,15 @@ impl DType {
             DType::I8 => "int8",
         }
     }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::I8 => 1,
+        }
+    }
 }
 
 /// Read-only elements of one of the supported types.
@@ -82,45 +91,87 @@ impl ElemsMut<'_> {
     }
 }
 
-/// Whether every index of `shape` under `strides` (in elements, any sign), offset by `offset`,
-/// lies in `0..len` (an empty shape has none).
-pub(crate) fn fits(len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> bool {
-    if shape.contains(&0) {
-        return true;
-    }
-    let (mut lo, mut hi) = (offset as i128, offset as i128);
-    for (&n, &s) in shape.iter().zip(&strides) {
-        let span = (n as i128 - 1) * s as i128;
-        if span < 0 {
-            lo += span;
-        } else {
-            hi += span;
-        }
-    }
-    lo >= 0 && hi < len as i128
+/// Where a 4-D view reaches: the element offsets of its lowest and highest element relative
+/// to element `[0, 0, 0, 0]` (`lo <= 0 <= hi`).
+///
+/// The one place that bounds a view (core views, dense terms, the binding's arrays). Computed
+/// in `i128`, where no product of a `usize` extent and an `isize` stride overflows, so a
+/// stride that would wrap in `isize` is refused instead of turning into a short, wrong span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub lo: isize,
+    pub hi: isize,
 }
 
-/// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`.
-fn check_extent(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
+impl Extent {
+    /// The extent of `shape` under `strides` (in elements, any sign) for elements of
+    /// `item_size` bytes: `None` for an empty shape (it reaches nothing), an error naming
+    /// `name` when the span from the lowest to the highest element, in bytes, exceeds what a
+    /// buffer can hold (`isize::MAX`).
+    pub fn of(name: &str, shape: [usize; 4], strides: [isize; 4], item_size: usize) -> Result<Option<Extent>> {
+        if shape.contains(&0) {
+            return Ok(None);
+        }
+        let (mut lo, mut hi) = (0i128, 0i128);
+        for (&n, &s) in shape.iter().zip(&strides) {
+            let span = (n as i128 - 1) * s as i128;
+            if span < 0 {
+                lo += span;
+            } else {
+                hi += span;
+            }
+        }
+        let bytes = (hi - lo + 1) * item_size.max(1) as i128;
+        ensure_shape!(
+            bytes <= isize::MAX as i128,
+            "{name}: shape {shape:?} with strides {strides:?} spans more memory than a buffer can hold"
+        );
+        // Both fit: |lo| and hi are at most the byte span, which fits in isize.
+        Ok(Some(Extent { lo: lo as isize, hi: hi as isize }))
+    }
+
+    /// The number of elements from the lowest to the highest one, both included.
+    pub fn elements(&self) -> usize {
+        (self.hi as i128 - self.lo as i128 + 1) as usize
+    }
+
+    /// Whether every element lies in `0..len` when element `[0, 0, 0, 0]` is at `offset`.
+    pub fn fits(&self, len: usize, offset: usize) -> bool {
+        offset as i128 + self.lo as i128 >= 0 && (offset as i128 + self.hi as i128) < len as i128
+    }
+}
+
+/// Checks that every index of `shape` under `strides`, offset by `offset`, lies in `0..len`
+/// (an empty shape has none).
+pub(crate) fn check_extent(
+    name: &str,
+    len: usize,
+    offset: usize,
+    shape: [usize; 4],
+    strides: [isize; 4],
+    item_size: usize,
+) -> Result<()> {
+    let fits = Extent::of(name, shape, strides, item_size)?.is_none_or(|e| e.fits(len, offset));
     ensure_shape!(
-        fits(len, offset, shape, strides),
+        fits,
         "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer of {len} elements"
     );
     Ok(())
 }
 
 /// The checks every view makes: a contiguous last axis, and every index inside the buffer.
-fn check_view(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<()> {
+fn check_view(name: &str, len: usize, offset: usize, shape: [usize; 4], strides: [isize; 4], dt: DType) -> Result<()> {
     ensure_shape!(
         shape.contains(&0) || shape[3] <= 1 || strides[3] == 1,
         "{name}: the last axis must be contiguous (stride 1), got strides {strides:?}"
     );
-    check_extent(name, len, offset, shape, strides)
+    check_extent(name, len, offset, shape, strides, dt.size())
 }
 
 /// Checks that `q (B, Hq, Nq, D)`, `k (B, Hkv, Nk, D)` and `v (B, Hkv, Nk, Dv)` fit together:
 /// the same batch, head dimension and key length, at least one element per head, and whole
-/// groups of query heads per KV head (GQA: query head `h` reads KV head `h / (Hq / Hkv)`).
+/// groups of query heads per KV head (GQA: query head `h` reads KV head `h / (Hq / Hkv)`);
+/// zero query heads fit any number of KV heads, none included (there is nothing to compute).
 pub(crate) fn check_qkv(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<()> {
     let [b, hq, _, d] = q;
     let [bk, hkv, _, dk] = k;
@@ -128,7 +179,7 @@ pub(crate) fn check_qkv(q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<(
     ensure_shape!(bk == b, "q and k have different batch sizes: {q:?} vs {k:?}");
     ensure_shape!(dk == d, "q and k have different head dimensions: {q:?} vs {k:?}");
     ensure_shape!(
-        hkv >= 1 && hq % hkv == 0,
+        (hkv >= 1 && hq % hkv == 0) || hq == 0,
         "query heads ({hq}) must be a multiple of key/value heads ({hkv}); q {q:?}, k {k:?}"
     );
     ensure_shape!(v[..3] == k[..3], "k and v must agree in batch, heads and length: k {k:?}, v {v:?}");
@@ -150,7 +201,7 @@ pub struct Strided<'a> {
 impl<'a> Strided<'a> {
     /// `offset` is the index of element `[0, 0, 0, 0]` in `data`; strides count elements.
     pub fn new(name: &str, data: Elems<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
-        check_view(name, data.len(), offset, shape, strides)?;
+        check_view(name, data.len(), offset, shape, strides, data.dtype())?;
         Ok(Strided { data, offset, shape, strides, scales: None })
     }
 
@@ -159,7 +210,7 @@ impl<'a> Strided<'a> {
     pub fn with_scales(mut self, name: &str, scales: &'a [f32], offset: usize, strides: [isize; 3]) -> Result<Self> {
         ensure_shape!(self.dtype() == DType::I8, "{name}: scales only go with int8 data");
         let [b, h, n, _] = self.shape;
-        check_extent(name, scales.len(), offset, [b, h, n, 1], [strides[0], strides[1], strides[2], 1])?;
+        check_extent(name, scales.len(), offset, [b, h, n, 1], [strides[0], strides[1], strides[2], 1], 4)?;
         self.scales = Some((scales, offset, strides));
         Ok(self)
     }
@@ -286,7 +337,7 @@ pub struct StridedMut<'a> {
 
 impl<'a> StridedMut<'a> {
     pub fn new(name: &str, data: ElemsMut<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
-        check_view(name, data.len(), offset, shape, strides)?;
+        check_view(name, data.len(), offset, shape, strides, data.dtype())?;
         // Rows are written from several threads: no two indices may alias. Sorted by |stride|,
         // each stride must step over everything the smaller axes span. (Empty views write
         // nothing.)

@@ -22,21 +22,24 @@
 
 mod attention;
 mod error;
-mod extras;
 mod gemm;
 mod layout;
 mod linear;
 mod mask;
+mod memory;
 mod parallel;
+mod precision;
 mod quant;
 mod simd;
+mod variants;
 
-pub use attention::{attention, attention_weights, attention_weights_with, attention_with};
+pub use attention::{attention, attention_scratch_bytes, attention_weights, attention_weights_with, attention_with};
 pub use error::{Error, Result};
-pub use extras::{BlockLayout, Dense, Extras, RelBias};
-pub use layout::{DType, Elems, ElemsMut, Strided, StridedMut};
-pub use linear::{linear_attention, FeatureMap, LinearParams, LinearState};
+pub use layout::{DType, Elems, ElemsMut, Extent, Strided, StridedMut};
+pub use linear::{linear_attention, linear_scratch_bytes, FeatureMap, LinearParams, LinearState};
 pub use mask::{padded_sequences, varlen_sequences, Align, Params, Sequence};
-pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads};
+pub use parallel::{forget_pool_after_fork, num_threads, set_num_threads, MAX_THREADS};
+pub use precision::Precision;
 pub use quant::quantize_int8;
-pub use simd::{cpu_features, stream_requests, Isa};
+pub use simd::{bf16_dot, cpu_features, stream_requests, Isa};
+pub use variants::{BlockLayout, Dense, RelBias, Variants};

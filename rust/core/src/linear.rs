@@ -19,6 +19,7 @@
 use crate::error::{ensure_shape, Error, Result};
 use crate::gemm::{gemm, A, B, C};
 use crate::layout::{check_qkv, DType, RowWriter, Strided, StridedMut};
+use crate::memory::{mul, product, zeroed, Alloc, NoMemory};
 use crate::parallel;
 use crate::simd::{kernel_entry, round_up, Isa, Simd, MAX_LANES};
 use rayon::prelude::*;
@@ -117,9 +118,18 @@ struct Dims {
 }
 
 impl Dims {
+    /// Floats of one state (`d × dvp`; `check` made sure the product fits).
     fn state_len(&self) -> usize {
         self.d * self.dvp
     }
+}
+
+/// What the refusals of working memory name: the arguments whose sizes ask for it.
+const LINEAR_MEMORY: &str = "q, k and v (the kernels' working memory)";
+
+/// The value row length with its trailing 1, padded (`None`: beyond a 64-bit size).
+fn padded_values(dv: usize) -> Option<usize> {
+    dv.checked_add(1)?.checked_next_multiple_of(MAX_LANES)
 }
 
 /// What every task reads and where it writes.
@@ -160,17 +170,28 @@ struct Scratch {
 }
 
 impl Scratch {
-    fn new(dims: &Dims) -> Scratch {
-        Scratch {
-            fq: vec![0.0; CHUNK * dims.d],
-            fk: vec![0.0; CHUNK * dims.d],
-            fkt: vec![0.0; dims.d * CHUNK],
-            vx: vec![0.0; CHUNK * dims.dvp],
-            a: vec![0.0; CHUNK * CHUNK],
-            o: vec![0.0; CHUNK * dims.dvp],
-            row: vec![0.0; dims.d.max(dims.dv)],
-        }
+    fn new(dims: &Dims) -> Alloc<Scratch> {
+        let (keys, values) = (mul(CHUNK, dims.d)?, mul(CHUNK, dims.dvp)?);
+        Ok(Scratch {
+            fq: zeroed(keys)?,
+            fk: zeroed(keys)?,
+            fkt: zeroed(keys)?,
+            vx: zeroed(values)?,
+            a: zeroed(CHUNK * CHUNK)?,
+            o: zeroed(values)?,
+            row: zeroed(dims.d.max(dims.dv))?,
+        })
     }
+}
+
+/// Bytes of working memory each thread of a [`linear_attention`] call with head dimension `d`
+/// and value dimension `dv` allocates (`None`: more than a 64-bit size holds); the call
+/// itself refuses what it cannot allocate (`Error::Memory`), this is for a caller that must
+/// refuse before it has made views of its arrays.
+pub fn linear_scratch_bytes(d: usize, dv: usize) -> Option<usize> {
+    let (keys, values) = (CHUNK.checked_mul(d)?, CHUNK.checked_mul(padded_values(dv)?)?);
+    let floats = keys.checked_mul(3)?.checked_add(values.checked_mul(2)?)?.checked_add(CHUNK * CHUNK + d.max(dv))?;
+    floats.checked_mul(4)
 }
 
 /// Linear attention of `q` over `k`/`v` into `out` (module docs). Shapes: `q (B, Hq, N, D)`,
@@ -215,7 +236,12 @@ fn check(q: &Strided, k: &Strided, v: &Strided, out: &StridedMut, params: &Linea
             out.dtype().name()
         )));
     }
-    Ok(Dims { hkv, group: hq / hkv, n: m, d, dv, dvp: round_up(dv + 1, MAX_LANES) })
+    // Zero query heads fit zero KV heads too (`check_qkv`): there is nothing to compute.
+    let group = hq.checked_div(hkv).unwrap_or(0);
+    let too_large = |_| NoMemory { bytes: None }.named(LINEAR_MEMORY);
+    let dvp = padded_values(dv).ok_or(NoMemory { bytes: None }).map_err(too_large)?;
+    mul(d, dvp).map_err(too_large)?;
+    Ok(Dims { hkv, group, n: m, d, dv, dvp })
 }
 
 /// [`linear_attention`] on a given ISA (which must be available).
@@ -225,20 +251,22 @@ fn linear_attention_isa(
     k: &Strided,
     v: &Strided,
     out: &mut StridedMut,
-    mut state: Option<LinearState>,
+    state: Option<LinearState>,
     params: &LinearParams,
 ) -> Result<()> {
     let dims = check(q, k, v, out, params)?;
-    let units = q.shape()[0] * dims.hkv;
+    let units = product("k", &[("B", q.shape()[0]), ("Hkv", dims.hkv)])?;
     if let Some(st) = &state {
         ensure_shape!(params.causal, "a recurrent state needs causal=True");
+        let (s_len, z_len) = (
+            product("state", &[("B·Hkv", units), ("D", dims.d), ("Dv", dims.dv)])?,
+            product("state", &[("B·Hkv", units), ("D", dims.d)])?,
+        );
         ensure_shape!(
-            st.s.len() == units * dims.d * dims.dv && st.z.len() == units * dims.d,
-            "state has {} + {} entries, expected {} + {} for {units} (batch × kv head) units, D = {}, Dv = {}",
+            st.s.len() == s_len && st.z.len() == z_len,
+            "state has {} + {} entries, expected {s_len} + {z_len} for {units} (batch × kv head) units, D = {}, Dv = {}",
             st.s.len(),
             st.z.len(),
-            units * dims.d * dims.dv,
-            units * dims.d,
             dims.d,
             dims.dv
         );
@@ -247,6 +275,18 @@ fn linear_attention_isa(
         return Ok(());
     }
     let ctx = Ctx { q, k, v, out: out.rows(), params: *params, dims };
+    run_units(isa, &ctx, units, state).map_err(|e| e.named(LINEAR_MEMORY))
+}
+
+/// A worker's scratch, or the allocation that failed making it.
+fn worker(sc: &mut Alloc<Scratch>) -> Alloc<&mut Scratch> {
+    sc.as_mut().map_err(|e| *e)
+}
+
+/// Runs a checked call over its `units` (batch × KV head) on `isa`, in segments where there
+/// are fewer units than threads (module docs).
+fn run_units(isa: Isa, ctx: &Ctx, units: usize, mut state: Option<LinearState>) -> Alloc<()> {
+    let (dims, params, q) = (ctx.dims, &ctx.params, ctx.q);
     let len = dims.state_len();
     parallel::install(|| {
         // Segments per unit: one when the units alone keep every thread busy.
@@ -259,10 +299,11 @@ fn linear_attention_isa(
         let go = |job: Job, unit: usize, t0: usize, t1: usize, sc: &mut Scratch| {
             // SAFETY: `isa` is available (the caller's promise) and each job writes only its own
             // state buffer and the output rows of its own unit and tokens.
-            unsafe { run(isa, &ctx, job, unit, t0, t1, sc) }
+            unsafe { run(isa, ctx, job, unit, t0, t1, sc) }
         };
+        let scratch = || Scratch::new(&dims);
         // buf[u][s]: a state of unit u, per segment.
-        let mut buf = vec![0f32; units * segs * len];
+        let mut buf = zeroed::<f32>(mul(mul(units, segs)?, len)?)?;
         if params.causal {
             // Segment s > 0 first holds the sums over segment s − 1; slot 0 the initial state.
             if let Some(st) = &state {
@@ -275,13 +316,14 @@ fn linear_attention_isa(
                 });
             }
             if segs > 1 {
-                buf.par_chunks_mut(len).enumerate().filter(|(i, _)| i % segs != 0).for_each_init(
-                    || Scratch::new(&dims),
+                buf.par_chunks_mut(len).enumerate().filter(|(i, _)| i % segs != 0).try_for_each_init(
+                    scratch,
                     |sc, (i, state)| {
                         let (t0, t1) = range(i % segs - 1);
-                        go(Job::Delta { state }, i / segs, t0, t1, sc)
+                        go(Job::Delta { state }, i / segs, t0, t1, worker(sc)?);
+                        Ok(())
                     },
-                );
+                )?;
                 buf.par_chunks_mut(segs * len).for_each(|b| {
                     for s in 1..segs {
                         let (prev, cur) = b[(s - 1) * len..(s + 1) * len].split_at_mut(len);
@@ -289,21 +331,17 @@ fn linear_attention_isa(
                     }
                 });
             }
-            buf.par_chunks_mut(len).enumerate().for_each_init(
-                || Scratch::new(&dims),
-                |sc, (i, state)| {
-                    let (t0, t1) = range(i % segs);
-                    go(Job::Scan { state }, i / segs, t0, t1, sc)
-                },
-            );
+            buf.par_chunks_mut(len).enumerate().try_for_each_init(scratch, |sc, (i, state)| {
+                let (t0, t1) = range(i % segs);
+                go(Job::Scan { state }, i / segs, t0, t1, worker(sc)?);
+                Ok(())
+            })?;
         } else {
-            buf.par_chunks_mut(len).enumerate().for_each_init(
-                || Scratch::new(&dims),
-                |sc, (i, state)| {
-                    let (t0, t1) = range(i % segs);
-                    go(Job::Delta { state }, i / segs, t0, t1, sc)
-                },
-            );
+            buf.par_chunks_mut(len).enumerate().try_for_each_init(scratch, |sc, (i, state)| {
+                let (t0, t1) = range(i % segs);
+                go(Job::Delta { state }, i / segs, t0, t1, worker(sc)?);
+                Ok(())
+            })?;
             buf.par_chunks_mut(segs * len).for_each(|b| {
                 let (total, rest) = b.split_at_mut(len);
                 for part in rest.chunks(len) {
@@ -312,14 +350,12 @@ fn linear_attention_isa(
             });
             let nq = q.shape()[2];
             let blocks = nq.div_ceil(CHUNK);
-            (0..units * blocks).into_par_iter().for_each_init(
-                || Scratch::new(&dims),
-                |sc, i| {
-                    let (u, t0) = (i / blocks, (i % blocks) * CHUNK);
-                    let state = &buf[u * segs * len..][..len];
-                    go(Job::Rows { state }, u, t0, (t0 + CHUNK).min(nq), sc)
-                },
-            );
+            (0..mul(units, blocks)?).into_par_iter().try_for_each_init(scratch, |sc, i| {
+                let (u, t0) = (i / blocks, (i % blocks) * CHUNK);
+                let state = &buf[u * segs * len..][..len];
+                go(Job::Rows { state }, u, t0, (t0 + CHUNK).min(nq), worker(sc)?);
+                Ok(())
+            })?;
         }
         // The last segment's state is the end state.
         if let Some(st) = &mut state {
@@ -332,8 +368,8 @@ fn linear_attention_isa(
                 }
             }
         }
-    });
-    Ok(())
+        Ok(())
+    })
 }
 
 kernel_entry! {

@@ -5,6 +5,8 @@
 //! and a tile is skipped or clipped without ever building a mask array.
 
 use crate::error::{ensure_shape, Error, Result};
+use crate::memory::with_capacity;
+use crate::precision::Precision;
 
 /// Where query `i` of a sequence sits among its keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -31,11 +33,22 @@ pub struct Params {
     /// The first `sink_keys` keys of every sequence stay visible whatever the window
     /// (StreamingLLM's attention sinks), still subject to causality.
     pub sink_keys: usize,
+    /// How f32 inputs' products may be computed (bf16 inputs always use bf16 products where
+    /// the CPU has them).
+    pub precision: Precision,
 }
 
 impl Params {
     pub fn new(scale: f32) -> Self {
-        Params { scale, softcap: None, causal: false, align: Align::BottomRight, window: (None, None), sink_keys: 0 }
+        Params {
+            scale,
+            softcap: None,
+            causal: false,
+            align: Align::BottomRight,
+            window: (None, None),
+            sink_keys: 0,
+            precision: Precision::Highest,
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -69,9 +82,15 @@ pub fn padded_sequences(batch: usize, nq: usize, nk: usize, kv_lengths: Option<&
             return Err(Error::Value(format!("kv_lengths must lie in [0, {nk}] (the key length), got {bad}")));
         }
     }
-    Ok((0..batch)
-        .map(|b| Sequence { batch: b, q_start: 0, q_len: nq, k_start: 0, k_len: kv_lengths.map_or(nk, |l| l[b]) })
-        .collect())
+    let mut seqs = with_capacity(batch).map_err(|e| e.named("q (a sequence per batch entry)"))?;
+    seqs.extend((0..batch).map(|b| Sequence {
+        batch: b,
+        q_start: 0,
+        q_len: nq,
+        k_start: 0,
+        k_len: kv_lengths.map_or(nk, |l| l[b]),
+    }));
+    Ok(seqs)
 }
 
 /// Sequences of a packed batch from cumulative lengths (`cu[0] = 0`, non-decreasing).
@@ -91,15 +110,15 @@ pub fn varlen_sequences(cu_q: &[usize], cu_k: &[usize], total_q: usize, total_k:
         cu_q.len() - 1,
         cu_k.len() - 1
     );
-    Ok((0..cu_q.len() - 1)
-        .map(|s| Sequence {
-            batch: 0,
-            q_start: cu_q[s],
-            q_len: cu_q[s + 1] - cu_q[s],
-            k_start: cu_k[s],
-            k_len: cu_k[s + 1] - cu_k[s],
-        })
-        .collect())
+    let mut seqs = with_capacity(cu_q.len() - 1).map_err(|e| e.named("cu_seqlens_q (its sequences)"))?;
+    seqs.extend((0..cu_q.len() - 1).map(|s| Sequence {
+        batch: 0,
+        q_start: cu_q[s],
+        q_len: cu_q[s + 1] - cu_q[s],
+        k_start: cu_k[s],
+        k_len: cu_k[s + 1] - cu_k[s],
+    }));
+    Ok(seqs)
 }
 
 /// The keys one query sees, relative to the sequence's first key: `[0, sink) ∪ [lo, hi)`.
@@ -132,32 +151,41 @@ impl Vis {
     }
 }
 
+/// `x` as an `i64`, `i64::MAX` when larger: lengths and window sides that large mean "beyond
+/// any sequence" (a window side of `usize::MAX` is unbounded).
+#[inline]
+fn wide(x: usize) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
 /// The position of query `i` of `seq` among its keys (may be negative or past the last key).
 #[inline]
 pub(crate) fn position(p: &Params, seq: &Sequence, i: usize) -> i64 {
     match p.align {
-        Align::BottomRight => i as i64 + seq.k_len as i64 - seq.q_len as i64,
-        Align::TopLeft => i as i64,
+        // `i − q_len` first: it lies in `[−q_len, 0)`, so adding `k_len` cannot overflow.
+        Align::BottomRight => wide(i).saturating_sub(wide(seq.q_len)).saturating_add(wide(seq.k_len)),
+        Align::TopLeft => wide(i),
     }
 }
 
-/// What query `i` of `seq` sees under `p`.
+/// What query `i` of `seq` sees under `p`. Window sides saturate: one longer than any
+/// sequence hides nothing.
 #[inline]
 pub(crate) fn visible(p: &Params, seq: &Sequence, i: usize) -> Vis {
-    let k_len = seq.k_len as i64;
+    let k_len = wide(seq.k_len);
     let pos = position(p, seq, i);
     let mut lo = 0i64;
     let mut hi = k_len;
     if p.causal {
-        hi = hi.min(pos + 1);
+        hi = hi.min(pos.saturating_add(1));
     }
-    // Sinks obey causality and the key length, not the window.
-    let sink = (p.sink_keys as i64).min(hi).max(0) as usize;
+    // Sink keys obey causality and the key length, not the window.
+    let sink = wide(p.sink_keys).min(hi).max(0) as usize;
     if let Some(left) = p.window.0 {
-        lo = lo.max(pos - left as i64);
+        lo = lo.max(pos.saturating_sub(wide(left)));
     }
     if let Some(right) = p.window.1 {
-        hi = hi.min(pos + right as i64 + 1);
+        hi = hi.min(pos.saturating_add(wide(right)).saturating_add(1));
     }
     let lo = lo.clamp(0, k_len) as usize;
     let hi = (hi.clamp(0, k_len) as usize).max(lo);

@@ -1,9 +1,15 @@
 //! ferroattn's own rayon pool, so the host application's global pool (or its absence) is never
 //! touched and the thread count can change at run time.
 
+use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// The most threads [`set_num_threads`] accepts: far more than any CPU has cores
+/// (oversubscription past a few threads per core only adds switching), so a larger count is a
+/// mistake, on which the pool would spend seconds starting threads.
+pub const MAX_THREADS: usize = 4096;
 
 static POOL: OnceLock<Mutex<Option<Arc<rayon::ThreadPool>>>> = OnceLock::new();
 static THREADS: OnceLock<Mutex<usize>> = OnceLock::new();
@@ -12,7 +18,7 @@ fn default_threads() -> usize {
     std::env::var("FERROATTN_NUM_THREADS")
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
-        .filter(|&n| n > 0)
+        .filter(|&n| n > 0 && n <= MAX_THREADS)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
@@ -29,14 +35,19 @@ pub fn num_threads() -> usize {
     *threads_cell().lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Sets the number of threads (at least 1); the pool is rebuilt on next use.
-pub fn set_num_threads(n: usize) {
+/// Sets the number of threads (0 counts as 1); the pool is rebuilt on next use. More than
+/// [`MAX_THREADS`] is an error.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    if n > MAX_THREADS {
+        return Err(Error::Value(format!("n must be at most {MAX_THREADS}, got {n}")));
+    }
     let n = n.max(1);
     let mut t = threads_cell().lock().unwrap_or_else(|e| e.into_inner());
     if *t != n {
         *t = n;
         *pool_cell().lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
+    Ok(())
 }
 
 /// Forgets the pool without joining it: after `fork` its threads do not exist in the child, and
@@ -59,7 +70,8 @@ pub fn forget_pool_after_fork() {
 /// task, spinning, and returns without the ones that have not started (they find the call
 /// closed and leave). A rayon scope instead parked the caller until every helper had run, and
 /// a parked virtual CPU took 50–70 µs to come back after a 4096-token decode step here, and a
-/// helper woken late held a call 1.3 ms past its work (`benches/NOTES.md`).
+/// helper woken late held a call 1.3 ms past its work (`docs/performance.md`, "Caller's thread
+/// in for_each").
 pub(crate) fn for_each<T, I, F>(n: usize, init: I, f: F)
 where
     I: Fn() -> T + Sync,
@@ -118,6 +130,49 @@ where
     let helper_panic = shared.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
     if let Some(p) = helper_panic {
         std::panic::resume_unwind(p);
+    }
+}
+
+/// [`for_each`] for work that can fail: `init` (a thread's state) or `f` (one index). After
+/// the first failure no further index runs (those already running finish), and that failure
+/// is returned.
+pub(crate) fn try_for_each<T, E, I, F>(n: usize, init: I, f: F) -> std::result::Result<(), E>
+where
+    E: Send,
+    I: Fn() -> std::result::Result<T, E> + Sync,
+    F: Fn(&mut T, usize) -> std::result::Result<(), E> + Sync,
+{
+    let failed = AtomicBool::new(false);
+    let first = Mutex::new(None);
+    let fail = |e: E| {
+        failed.store(true, Ordering::Relaxed);
+        first.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+    };
+    for_each(
+        n,
+        // The error is taken out of a failed state once, by the index that finds it.
+        || init().map_err(Some),
+        |state: &mut std::result::Result<T, Option<E>>, i| {
+            if failed.load(Ordering::Relaxed) {
+                return;
+            }
+            match state {
+                Ok(state) => {
+                    if let Err(e) = f(state, i) {
+                        fail(e);
+                    }
+                }
+                Err(e) => {
+                    if let Some(e) = e.take() {
+                        fail(e);
+                    }
+                }
+            }
+        },
+    );
+    match first.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 
@@ -205,7 +260,7 @@ mod tests {
     use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
     fn two_threads() {
-        set_num_threads(num_threads().max(2));
+        set_num_threads(num_threads().max(2)).unwrap();
     }
 
     #[test]
@@ -269,6 +324,46 @@ mod tests {
         }
         // The pool still works afterwards.
         assert_eq!(sum_of_indices(100), 4950);
+    }
+
+    #[test]
+    fn a_failure_stops_the_work_and_is_returned() {
+        two_threads();
+        let ran = AtomicUsize::new(0);
+        let r = try_for_each(
+            1000,
+            || Ok::<_, usize>(()),
+            |_, i| {
+                ran.fetch_add(1, Ordering::Relaxed);
+                if i == 10 {
+                    Err(i)
+                } else {
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(r, Err(10));
+        assert!(ran.load(Ordering::Relaxed) < 1000);
+        // A state that cannot be made fails the call too; without failures every index runs.
+        assert_eq!(try_for_each(8, || Err::<(), _>("no state"), |_, _| Ok(())), Err("no state"));
+        let sum = AtomicUsize::new(0);
+        let ok = try_for_each(
+            100,
+            || Ok::<_, ()>(()),
+            |_, i| {
+                sum.fetch_add(i, Ordering::Relaxed);
+                Ok(())
+            },
+        );
+        assert_eq!((ok, sum.load(Ordering::Relaxed)), (Ok(()), 4950));
+    }
+
+    #[test]
+    fn thread_counts_beyond_the_bound_are_refused() {
+        let before = num_threads();
+        assert!(set_num_threads(MAX_THREADS + 1).is_err());
+        assert!(set_num_threads(usize::MAX).is_err());
+        assert_eq!(num_threads(), before);
     }
 
     /// `0 + 1 + … + (n − 1)`, each index added by whichever thread runs it.

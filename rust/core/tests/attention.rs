@@ -2,8 +2,8 @@
 //! half-precision inputs. Run once per ISA with `FERROATTN_ISA=scalar|avx2|avx512`.
 
 use ferroattn_core::{
-    attention, attention_weights, padded_sequences, varlen_sequences, Align, Elems, ElemsMut, Params, Sequence,
-    Strided, StridedMut,
+    attention, attention_weights, padded_sequences, varlen_sequences, Align, Elems, ElemsMut, Params, Precision,
+    Sequence, Strided, StridedMut,
 };
 use half::{bf16, f16};
 
@@ -46,8 +46,10 @@ fn reference(
                 for j in 0..s.k_len {
                     let jj = j as i64;
                     let causal_ok = !p.causal || jj <= pos;
-                    let in_window = p.window.0.is_none_or(|l| jj >= pos - l as i64)
-                        && p.window.1.is_none_or(|r| jj <= pos + r as i64);
+                    // In i128: sides up to usize::MAX are exact (beyond any sequence).
+                    let (jw, pw) = (jj as i128, pos as i128);
+                    let in_window = p.window.0.is_none_or(|l| jw >= pw - l as i128)
+                        && p.window.1.is_none_or(|r| jw <= pw + r as i128);
                     let ok = causal_ok && (in_window || j < p.sink_keys);
                     if !ok {
                         continue;
@@ -152,6 +154,27 @@ fn matches_reference_over_shapes_and_masks() {
     for (ci, case) in cases.iter().enumerate() {
         for (mi, p) in masks().iter().enumerate() {
             check(case, p, None, (ci * 100 + mi) as u64);
+        }
+    }
+}
+
+#[test]
+fn window_sides_near_the_sequence_length_and_beyond_are_exact() {
+    // A side as long as the sequence or longer hides nothing, up to usize::MAX (which must
+    // not wrap to -1); shorter ones still hide keys.
+    for (ci, (nq, nk)) in [(9, 3), (3, 9), (5, 5), (1, 130)].into_iter().enumerate() {
+        let case = Case { b: 1, hq: 2, hk: 1, nq, nk, d: 8, dv: 8 };
+        let span = nq.max(nk);
+        let sides = [nk - 1, nk, nk + 1, span - 1, span, span + 1, 1 << 62, (1 << 63) - 1, 1 << 63, usize::MAX];
+        for (si, side) in sides.into_iter().enumerate() {
+            for window in [(Some(side), Some(0)), (Some(0), Some(side)), (Some(side), Some(side)), (Some(side), None)] {
+                for (causal, align) in [(false, Align::BottomRight), (true, Align::BottomRight), (true, Align::TopLeft)]
+                {
+                    let mut p = Params::new(0.37);
+                    (p.causal, p.align, p.window, p.sink_keys) = (causal, align, window, si % 2);
+                    check(&case, &p, None, (ci * 100 + si) as u64);
+                }
+            }
         }
     }
 }
@@ -477,4 +500,65 @@ fn int8_and_half_keys(d: usize, tol: f64) {
     let kv = Strided::contiguous("k", Elems::F16(&kh), [b, hk, nk, d]).unwrap();
     let vv = Strided::contiguous("v", Elems::F16(&vh), [b, hk, nk, d]).unwrap();
     assert!(rel_err(&run(&kv, &vv).unwrap(), &want) < 1e-5);
+}
+
+/// Runs bf16 q, k, v (the values of `q`, `k`, `v` rounded) and returns the output as f32.
+fn run_bf16(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    qs: [usize; 4],
+    ks: [usize; 3],
+    seqs: &[Sequence],
+    p: &Params,
+) -> Vec<f32> {
+    let [b, hq, nq, d] = qs;
+    let [hk, nk, dv] = ks;
+    let to = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y)).collect::<Vec<_>>();
+    let (q, k, v) = (to(q), to(k), to(v));
+    let mut o = vec![bf16::ZERO; b * hq * nq * dv];
+    let qv = Strided::contiguous("q", Elems::BF16(&q), [b, hq, nq, d]).unwrap();
+    let kv = Strided::contiguous("k", Elems::BF16(&k), [b, hk, nk, d]).unwrap();
+    let vv = Strided::contiguous("v", Elems::BF16(&v), [b, hk, nk, dv]).unwrap();
+    let mut ov = StridedMut::contiguous("out", ElemsMut::BF16(&mut o), [b, hq, nq, dv]).unwrap();
+    attention(&qv, &kv, &vv, &mut ov, None, seqs, p).unwrap();
+    o.iter().map(|x| x.to_f32()).collect()
+}
+
+#[test]
+fn bf16_products_and_lower_precisions_over_odd_shapes_and_gqa() {
+    // Many query rows (the blocked step that bf16 products take), odd head dims and key
+    // counts (pairs padded with zero), GQA groups, a key count past one tile. On a CPU
+    // without bf16 dot products (or FERROATTN_BF16DOT=0) the f32 kernels meet the same bounds.
+    let shapes = [(1, 4, 2, 40, 131, 59, 40), (2, 3, 1, 33, 257, 128, 128), (1, 2, 2, 20, 19, 7, 9)];
+    for (i, &(b, hq, hk, nq, nk, d, dv)) in shapes.iter().enumerate() {
+        for causal in [false, true] {
+            let mut p = Params::new(1.0 / (d as f32).sqrt());
+            p.causal = causal;
+            let mut rng = Rng(91 + i as u64);
+            let q = rng.vec(b * hq * nq * d);
+            let k = rng.vec(b * hk * nk * d);
+            let v = rng.vec(b * hk * nk * dv);
+            let seqs = padded_sequences(b, nq, nk, None).unwrap();
+            let round = |x: &[f32]| x.iter().map(|&y| bf16::from_f32(y).to_f32()).collect::<Vec<_>>();
+            // bf16: P rounded to bf16 before P·V (2^-9 per weight) and the bf16 output (2^-9).
+            let (qr, kr, vr) = (round(&q), round(&k), round(&v));
+            let (want, _) = reference(&qr, &kr, &vr, [b, hq, nq, d], [hk, nk, dv], &seqs, &p);
+            let err = rel_err(&run_bf16(&q, &k, &v, [b, hq, nq, d], [hk, nk, dv], &seqs, &p), &want);
+            assert!(err < 5e-3, "bf16 {:?} causal {causal}: {err}", shapes[i]);
+            // f32 at lower precisions, against the f32 inputs' reference.
+            let (want, _) = reference(&q, &k, &v, [b, hq, nq, d], [hk, nk, dv], &seqs, &p);
+            for (precision, tol) in [(Precision::High, 1e-5), (Precision::Medium, 1e-2)] {
+                p.precision = precision;
+                let mut got = vec![0f32; b * hq * nq * dv];
+                let qv = Strided::contiguous("q", Elems::F32(&q), [b, hq, nq, d]).unwrap();
+                let kv = Strided::contiguous("k", Elems::F32(&k), [b, hk, nk, d]).unwrap();
+                let vv = Strided::contiguous("v", Elems::F32(&v), [b, hk, nk, dv]).unwrap();
+                let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut got), [b, hq, nq, dv]).unwrap();
+                attention(&qv, &kv, &vv, &mut ov, None, &seqs, &p).unwrap();
+                let err = rel_err(&got, &want);
+                assert!(err <= tol, "{precision:?} {:?} causal {causal}: {err}", shapes[i]);
+            }
+        }
+    }
 }

@@ -4,7 +4,7 @@
 //! last axis and a native float dtype; here we only re-check what soundness depends on (rank,
 //! item size, alignment, bounds, writability, no overlap with the output) and borrow the memory.
 
-use ferroattn_core::{DType, Elems, ElemsMut, Error, Strided, StridedMut};
+use ferroattn_core::{DType, Elems, ElemsMut, Error, Extent, Strided, StridedMut};
 use half::{bf16, f16};
 use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -17,9 +17,8 @@ pub(crate) struct Raw {
     shape: [usize; 4],
     /// Strides in elements.
     strides: [isize; 4],
-    /// Element offsets of the lowest and highest element relative to element 0.
-    lo: isize,
-    hi: isize,
+    /// The elements the array reaches around element 0; None when it is empty.
+    extent: Option<Extent>,
     writeable: bool,
 }
 
@@ -70,77 +69,57 @@ impl Raw {
         if !(base as usize).is_multiple_of(size) {
             return Err(Error::Shape(format!("{name}: data is not aligned to its item size")));
         }
-        let (mut lo, mut hi) = (0isize, 0isize);
-        if !shape.contains(&0) {
-            for (&n, &s) in shape.iter().zip(&strides) {
-                let span = (n as isize - 1) * s;
-                if span < 0 {
-                    lo += span
-                } else {
-                    hi += span
-                }
-            }
-        }
+        let extent = Extent::of(name, shape, strides, size)?;
         Ok(Raw {
             name,
             dtype,
             base,
             shape,
             strides,
-            lo,
-            hi,
+            extent,
             writeable: flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0,
         })
     }
 
-    fn item_size(&self) -> isize {
-        match self.dtype {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
-            DType::I8 => 1,
-        }
+    fn item_size(&self) -> usize {
+        self.dtype.size()
     }
 
-    fn byte_range(&self) -> (usize, usize) {
-        let size = self.item_size();
-        let start = self.base as isize + self.lo * size;
-        let end = self.base as isize + (self.hi + 1) * size;
-        (start as usize, end as usize)
-    }
-
-    pub(crate) fn is_empty(&self) -> bool {
-        self.shape.contains(&0)
+    /// The first and one-past-the-last byte addresses the array reaches (`None`: empty).
+    fn byte_range(&self) -> Option<(usize, usize)> {
+        let e = self.extent?;
+        let size = self.item_size() as isize;
+        // In bounds of the allocation NumPy describes (`Extent::of` bounded its byte span).
+        let start = self.base.wrapping_offset(e.lo * size) as usize;
+        Some((start, start.saturating_add(e.elements() * self.item_size())))
     }
 
     /// Refuses an output that shares memory with an input: the core would alias `&` and `&mut`.
     pub(crate) fn check_disjoint(&self, other: &Raw) -> Result<(), Error> {
-        if self.is_empty() || other.is_empty() {
+        let (Some((a0, a1)), Some((b0, b1))) = (self.byte_range(), other.byte_range()) else {
             return Ok(());
-        }
-        let (a0, a1) = self.byte_range();
-        let (b0, b1) = other.byte_range();
+        };
         if a0 < b1 && b0 < a1 {
             return Err(Error::Value(format!("{} must not share memory with {}", self.name, other.name)));
         }
         Ok(())
     }
 
-    fn len(&self) -> usize {
-        if self.is_empty() {
-            0
-        } else {
-            (self.hi - self.lo + 1) as usize
+    /// The lowest element's address, the number of elements from it to the highest, and the
+    /// index of element 0 among them (a null pointer and zeros when the array is empty).
+    fn reach(&self) -> (*mut u8, usize, usize) {
+        match self.extent {
+            Some(e) => (self.base.wrapping_offset(e.lo * self.item_size() as isize), e.elements(), (-e.lo) as usize),
+            None => (std::ptr::null_mut(), 0, 0),
         }
     }
 
     /// # Safety
     /// The array behind `self` must stay alive and unmodified by others for `'a`.
     pub(crate) unsafe fn view<'a>(&self) -> Result<Strided<'a>, Error> {
-        let n = self.len();
-        let offset = (-self.lo) as usize;
+        let (start, n, offset) = self.reach();
         // SAFETY: `lo..=hi` is exactly the span NumPy says the array covers, aligned above.
         let data = unsafe {
-            let start = self.base.offset(self.lo * self.item_size());
             match self.dtype {
                 DType::F32 => Elems::F32(slice_or_empty(start as *const f32, n)),
                 DType::F16 => Elems::F16(slice_or_empty(start as *const f16, n)),
@@ -148,7 +127,7 @@ impl Raw {
                 DType::I8 => Elems::I8(slice_or_empty(start as *const i8, n)),
             }
         };
-        Strided::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+        Strided::new(self.name, data, offset, self.shape, self.strides)
     }
 
     /// # Safety
@@ -157,11 +136,9 @@ impl Raw {
         if !self.writeable {
             return Err(Error::Value(format!("{} is read-only", self.name)));
         }
-        let n = self.len();
-        let offset = (-self.lo) as usize;
+        let (start, n, offset) = self.reach();
         // SAFETY: as in `view`; exclusivity is the caller's promise (checked with check_disjoint).
         let data = unsafe {
-            let start = self.base.offset(self.lo * self.item_size());
             match self.dtype {
                 DType::F32 => ElemsMut::F32(slice_mut_or_empty(start as *mut f32, n)),
                 DType::F16 => ElemsMut::F16(slice_mut_or_empty(start as *mut f16, n)),
@@ -169,7 +146,7 @@ impl Raw {
                 DType::I8 => return Err(Error::DType(format!("{}: outputs cannot be int8", self.name))),
             }
         };
-        StridedMut::new(self.name, data, if n == 0 { 0 } else { offset }, self.shape, self.strides)
+        StridedMut::new(self.name, data, offset, self.shape, self.strides)
     }
 }
 
@@ -179,13 +156,12 @@ impl Raw {
     /// # Safety
     /// As for [`Raw::view`].
     pub(crate) unsafe fn dense<'a, T: Copy>(&self) -> Result<ferroattn_core::Dense<'a, T>, Error> {
-        if size_of::<T>() as isize != self.item_size() {
+        if size_of::<T>() != self.item_size() {
             return Err(Error::DType(format!("{}: unexpected item size", self.name)));
         }
-        let n = self.len();
+        let (start, n, offset) = self.reach();
         // SAFETY: as in `view`.
-        let data = unsafe { slice_or_empty(self.base.offset(self.lo * self.item_size()) as *const T, n) };
-        let offset = if n == 0 { 0 } else { (-self.lo) as usize };
+        let data = unsafe { slice_or_empty(start as *const T, n) };
         ferroattn_core::Dense::new(self.name, data, offset, self.shape, self.strides)
     }
 
@@ -198,10 +174,9 @@ impl Raw {
         if self.dtype != DType::F32 {
             return Err(Error::DType(format!("{}: scales must be float32", self.name)));
         }
-        let n = self.len();
+        let (start, n, offset) = self.reach();
         // SAFETY: as in `view`.
-        let data = unsafe { slice_or_empty(self.base.offset(self.lo * 4) as *const f32, n) };
-        let offset = if n == 0 { 0 } else { (-self.lo) as usize };
+        let data = unsafe { slice_or_empty(start as *const f32, n) };
         Ok((data, offset, [self.strides[0], self.strides[1], self.strides[2]]))
     }
 }

@@ -3,133 +3,28 @@
 //! defaults) happens in the Python package; this layer re-checks only what memory safety needs,
 //! and refuses sizes it cannot allocate (`memory`) instead of letting an allocation abort.
 
+mod args;
 mod arrays;
 mod errors;
 mod linear;
 mod memory;
+mod variants;
 
+use args::{KvEncodingArgs, MaskArgs, SequenceArgs};
 use arrays::Raw;
 use ferroattn_core as core;
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-
-/// Mask and score options shared by the entry points.
-struct Options {
-    params: core::Params,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn options(
-    scale: f64,
-    softcap: Option<f64>,
-    causal: bool,
-    top_left: bool,
-    window_left: Option<usize>,
-    window_right: Option<usize>,
-    sink_keys: usize,
-) -> Options {
-    let mut params = core::Params::new(scale as f32);
-    params.softcap = softcap.map(|c| c as f32);
-    params.causal = causal;
-    params.align = if top_left { core::Align::TopLeft } else { core::Align::BottomRight };
-    params.window = (window_left, window_right);
-    params.sink_keys = sink_keys;
-    Options { params }
-}
-
-/// Biases, masks, layouts and sinks, owned for the duration of a call.
-#[derive(Default)]
-struct ExtrasArgs {
-    alibi_slopes: Option<Vec<f32>>,
-    sinks: Option<Vec<f32>>,
-    /// Table `(num_buckets, heads)` flat, num_buckets, max_distance, bidirectional.
-    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
-    bias: Option<Raw>,
-    mask: Option<Raw>,
-    /// Layout `(heads, q_blocks, k_blocks)` flat, heads, block size, q_blocks, k_blocks.
-    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
-}
-
-impl ExtrasArgs {
-    /// # Safety
-    /// The bias and mask arrays must outlive `'a` (they are borrowed by the call).
-    unsafe fn extras<'a>(&'a self) -> Result<core::Extras<'a>, core::Error> {
-        Ok(core::Extras {
-            alibi_slopes: self.alibi_slopes.as_deref(),
-            sinks: self.sinks.as_deref(),
-            rel_bias: self.rel_bias.as_ref().map(|(table, num_buckets, max_distance, bidirectional)| core::RelBias {
-                table,
-                num_buckets: *num_buckets,
-                max_distance: *max_distance,
-                bidirectional: *bidirectional,
-            }),
-            // SAFETY: forwarded from the caller.
-            bias: self.bias.as_ref().map(|r| unsafe { r.dense::<f32>() }).transpose()?,
-            // SAFETY: forwarded from the caller.
-            mask: self.mask.as_ref().map(|r| unsafe { r.dense::<u8>() }).transpose()?,
-            blocks: self.blocks.as_ref().map(|(layout, heads, block, q_blocks, k_blocks)| core::BlockLayout {
-                layout,
-                heads: *heads,
-                block: *block,
-                q_blocks: *q_blocks,
-                k_blocks: *k_blocks,
-            }),
-        })
-    }
-}
-
-/// Reads the extras from keyword arguments: `bias` (float32) and `mask` (uint8) as 4-D
-/// broadcast views, the rest as small lists.
-#[allow(clippy::type_complexity)]
-fn extras_args(
-    alibi_slopes: Option<Vec<f32>>,
-    sinks: Option<Vec<f32>>,
-    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
-    bias: Option<&Bound<'_, PyUntypedArray>>,
-    mask: Option<&Bound<'_, PyUntypedArray>>,
-    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
-) -> Result<ExtrasArgs, core::Error> {
-    Ok(ExtrasArgs {
-        alibi_slopes,
-        sinks,
-        rel_bias,
-        bias: bias.map(|a| Raw::new("bias", a, "float32")).transpose()?,
-        mask: mask.map(|a| Raw::new("mask", a, "uint8")).transpose()?,
-        blocks,
-    })
-}
-
-/// An explicit sequence: (batch, q_start, q_len, k_start, k_len).
-type SeqTuple = (usize, usize, usize, usize, usize);
-
-fn sequences(
-    shape_q: [usize; 4],
-    shape_k: [usize; 4],
-    kv_lengths: Option<Vec<usize>>,
-    cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
-    seqs: Option<Vec<SeqTuple>>,
-) -> Result<Vec<core::Sequence>, core::Error> {
-    match (cu_seqlens, seqs) {
-        (Some((cq, ck)), _) => core::varlen_sequences(&cq, &ck, shape_q[2], shape_k[2]),
-        (None, Some(list)) => Ok(list
-            .into_iter()
-            .map(|(batch, q_start, q_len, k_start, k_len)| core::Sequence { batch, q_start, q_len, k_start, k_len })
-            .collect()),
-        (None, None) => core::padded_sequences(shape_q[0], shape_q[2], shape_k[2], kv_lengths.as_deref()),
-    }
-}
+use variants::{VariantArgs, VariantBuffers};
 
 /// Attention over 4-D `(B, H, N, D)` arrays into `out`; returns the flat LSE when asked.
 ///
-/// `q`/`out` are of `dtype`, `k`/`v` of `kv_dtype` (default: `dtype`); int8 `k`/`v` need
-/// `k_scales`/`v_scales` as float32 `(B, H, N, 1)` arrays. `seqs` lists explicit sequences
-/// (batch, q_start, q_len, k_start, k_len) in place of `kv_lengths`/`cu_seqlens`.
+/// `q`/`out` are of `dtype`; `k`/`v` too unless `kv_encoding` names their type (int8 with
+/// its scales). `mask`, `sequences`, `variants` and `kv_encoding` are the Python package's
+/// typed option groups (see `args` and `variants`).
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, dtype, *, scale, kv_dtype=None, k_scales=None, v_scales=None, softcap=None,
-                    causal=false, top_left=false, window_left=None, window_right=None, sink_keys=0,
-                    kv_lengths=None, cu_seqlens=None, seqs=None, return_lse=false, alibi_slopes=None,
-                    sinks=None, rel_bias=None, bias=None, mask=None, blocks=None))]
+#[pyo3(signature = (q, k, v, out, dtype, mask, *, sequences=None, variants=None, kv_encoding=None, return_lse=false))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -138,45 +33,31 @@ fn attention<'py>(
     v: &Bound<'py, PyUntypedArray>,
     out: &Bound<'py, PyUntypedArray>,
     dtype: &str,
-    scale: f64,
-    kv_dtype: Option<&str>,
-    k_scales: Option<&Bound<'py, PyUntypedArray>>,
-    v_scales: Option<&Bound<'py, PyUntypedArray>>,
-    softcap: Option<f64>,
-    causal: bool,
-    top_left: bool,
-    window_left: Option<usize>,
-    window_right: Option<usize>,
-    sink_keys: usize,
-    kv_lengths: Option<Vec<usize>>,
-    cu_seqlens: Option<(Vec<usize>, Vec<usize>)>,
-    seqs: Option<Vec<SeqTuple>>,
+    mask: MaskArgs,
+    sequences: Option<SequenceArgs>,
+    variants: Option<VariantArgs<'py>>,
+    kv_encoding: Option<KvEncodingArgs<'py>>,
     return_lse: bool,
-    alibi_slopes: Option<Vec<f32>>,
-    sinks: Option<Vec<f32>>,
-    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
-    bias: Option<&Bound<'py, PyUntypedArray>>,
-    mask: Option<&Bound<'py, PyUntypedArray>>,
-    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
 ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
-    let kv_dtype = kv_dtype.unwrap_or(dtype);
+    let kv_dtype = kv_encoding.as_ref().map_or(dtype, |e| &*e.kv_dtype);
     let convert = || -> Result<_, core::Error> {
         let rq = Raw::new("q", q, dtype)?;
         let rk = Raw::new("k", k, kv_dtype)?;
         let rv = Raw::new("v", v, kv_dtype)?;
         let ro = Raw::new("out", out, dtype)?;
-        let rks = k_scales.map(|a| Raw::new("k_scales", a, "float32")).transpose()?;
-        let rvs = v_scales.map(|a| Raw::new("v_scales", a, "float32")).transpose()?;
-        let extras = extras_args(alibi_slopes, sinks, rel_bias, bias, mask, blocks)?;
-        let inputs =
-            [Some(&rq), Some(&rk), Some(&rv), rks.as_ref(), rvs.as_ref(), extras.bias.as_ref(), extras.mask.as_ref()];
-        for input in inputs.into_iter().flatten() {
+        let scales = |name, a: Option<&Bound<'py, PyUntypedArray>>| a.map(|a| Raw::new(name, a, "float32")).transpose();
+        let encoding = kv_encoding.as_ref();
+        let rks = scales("k_scales", encoding.and_then(|e| e.k_scales.as_ref()))?;
+        let rvs = scales("v_scales", encoding.and_then(|e| e.v_scales.as_ref()))?;
+        let variants = VariantBuffers::new(variants)?;
+        let optional = [&rks, &rvs, &variants.bias, &variants.mask];
+        for input in [&rq, &rk, &rv].into_iter().chain(optional.into_iter().flatten()) {
             ro.check_disjoint(input)?;
         }
-        Ok((rq, rk, rv, ro, rks, rvs, extras))
+        Ok((rq, rk, rv, ro, rks, rvs, variants))
     };
-    let (rq, rk, rv, ro, rks, rvs, extras) = convert().map_err(errors::to_py)?;
-    let opts = options(scale, softcap, causal, top_left, window_left, window_right, sink_keys);
+    let (rq, rk, rv, ro, rks, rvs, variants) = convert().map_err(errors::to_py)?;
+    let params = mask.params();
     let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
     let (hkv, dv) = (k.shape().get(1).copied().unwrap_or(0), v.shape().get(3).copied().unwrap_or(0));
     let sizes = || -> Result<_, core::Error> {
@@ -201,56 +82,34 @@ fn attention<'py>(
                     *view = view.with_scales(name, data, offset, strides)?;
                 }
             }
-            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, cu_seqlens, seqs)?;
-            if no_query_heads(&qv, &kv) {
-                return Ok(());
-            }
+            let seqs = SequenceArgs::sequences(sequences, qv.shape(), kv.shape())?;
             // SAFETY: bias and mask are borrowed by this call.
-            let extras = unsafe { extras.extras()? };
-            core::attention_with(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &opts.params, &extras)
+            let variants = unsafe { variants.variants()? };
+            core::attention_with(&qv, &kv, &vv, &mut ov, lse.as_deref_mut(), &seqs, &params, &variants)
         })
     })?;
     Ok(lse.map(|l| PyArray1::from_vec(py, l)))
 }
 
-/// Zero query heads (and at least one key/value head): nothing to compute, and the core's
-/// task plan divides by the query heads per key/value head.
-fn no_query_heads(q: &core::Strided, k: &core::Strided) -> bool {
-    q.shape()[1] == 0 && k.shape()[1] >= 1
-}
-
-/// The `(B, Hq, Nq, Nk)` softmax probabilities, flat, as float32.
+/// The `(B, Hq, Nq, Nk)` softmax probabilities, flat, as float32; options as for [`attention`].
 #[pyfunction]
-#[pyo3(signature = (q, k, dtype, *, scale, softcap=None, causal=false, top_left=false,
-                    window_left=None, window_right=None, kv_lengths=None, alibi_slopes=None, sinks=None,
-                    rel_bias=None, bias=None, mask=None, blocks=None))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (q, k, dtype, mask, *, sequences=None, variants=None))]
 fn attention_weights<'py>(
     py: Python<'py>,
     q: &Bound<'py, PyUntypedArray>,
     k: &Bound<'py, PyUntypedArray>,
     dtype: &str,
-    scale: f64,
-    softcap: Option<f64>,
-    causal: bool,
-    top_left: bool,
-    window_left: Option<usize>,
-    window_right: Option<usize>,
-    kv_lengths: Option<Vec<usize>>,
-    alibi_slopes: Option<Vec<f32>>,
-    sinks: Option<Vec<f32>>,
-    rel_bias: Option<(Vec<f32>, usize, usize, bool)>,
-    bias: Option<&Bound<'py, PyUntypedArray>>,
-    mask: Option<&Bound<'py, PyUntypedArray>>,
-    blocks: Option<(Vec<u8>, usize, usize, usize, usize)>,
+    mask: MaskArgs,
+    sequences: Option<SequenceArgs>,
+    variants: Option<VariantArgs<'py>>,
 ) -> PyResult<Bound<'py, PyArray1<f32>>> {
     let convert = || -> Result<_, core::Error> {
         let rq = Raw::new("q", q, dtype)?;
         let rk = Raw::new("k", k, dtype)?;
-        Ok((rq, rk, extras_args(alibi_slopes, sinks, rel_bias, bias, mask, blocks)?))
+        Ok((rq, rk, VariantBuffers::new(variants)?))
     };
-    let (rq, rk, extras) = convert().map_err(errors::to_py)?;
-    let opts = options(scale, softcap, causal, top_left, window_left, window_right, 0);
+    let (rq, rk, variants) = convert().map_err(errors::to_py)?;
+    let params = mask.params();
     let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
     let (hkv, sk) = (k.shape().get(1).copied().unwrap_or(0), k.shape().get(2).copied().unwrap_or(0));
     let weights = py.detach(|| {
@@ -260,11 +119,9 @@ fn attention_weights<'py>(
             let mut w = memory::zeroed::<f32>(memory::count(&[b, hq, sq, sk], what)?, what)?;
             memory::check_attention(q_shape, hkv, d, core::num_threads(), "q and k (the kernels' working memory)")?;
             // SAFETY: the arrays are borrowed by this call and outlive it.
-            let (qv, kv, extras) = unsafe { (rq.view()?, rk.view()?, extras.extras()?) };
-            let seqs = sequences(qv.shape(), kv.shape(), kv_lengths, None, None)?;
-            if !no_query_heads(&qv, &kv) {
-                core::attention_weights_with(&qv, &kv, &mut w, &seqs, &opts.params, &extras)?;
-            }
+            let (qv, kv, variants) = unsafe { (rq.view()?, rk.view()?, variants.variants()?) };
+            let seqs = SequenceArgs::sequences(sequences, qv.shape(), kv.shape())?;
+            core::attention_weights_with(&qv, &kv, &mut w, &seqs, &params, &variants)?;
             Ok(w)
         })
     })?;
@@ -291,8 +148,8 @@ fn quantize_int8<'py>(py: Python<'py>, x: PyReadonlyArray2<'py, f32>) -> PyResul
 
 /// Sets the number of threads the kernels use.
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    core::set_num_threads(n);
+fn set_num_threads(n: usize) -> PyResult<()> {
+    core::set_num_threads(n).map_err(errors::to_py)
 }
 
 /// The number of threads the kernels use.
@@ -314,6 +171,8 @@ fn build_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("stream_prefetch_bytes", ahead)?;
     d.set_item("one_row_stream_prefetch", one_row)?;
     d.set_item("arch", std::env::consts::ARCH)?;
+    d.set_item("bf16_dot", core::bf16_dot())?;
+    d.set_item("amx", false)?;
     Ok(d)
 }
 

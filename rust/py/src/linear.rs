@@ -58,9 +58,8 @@ pub(crate) fn linear_attention<'py>(
         Ok((rq, rk, rv, ro, rstate))
     };
     let (rq, rk, rv, ro, _rstate) = convert().map_err(errors::to_py)?;
-    let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
-    let (hkv, dv) = (k.shape().get(1).copied().unwrap_or(0), v.shape().get(3).copied().unwrap_or(0));
-    memory::check_linear(q_shape, hkv, dv, core::num_threads(), "q, k and v (the kernels' working memory)")
+    let (d, dv) = (q.shape().get(3).copied().unwrap_or(0), v.shape().get(3).copied().unwrap_or(0));
+    memory::check_linear(d, dv, core::num_threads(), "q, k and v (the kernels' working memory)")
         .map_err(errors::to_py)?;
     // The state is written in place: borrow it through NumPy's borrow checker, C order only
     // (rust-numpy's slices also accept Fortran order, which would scramble the layout).

@@ -17,6 +17,7 @@ use super::online::{finish_row, merge_row, partial_len};
 use super::output::Output;
 use super::tile::{mask_tile, pv, pv_transposed, row_of, scale_rows, scores_few, Ctx, Dims, Plan, Scratch, Task};
 use crate::layout::{DType, TypedRows};
+use crate::memory::{mul, with_capacity, zeroed, Alloc, NoMemory};
 use crate::parallel;
 use crate::simd::{request_one_row_streams, Prefetch, Simd};
 use half::{bf16, f16};
@@ -25,14 +26,14 @@ use half::{bf16, f16};
 /// long, one row after another, so that the hardware prefetchers see two long streams. On
 /// Zen 4, with 128-key tiles and requests ahead (the scheme of the GQA rows, where each key
 /// feeds several rows' arithmetic) one core read 21–23 GB/s of fp32; this way, without
-/// requests, 26–28, and int8 on the VNNI path 19 → 28 (`benches/NOTES.md`). Where the runs are
-/// also requested ahead, see [`request_one_row_streams`].
+/// requests, 26–28, and int8 on the VNNI path 19 → 28 (`docs/performance.md`, "One-row streams
+/// and ONE_ROW_KEYS"). Where the runs are also requested ahead, see [`request_one_row_streams`].
 pub(crate) const ONE_ROW_KEYS: usize = 2048;
 
 /// How many keys a task's tile loop hands to [`typed_tile`] at a time: [`ONE_ROW_KEYS`] for a plain
 /// streamed row that sees all of `kmin..kmax`, the plan's tile otherwise.
 pub(crate) fn keys_per_step<S: Simd>(ctx: &Ctx, sc: &Scratch, dims: &Dims, kmin: usize, kmax: usize) -> usize {
-    let one_row = streamed_row::<S>(ctx, dims) && ctx.extras.is_plain();
+    let one_row = streamed_row::<S>(ctx, dims) && ctx.variants.is_plain();
     if one_row && sc.q.vis[0].sees_all(kmin, kmax) && ldr(ONE_ROW_KEYS) <= sc.s.st.len() {
         ONE_ROW_KEYS
     } else {
@@ -74,7 +75,7 @@ pub(crate) unsafe fn typed_tile<S: Simd>(
     kn: usize,
 ) -> bool {
     let plan = ctx.plan;
-    if dims.rows > 8 || dims.rows * 2 > dims.rows_p || plan.dv != dims.dvp || ctx.extras.masks() {
+    if dims.rows > 8 || dims.rows * 2 > dims.rows_p || plan.dv != dims.dvp || ctx.variants.masks() {
         return false;
     }
     // A partly masked tile takes the general path (it also keeps NaN values of masked keys
@@ -89,7 +90,7 @@ pub(crate) unsafe fn typed_tile<S: Simd>(
     if matches!(krows, TypedRows::Unreadable) || matches!(vrows, TypedRows::Unreadable) {
         return false;
     }
-    if ctx.extras.is_plain() && dims.rows * ldr(kn.max(plan.bc)) <= sc.s.st.len() {
+    if ctx.variants.is_plain() && dims.rows * ldr(kn.max(plan.bc)) <= sc.s.st.len() {
         // SAFETY: forwarded; the score rows fit in `st` (checked above).
         unsafe { row_major::<S>(ctx, sc, dims, krows, vrows, kn) };
         return true;
@@ -436,21 +437,22 @@ pub(crate) fn split_keys(ctx: &Ctx, work: &[Task], threads: usize) -> Option<Vec
 }
 
 /// Floats of the partial state each part leaves (see [`partial_len`]).
-pub(crate) fn part_len(plan: &Plan) -> usize {
-    partial_len(plan.group * plan.tq, plan.dv)
+pub(crate) fn part_len(plan: &Plan) -> Alloc<usize> {
+    partial_len(mul(plan.group, plan.tq)?, plan.dv).ok_or(NoMemory { bytes: None })
 }
 
 /// Merges the partial states of each task's parts (part `i`'s at `partial[i · part_len..]`)
 /// into the task's output rows.
-pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], out: &Output) {
+pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], out: &Output) -> Alloc<()> {
     let (plan, dv) = (ctx.plan, ctx.plan.dv);
-    let slot = part_len(&plan);
+    let slot = part_len(&plan)?;
     // Parts of one task are consecutive: merge each task's slices into its rows.
-    let mut firsts: Vec<usize> = (0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task).collect();
+    let mut firsts = with_capacity(parts.len() + 1)?;
+    firsts.extend((0..parts.len()).filter(|&i| i == 0 || parts[i - 1].task != parts[i].task));
     firsts.push(parts.len());
-    parallel::for_each(
+    parallel::try_for_each(
         firsts.len() - 1,
-        || (vec![0f32; dv], vec![0f32; dv]),
+        || Ok((zeroed::<f32>(dv)?, zeroed::<f32>(dv)?)),
         |(acc, row), t| {
             let (first, end) = (firsts[t], firsts[t + 1]);
             let task = &work[parts[first].task];
@@ -460,10 +462,11 @@ pub(crate) fn merge(ctx: &Ctx, work: &[Task], parts: &[Part], partial: &[f32], o
             for r in 0..rows {
                 let (m, l) = merge_row(&slices, rows, dv, r, acc);
                 let (h, i) = row_of(&plan, task, r);
-                let lse = finish_row(acc, m, l, row, ctx.extras.sink(h));
+                let lse = finish_row(acc, m, l, row, ctx.variants.sink(h));
                 // SAFETY: each task's rows are written by this closure only.
                 unsafe { out.write(seq, h, seq.q_start + i, row, lse) };
             }
+            Ok(())
         },
-    );
+    )
 }

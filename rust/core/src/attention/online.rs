@@ -8,6 +8,7 @@
 //! for the blocked path, row-major for the few-rows path), so this module knows nothing of
 //! the buffers around it.
 
+use crate::memory::{zeroed, Alloc};
 use crate::simd::Simd;
 use std::f32::consts::LN_2;
 
@@ -28,15 +29,15 @@ pub(crate) struct Online {
 
 impl Online {
     /// State for `rows_p` rows with `acc_len` accumulator floats.
-    pub(crate) fn new(rows_p: usize, acc_len: usize) -> Online {
-        Online {
-            m: vec![0.0; rows_p],
-            l: vec![0.0; rows_p],
-            alpha: vec![0.0; rows_p],
-            tmax: vec![0.0; rows_p],
-            tsum: vec![0.0; rows_p],
-            acc: vec![0.0; acc_len],
-        }
+    pub(crate) fn new(rows_p: usize, acc_len: usize) -> Alloc<Online> {
+        Ok(Online {
+            m: zeroed(rows_p)?,
+            l: zeroed(rows_p)?,
+            alpha: zeroed(rows_p)?,
+            tmax: zeroed(rows_p)?,
+            tsum: zeroed(rows_p)?,
+            acc: zeroed(acc_len)?,
+        })
     }
 
     /// Starts `rows` rows afresh (nothing seen: `m = −∞`, `l = 0`) and zeroes the first `acc`
@@ -200,9 +201,10 @@ pub(crate) fn with_sink(m: f32, l: f32, sink: Option<f32>) -> (f32, f32, f32) {
     }
 }
 
-/// Floats one partial state of `rows` rows takes: `m`, `l`, then `rows × dv` accumulators.
-pub(crate) fn partial_len(rows: usize, dv: usize) -> usize {
-    rows * (dv + 2)
+/// Floats one partial state of `rows` rows takes: `m`, `l`, then `rows × dv` accumulators
+/// (`None`: more than a 64-bit size holds).
+pub(crate) fn partial_len(rows: usize, dv: usize) -> Option<usize> {
+    rows.checked_mul(dv.checked_add(2)?)
 }
 
 /// Merges the partial states in `parts` (each [`partial_len`] floats) for row `r`: the state
@@ -246,7 +248,7 @@ mod tests {
     #[test]
     fn transposed_and_row_major_tiles_update_alike() {
         let (rows, ld) = (3, 16);
-        let (mut cols, mut by_rows) = (Online::new(rows, 0), Online::new(rows, 0));
+        let (mut cols, mut by_rows) = (Online::new(rows, 0).unwrap(), Online::new(rows, 0).unwrap());
         cols.start(rows, 0);
         by_rows.start(rows, 0);
         let mut k0 = 0;
@@ -275,7 +277,7 @@ mod tests {
 
     /// Runs keys `k0..k1` of one row (value of key j: `[j, 1]`) through an `Online`.
     fn one_row(k0: usize, k1: usize) -> Online {
-        let mut s = Online::new(1, 2);
+        let mut s = Online::new(1, 2).unwrap();
         s.start(1, 2);
         let mut st: Vec<f32> = (k0..k1).map(|j| score(0, j)).collect();
         // SAFETY: st holds k1 − k0 floats, one row.
@@ -291,7 +293,7 @@ mod tests {
     #[test]
     fn merged_partial_states_equal_one_pass() {
         let whole = one_row(0, 12);
-        let mut bufs = vec![vec![0f32; partial_len(1, 2)]; 3];
+        let mut bufs = vec![vec![0f32; partial_len(1, 2).unwrap()]; 3];
         for (buf, (k0, k1)) in bufs.iter_mut().zip([(0, 3), (3, 4), (4, 12)]) {
             one_row(k0, k1).save(buf, 1, 2, 2);
         }

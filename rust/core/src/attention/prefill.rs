@@ -8,20 +8,29 @@
 use super::tile::{pv_transposed, score_tile, tile_buffer, widen_rows, Ctx, Dims, Scratch, Task};
 use crate::gemm::{gemm, A, B, C};
 use crate::layout::TypedRows;
+use crate::memory::{mul, Alloc};
 use crate::simd::Simd;
 
 /// Runs keys `k0..k0 + kn` (one tile at most) of `task` through the online softmax of its rows.
+/// Fails only when a tile to widen cannot be allocated.
 ///
 /// # Safety
 /// The scratch is sized for the plan; `k0..k0 + kn` are keys of the task's sequence.
 #[inline(always)]
-pub(crate) unsafe fn tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+pub(crate) unsafe fn tile<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    k0: usize,
+    kn: usize,
+) -> Alloc<()> {
     // SAFETY: forwarded; Sᵀ holds a whole tile.
     unsafe {
-        score_tile::<S>(ctx, task, sc, dims, k0, kn);
+        score_tile::<S>(ctx, task, sc, dims, k0, kn)?;
         sc.soft.update_cols::<S>(&mut sc.s.st, dims.rows_p, dims.cols, kn);
         sc.soft.rescale(dims.rows, dims.dvp);
-        add_pv::<S>(ctx, task, sc, dims, k0, kn);
+        add_pv::<S>(ctx, task, sc, dims, k0, kn)
     }
 }
 
@@ -30,7 +39,14 @@ pub(crate) unsafe fn tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dim
 /// # Safety
 /// As for [`tile`].
 #[inline(always)]
-unsafe fn add_pv<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+pub(crate) unsafe fn add_pv<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    k0: usize,
+    kn: usize,
+) -> Alloc<()> {
     let plan = ctx.plan;
     let (rows_p, dvp, dv) = (dims.rows_p, dims.dvp, plan.dv);
     let seq = &ctx.seqs[task.seq];
@@ -45,14 +61,14 @@ unsafe fn add_pv<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims,
         if !matches!(vrows, TypedRows::F32(..) | TypedRows::Unreadable) {
             // SAFETY: V rows k0..k0 + kn of a validated view; scratch sized by the plan.
             unsafe { pv_transposed::<S>(sc, dims, vrows, kn) };
-            return;
+            return Ok(());
         }
     }
     let in_place = if dv == dvp { v_view.f32_rows(seq.batch, task.kvh, first) } else { None };
     let (b, ldb) = match in_place {
         Some(direct) => direct,
         None => {
-            let buf = tile_buffer(&mut sc.kv.v, plan.bc * dvp);
+            let buf = tile_buffer(&mut sc.kv.v, mul(plan.bc, dvp)?)?;
             // SAFETY: the buffer holds bc × dvp floats; the rows come from the validated view.
             unsafe { widen_rows::<S>(v_view.typed_rows(seq.batch, task.kvh, first), kn, dv, buf, dvp) };
             (sc.kv.v.as_ptr(), dvp as isize)
@@ -87,6 +103,7 @@ unsafe fn add_pv<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims,
             }
         }
     }
+    Ok(())
 }
 
 /// Whether no element is NaN or ±∞; an integer max over the exponent bits, which vectorizes

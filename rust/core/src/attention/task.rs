@@ -10,8 +10,10 @@
 
 use super::decode;
 use super::output::Output;
+use super::paired;
 use super::prefill;
 use super::tile::{load_queries, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
+use crate::memory::Alloc;
 use crate::simd::{kernel_entry, Simd};
 
 /// What a task produces: its output rows, or the partial state of one slice of its keys.
@@ -26,12 +28,13 @@ pub(crate) enum Job<'a> {
 }
 
 kernel_entry! {
-    /// Runs one task on the kernel of `isa`.
+    /// Runs one task on the kernel of `isa`; fails only when a tile to widen cannot be
+    /// allocated (its rows are then left unfinished).
     ///
     /// # Safety
     /// `isa` must be available on this CPU, no other task may write the rows of `task` (or
     /// `job`'s buffer), and the scratch must be made for the plan of `ctx`.
-    pub(crate) unsafe fn run(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) => body
+    pub(crate) unsafe fn run(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) -> Alloc<()> => body
 }
 
 /// See [`run`].
@@ -39,7 +42,7 @@ kernel_entry! {
 /// # Safety
 /// As for [`run`], with `S` available.
 #[inline(always)]
-unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
+unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) -> Alloc<()> {
     let dims = load_queries::<S>(ctx, task, sc);
     sc.soft.start(dims.rows_p, dims.rows_p * dims.dvp);
     let (j0, j1) = match job {
@@ -50,13 +53,14 @@ unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
         let (lo, hi) = (lo.max(j0), hi.min(j1));
         if lo < hi {
             // SAFETY: `S` is available (the caller's promise); scratch sized for the plan.
-            unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi) };
+            unsafe { accumulate::<S>(ctx, task, sc, &dims, lo, hi)? };
         }
     }
     match job {
         Job::Rows(out) => write_rows(ctx, out, task, sc, &dims),
         Job::Partial { buf, .. } => sc.soft.save(buf, dims.rows, ctx.plan.dv, dims.dvp),
     }
+    Ok(())
 }
 
 /// Runs the online softmax of the task's rows over keys `kmin..kmax`, a tile at a time.
@@ -64,9 +68,16 @@ unsafe fn body<S: Simd>(ctx: &Ctx, job: Job, task: &Task, sc: &mut Scratch) {
 /// # Safety
 /// `S` is available; the scratch is sized for the plan; `kmin..kmax` are keys the task sees.
 #[inline(always)]
-unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, kmin: usize, kmax: usize) {
+unsafe fn accumulate<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    kmin: usize,
+    kmax: usize,
+) -> Alloc<()> {
     let bc = ctx.plan.bc;
-    ctx.extras.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
+    ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
     let step = decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
     let mut k0 = kmin;
     while k0 < kmax {
@@ -81,10 +92,20 @@ unsafe fn accumulate<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &D
             k0 += wide;
             continue;
         }
-        // SAFETY: as above.
-        unsafe { prefill::tile::<S>(ctx, task, sc, dims, k0, kn) };
+        // Where the CPU multiplies bf16 pairs, the same step on them (see `paired`); it
+        // declines tiles it does not apply to.
+        let paired = match ctx.paired {
+            // SAFETY: as above; `mode` was chosen for this call's types.
+            Some(mode) => unsafe { paired::tile::<S>(ctx, task, sc, dims, k0, kn, mode)? },
+            None => false,
+        };
+        if !paired {
+            // SAFETY: as above.
+            unsafe { prefill::tile::<S>(ctx, task, sc, dims, k0, kn)? };
+        }
         k0 += kn;
     }
+    Ok(())
 }
 
 /// Normalizes the task's rows and writes them (and their LSE) out.
@@ -93,7 +114,7 @@ fn write_rows(ctx: &Ctx, out: &Output, task: &Task, sc: &mut Scratch, dims: &Dim
     let seq = &ctx.seqs[task.seq];
     for r in 0..dims.rows {
         let (h, i) = row_of(&ctx.plan, task, r);
-        let lse = sc.soft.finish(r, dv, dvp, &mut sc.row[..dv], ctx.extras.sink(h));
+        let lse = sc.soft.finish(r, dv, dvp, &mut sc.row[..dv], ctx.variants.sink(h));
         // SAFETY: this task is the only writer of its rows.
         unsafe { out.write(seq, h, seq.q_start + i, &sc.row[..dv], lse) };
     }

@@ -12,21 +12,62 @@
 
 use super::dots::{dots, dots_from};
 use super::online::Online;
-use crate::extras::{Extras, RowAt, TileFacts};
 use crate::gemm::{gemm, stream_rows, A, B, C};
-use crate::layout::{Strided, TypedRows};
+use crate::layout::{DType, Strided, TypedRows};
 use crate::mask::{position, visible, Params, Sequence, Vis};
-use crate::simd::{elem::Elem, round_up, Prefetch, Simd, MAX_LANES};
+use crate::memory::{filled, mul, zeroed, Alloc, NoMemory};
+use crate::precision::Precision;
+use crate::simd::pairs::PairUnit;
+use crate::simd::{elem::Elem, round_up, Isa, Prefetch, Simd, MAX_LANES};
+use crate::variants::{RowAt, TileFacts, Variants};
 use half::{bf16, f16};
 
 /// Query rows per task (all heads of a group together) and keys per tile. Measured on a 2-core
-/// AVX2 machine (benches/NOTES.md): 64–128 rows and 64–256 keys are within 3% of each other;
+/// AVX2 machine (`docs/performance.md`, "Tile sizes ROWS and KEYS"): 64–128 rows and 64–256 keys are within 3% of each other;
 /// 64 rows keep enough tasks for balance, 128 keys amortize the per-tile softmax bookkeeping.
 const ROWS: usize = 64;
 const KEYS: usize = 128;
 
 /// Widest `2·LANES` of any ISA: padding to it fits every path.
 const MAX_NR: usize = 2 * MAX_LANES;
+
+/// How a call's prefill tiles use pair products (the `paired` step): the unit, and bf16 products per f32 product.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Paired {
+    pub unit: PairUnit,
+    pub terms: usize,
+}
+
+impl Paired {
+    /// The mode for queries of `q` and keys/values of `kv` at `precision` on `isa`: bf16
+    /// inputs always (one product: their values are exact in bf16), f32 queries over f32 or
+    /// bf16 keys as `precision` allows; none for other types or without a unit.
+    pub(crate) fn choose(q: DType, kv: DType, precision: Precision, isa: Isa) -> Option<Paired> {
+        let terms = match (q, kv) {
+            (DType::BF16, DType::BF16) => 1,
+            (DType::F32, DType::F32 | DType::BF16) => precision.terms()?,
+            _ => return None,
+        };
+        Some(Paired { unit: PairUnit::active(isa)?, terms })
+    }
+}
+
+/// Per-worker buffers of the pair-product step (`paired`), empty until a call first takes it.
+#[derive(Default)]
+pub(crate) struct PairBufs {
+    /// The task's queries as bf16 rows (`rows_p × terms·dp`), then as pair rows of Qᵀ
+    /// (`terms·dp/2 × rows_p` words).
+    pub qrows: Vec<u16>,
+    pub qt: Vec<u32>,
+    /// A key tile's rows (`bc × terms·dp`) when not read in place.
+    pub k: Vec<u16>,
+    /// A value tile's row pairs (`terms·bc/2 × dvp` words) and the probabilities' (`terms·bc/2
+    /// × rows_p`).
+    pub v: Vec<u32>,
+    pub p: Vec<u32>,
+    /// Whether `qt` holds this task's queries.
+    pub ready: bool,
+}
 
 /// Sizes shared by every task of a call.
 #[derive(Clone, Copy, Debug)]
@@ -45,8 +86,14 @@ impl Plan {
     /// Tasks never hold more queries than the longest of `seqs`, so neither does the scratch
     /// (a decode step's is then a fraction of a prefill's, zero-filled every call).
     pub(crate) fn new(group: usize, d: usize, dv: usize, seqs: &[Sequence]) -> Plan {
-        let max_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(1).max(1);
-        Plan { group, tq: (ROWS / group).max(1).min(max_q), d, dv, bc: KEYS }
+        let max_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(1);
+        Plan::for_queries(group, d, dv, max_q)
+    }
+
+    /// The plan for sequences of at most `max_q` queries. A group of zero query heads (a call
+    /// with none, which has no task to plan) plans as one.
+    pub(crate) fn for_queries(group: usize, d: usize, dv: usize, max_q: usize) -> Plan {
+        Plan { group, tq: (ROWS / group.max(1)).max(1).min(max_q.max(1)), d, dv, bc: KEYS }
     }
 }
 
@@ -66,8 +113,10 @@ pub(crate) struct Ctx<'a> {
     pub v: Option<&'a Strided<'a>>,
     pub seqs: &'a [Sequence],
     pub params: &'a Params,
-    pub extras: &'a Extras<'a>,
+    pub variants: &'a Variants<'a>,
     pub plan: Plan,
+    /// Whether prefill tiles run on bf16 pair products, and how.
+    pub paired: Option<Paired>,
 }
 
 impl<'a> Ctx<'a> {
@@ -114,6 +163,8 @@ pub(crate) struct Scratch {
     pub int8: Int8,
     /// One converted input or output row.
     pub row: Vec<f32>,
+    /// Buffers of the pair-product step (`paired`).
+    pub pairs: PairBufs,
 }
 
 /// The task's queries, scaled (see [`load_queries`]), and what each row may see.
@@ -165,38 +216,89 @@ pub(crate) struct Int8 {
     pub pairs: Vec<i32>,
 }
 
+/// The lengths of a worker's buffers for a plan, checked against overflow: what
+/// [`Scratch::new`] allocates and [`Sizes::bytes`] adds up.
+struct Sizes {
+    /// Query rows padded to every ISA's `2·LANES`.
+    rows_p: usize,
+    /// `d × rows_p`: each layout of the queries, and their 16-bit rounding.
+    queries: usize,
+    /// `bc × rows_p`: one score tile.
+    scores: usize,
+    /// `rows_p × dvp`: the output accumulators.
+    acc: usize,
+    /// Words of up to 8 rows' rounded probabilities (a tile per row).
+    pairs: usize,
+    /// One converted input or output row.
+    row: usize,
+}
+
+impl Sizes {
+    fn of(plan: &Plan) -> Alloc<Sizes> {
+        let pad = |x: usize| x.checked_next_multiple_of(MAX_NR).ok_or(NoMemory { bytes: None });
+        let rows_p = pad(mul(plan.group, plan.tq)?)?;
+        Ok(Sizes {
+            rows_p,
+            queries: mul(plan.d, rows_p)?,
+            scores: mul(plan.bc, rows_p)?,
+            acc: mul(rows_p, pad(plan.dv)?)?,
+            pairs: 8 * plan.bc.div_ceil(32) * 16,
+            row: plan.d.max(plan.dv),
+        })
+    }
+
+    /// Bytes of a worker's buffers (`None`: beyond a 64-bit size); the tiles widened on
+    /// demand (`Widened`) are not counted.
+    fn bytes(&self) -> Option<usize> {
+        let per_row = 4 * 6 + size_of::<Vis>() + size_of::<RowAt>();
+        let f32s = [self.queries, self.queries, self.scores, self.acc, KEYS, self.row];
+        let floats = f32s.iter().try_fold(0usize, |a, &n| a.checked_add(n))?;
+        floats
+            .checked_mul(4)?
+            .checked_add(self.queries.checked_mul(2)?)?
+            .checked_add(self.rows_p.checked_mul(per_row)?)?
+            .checked_add(4 * self.pairs)
+    }
+}
+
 impl Scratch {
-    pub(crate) fn new(plan: &Plan) -> Scratch {
-        let rows_p = round_up(plan.group * plan.tq, MAX_NR);
-        let dvp = round_up(plan.dv, MAX_NR);
-        Scratch {
+    pub(crate) fn new(plan: &Plan) -> Alloc<Scratch> {
+        let n = Sizes::of(plan)?;
+        let rows_p = n.rows_p;
+        Ok(Scratch {
             q: Queries {
-                t: vec![0.0; plan.d * rows_p],
-                rows: vec![0.0; plan.d * rows_p],
-                vis: vec![Vis::default(); rows_p],
-                at: vec![RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 }; rows_p],
+                t: zeroed(n.queries)?,
+                rows: zeroed(n.queries)?,
+                vis: filled(rows_p, Vis::default())?,
+                at: filled(rows_p, RowAt { batch: 0, head: 0, qi: 0, pos: 0, k_start: 0 })?,
             },
-            s: Scores { st: vec![0.0; plan.bc * rows_p], masked: false, facts: TileFacts::default() },
-            soft: Online::new(rows_p, rows_p * dvp),
+            s: Scores { st: zeroed(n.scores)?, masked: false, facts: TileFacts::default() },
+            soft: Online::new(rows_p, n.acc)?,
             kv: Widened { k: Vec::new(), v: Vec::new() },
             int8: Int8 {
-                keyscale: vec![0.0; plan.bc],
-                q16: vec![0; plan.d * rows_p],
-                qscale: vec![0.0; rows_p],
+                keyscale: zeroed(plan.bc)?,
+                q16: zeroed(n.queries)?,
+                qscale: zeroed(rows_p)?,
                 q16_ready: None,
-                pairs: vec![0; 8 * plan.bc.div_ceil(32) * 16],
+                pairs: zeroed(n.pairs)?,
             },
-            row: vec![0.0; plan.d.max(plan.dv)],
-        }
+            row: zeroed(n.row)?,
+            pairs: PairBufs::default(),
+        })
+    }
+
+    /// Bytes [`Scratch::new`] allocates for `plan` (`None`: beyond a 64-bit size).
+    pub(crate) fn bytes(plan: &Plan) -> Option<usize> {
+        Sizes::of(plan).ok()?.bytes()
     }
 }
 
 /// `buf`, made `len` zeros on first use (padding columns are never written, so stay zero).
-pub(crate) fn tile_buffer(buf: &mut Vec<f32>, len: usize) -> *mut f32 {
+pub(crate) fn tile_buffer(buf: &mut Vec<f32>, len: usize) -> Alloc<*mut f32> {
     if buf.len() < len {
-        *buf = vec![0.0; len];
+        *buf = zeroed(len)?;
     }
-    buf.as_mut_ptr()
+    Ok(buf.as_mut_ptr())
 }
 
 /// Row `r` of a task is query `i0 + r % tq` of head `kvh·group + r / tq`.
@@ -209,7 +311,7 @@ pub(crate) fn row_of(plan: &Plan, task: &Task, r: usize) -> (usize, usize) {
 /// Scores are kept in base 2 (`log2 e` folded into the scale) so the softmax needs `2^x` only;
 /// a softcap needs natural units for its tanh and converts after it.
 #[inline(always)]
-fn query_mul(ctx: &Ctx) -> f32 {
+pub(crate) fn query_mul(ctx: &Ctx) -> f32 {
     match ctx.params.softcap {
         Some(_) => ctx.params.scale,
         None => ctx.params.scale * std::f32::consts::LOG2_E,
@@ -255,23 +357,31 @@ pub(crate) fn load_queries<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch) ->
         }
     }
     sc.int8.q16_ready = None;
+    sc.pairs.ready = false;
     dims
 }
 
 /// Whether the masks let no row of the task see any key of `k0..k0 + kn` (the tile is then
-/// skipped); `ctx.extras.scan` must have covered the tile.
+/// skipped); `ctx.variants.scan` must have covered the tile.
 #[inline(always)]
 pub(crate) fn tile_is_dead(ctx: &Ctx, sc: &Scratch, dims: &Dims, k0: usize, kn: usize) -> bool {
-    ctx.extras.masks() && !ctx.extras.tile_live(&sc.q.at[..dims.rows], k0, kn, sc.s.facts.tile(k0))
+    ctx.variants.masks() && !ctx.variants.tile_live(&sc.q.at[..dims.rows], k0, kn, sc.s.facts.tile(k0))
 }
 
 /// `Sᵀ` of keys `k0..k0 + kn` against the task's rows into `sc.s.st`: softcapped, and −∞
-/// where a row may not look.
+/// where a row may not look. Fails only when a tile of keys to widen cannot be allocated.
 ///
 /// # Safety
 /// The scratch is sized for the plan; `k0..k0 + kn` are keys of the task's sequence.
 #[inline(always)]
-pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratch, dims: &Dims, k0: usize, kn: usize) {
+pub(crate) unsafe fn score_tile<S: Simd>(
+    ctx: &Ctx,
+    task: &Task,
+    sc: &mut Scratch,
+    dims: &Dims,
+    k0: usize,
+    kn: usize,
+) -> Alloc<()> {
     let plan = &ctx.plan;
     let seq = &ctx.seqs[task.seq];
     let (d, rows_p) = (plan.d, dims.rows_p);
@@ -279,7 +389,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
     let (a, lda) = match ctx.k.f32_rows(seq.batch, task.kvh, first) {
         Some(direct) => direct,
         None => {
-            let buf = tile_buffer(&mut sc.kv.k, plan.bc * d);
+            let buf = tile_buffer(&mut sc.kv.k, mul(plan.bc, d)?)?;
             // SAFETY: the buffer holds bc × d floats; the rows come from the validated view.
             unsafe { widen_rows::<S>(ctx.k.typed_rows(seq.batch, task.kvh, first), kn, d, buf, d) };
             (sc.kv.k.as_ptr(), d as isize)
@@ -295,6 +405,7 @@ pub(crate) unsafe fn score_tile<S: Simd>(ctx: &Ctx, task: &Task, sc: &mut Scratc
         }
     }
     mask_tile(ctx, sc, dims, k0, kn);
+    Ok(())
 }
 
 /// Few rows (decode): padding them to 2·LANES score columns would waste most of the products,
@@ -355,7 +466,7 @@ pub(crate) fn mask_tile(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, k0: usize, kn:
         }
     }
     let facts = sc.s.facts.tile(k0);
-    masked |= ctx.extras.apply(&sc.q.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E, facts);
+    masked |= ctx.variants.apply(&sc.q.at[..dims.rows], k0, kn, st, rows_p, std::f32::consts::LOG2_E, facts);
     sc.s.masked = masked;
 }
 

@@ -3,6 +3,7 @@
 
 use super::online::with_sink;
 use super::tile::{load_queries, row_of, score_tile, tile_is_dead, Ctx, Scratch, Task};
+use crate::memory::Alloc;
 use crate::simd::{kernel_entry, Isa, Simd};
 
 /// `(B, Hq, Sq, Sk)` contiguous f32 destination; `dims` are the strides of batch, head, query.
@@ -30,19 +31,19 @@ kernel_entry! {
     /// # Safety
     /// `isa` must be available on this CPU, no other task may write the rows of `task`, and
     /// the scratch must be made for the plan of `ctx`.
-    pub(crate) unsafe fn run(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) => body
+    pub(crate) unsafe fn run(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) -> Alloc<()> => body
 }
 
 /// Writes the weights of `task`'s rows: a first pass for each row's max and sum, a second to
-/// write the probabilities.
+/// write the probabilities. Fails only when a tile of keys to widen cannot be allocated.
 ///
 /// # Safety
 /// As for [`run`], with `S` available.
 #[inline(always)]
-unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
+unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) -> Alloc<()> {
     let ranges = ctx.key_ranges(task);
     if ranges.is_empty() {
-        return;
+        return Ok(());
     }
     let plan = ctx.plan;
     let dims = load_queries::<S>(ctx, task, sc);
@@ -54,12 +55,12 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
             // A sink takes its share of every row's probability mass.
             for r in 0..dims.rows {
                 let (h, _) = row_of(&plan, task, r);
-                let (m, l, _) = with_sink(sc.soft.m[r], sc.soft.l[r], ctx.extras.sink(h));
+                let (m, l, _) = with_sink(sc.soft.m[r], sc.soft.l[r], ctx.variants.sink(h));
                 (sc.soft.m[r], sc.soft.l[r]) = (m, l);
             }
         }
         for &(kmin, kmax) in &ranges {
-            ctx.extras.scan(&sc.q.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.s.facts);
+            ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, plan.bc, &mut sc.s.facts);
             let mut k0 = kmin;
             while k0 < kmax {
                 let kn = plan.bc.min(kmax - k0);
@@ -68,7 +69,7 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
                     continue;
                 }
                 // SAFETY: buffers sized by Scratch::new for this plan.
-                unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn) };
+                unsafe { score_tile::<S>(ctx, task, sc, &dims, k0, kn)? };
                 if pass == 0 {
                     // SAFETY: as above.
                     unsafe { sc.soft.update_cols::<S>(&mut sc.s.st, rows_p, dims.cols, kn) };
@@ -96,4 +97,5 @@ unsafe fn body<S: Simd>(ctx: &Ctx, dest: &Dest, task: &Task, sc: &mut Scratch) {
             }
         }
     }
+    Ok(())
 }

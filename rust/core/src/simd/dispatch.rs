@@ -34,19 +34,19 @@
 /// The defined function's safety contract: `isa` is available on this CPU
 /// (`Isa::available`), and `BODY`'s own conditions hold.
 macro_rules! kernel_entry {
-    ($(#[$attr:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) => $body:ident) => {
+    ($(#[$attr:meta])* $vis:vis unsafe fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
         $(#[$attr])*
-        $vis unsafe fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) {
+        $vis unsafe fn $name(isa: $crate::simd::Isa, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn avx2($($arg: $ty),*) {
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller checked the ISA; the body's conditions are forwarded.
                 unsafe { $body::<$crate::simd::x86::Avx2>($($arg),*) }
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-            unsafe fn avx512($($arg: $ty),*) {
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller checked the ISA; the body's conditions are forwarded.
                 unsafe { $body::<$crate::simd::x86::Avx512>($($arg),*) }
             }

@@ -11,12 +11,18 @@
 
 use std::sync::OnceLock;
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16dot;
 pub(crate) mod dispatch;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod dotprod;
 pub(crate) mod elem;
+pub(crate) mod exp2;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
+pub(crate) mod pair_operands;
+pub(crate) mod pairs;
+pub use pairs::bf16_dot;
 pub(crate) mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod vnni;
@@ -224,10 +230,11 @@ const HINT_L2: i32 = 2;
 
 /// How far ahead of its use a row of a stream read in order is requested, in bytes of the
 /// stream. The best distance depends on the core's prefetchers, so it is picked by vendor from
-/// measurements with 128-wide heads (`benches/NOTES.md`): on Zen 4, 8 KiB beat 4 and 16 KiB;
-/// on a Xeon with AVX-512 and AMX, 3 KiB beat 2, 4 and 8 KiB (GQA float caches 11–17% faster
-/// than at 8 KiB, int8 level; one-row fp32 and fp16 streams 12–20% slower at 6–8 KiB, int8 up to
-/// 4% faster).
+/// measurements with 128-wide heads (`docs/performance.md`, "Stream requests and their
+/// distance by vendor"): on Zen 4, 8 KiB beat 4 and 16 KiB; on a Xeon with AVX-512 and AMX,
+/// 3 KiB beat 2, 4 and 8 KiB (GQA float caches 11–17% faster than at 8 KiB, int8 level;
+/// one-row fp32 and fp16 streams 12–20% slower at 6–8 KiB, int8 up to 4% faster: "One-row
+/// streams and ONE_ROW_KEYS").
 fn stream_ahead_bytes() -> usize {
     static AHEAD: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *AHEAD.get_or_init(|| if intel() { 3 << 10 } else { 8 << 10 })

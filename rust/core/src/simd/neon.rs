@@ -10,21 +10,9 @@
 //! wide: the broadcasts of the micro-kernel's A elements become `fmla` by element, whose scalar
 //! operand is read straight from a register lane.
 
+use super::exp2::{C1, C2, C3, C4, C5, C6, EXP2_HI, EXP2_LO, EXP2_ZERO_BELOW};
 use super::Simd;
 use std::arch::aarch64::*;
-
-// 2^x as on x86 (`x86.rs`): 2^n · 2^r with n = round(x), r in [−½, ½], 2^r by its Taylor
-// polynomial of degree 6 (≈ 1 ulp); scores arrive in base-2 units.
-const EXP2_HI: f32 = 127.0;
-const EXP2_LO: f32 = -127.0;
-const EXP2_ZERO_BELOW: f32 = -126.0;
-const LN2: f32 = std::f32::consts::LN_2;
-const C1: f32 = LN2;
-const C2: f32 = LN2 * LN2 / 2.0;
-const C3: f32 = C2 * LN2 / 3.0;
-const C4: f32 = C3 * LN2 / 4.0;
-const C5: f32 = C4 * LN2 / 5.0;
-const C6: f32 = C5 * LN2 / 6.0;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Neon;

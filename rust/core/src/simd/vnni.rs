@@ -62,9 +62,10 @@ fn quantize_plain(q: &[f32], rows: usize, d: usize, q16: &mut [i16], scales: &mu
     true
 }
 
-/// The lanes of a 16-float vector at element `c` of a run of `n`.
+/// The lanes of a 16-element vector at element `c` of a run of `n` (masked loads and stores
+/// of a row's tail, here and in `bf16dot`).
 #[inline(always)]
-fn lanes(n: usize, c: usize) -> __mmask16 {
+pub(crate) fn lanes(n: usize, c: usize) -> __mmask16 {
     if n - c >= 16 {
         0xffff
     } else {

@@ -2,12 +2,12 @@
 //! T5 relative-position table), boolean masks (dense or block-sparse), and per-head sink
 //! logits that join the softmax denominator.
 //!
-//! Each is applied to a score tile after the softcap; the caller checks [`Extras::tile_live`]
+//! Each is applied to a score tile after the softcap; the caller checks [`Variants::tile_live`]
 //! first so tiles that nothing may see are never computed (the cost of a block-sparse layout
 //! follows its density). An option that is off costs one branch per tile.
 
 use crate::error::{ensure_shape, Error, Result};
-use crate::layout::fits;
+use crate::layout::check_extent;
 
 /// A read-only array of shape `(B, H, Nq, Nk)` with arbitrary (also zero: broadcast) strides.
 #[derive(Clone, Copy)]
@@ -21,10 +21,7 @@ pub struct Dense<'a, T> {
 impl<'a, T: Copy> Dense<'a, T> {
     /// `offset` is the index of element `[0, 0, 0, 0]`; strides count elements and may be 0.
     pub fn new(name: &str, data: &'a [T], offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
-        ensure_shape!(
-            fits(data.len(), offset, shape, strides),
-            "{name}: shape {shape:?} with strides {strides:?} reaches outside its buffer"
-        );
+        check_extent(name, data.len(), offset, shape, strides, size_of::<T>())?;
         Ok(Dense { data, offset, shape, strides })
     }
 
@@ -132,9 +129,9 @@ impl BlockLayout<'_> {
     }
 }
 
-/// Everything optional about a call; `Extras::default()` is plain attention.
+/// Everything optional about a call; `Variants::default()` is plain attention.
 #[derive(Clone, Copy, Default)]
-pub struct Extras<'a> {
+pub struct Variants<'a> {
     /// Per query head: adds `−slope · |pos − j|` (flash-attn's ALiBi).
     pub alibi_slopes: Option<&'a [f32]>,
     /// Per query head, natural units: a logit with no value that joins the denominator.
@@ -158,7 +155,7 @@ pub(crate) mod fact {
     pub const ZERO: u8 = 4;
 }
 
-/// [`fact`] bits of every row in every key tile of one key range, made by [`Extras::scan`].
+/// [`fact`] bits of every row in every key tile of one key range, made by [`Variants::scan`].
 #[derive(Default)]
 pub(crate) struct TileFacts {
     bits: Vec<u8>,
@@ -192,7 +189,7 @@ pub(crate) struct RowAt {
     pub k_start: usize,
 }
 
-impl<'a> Extras<'a> {
+impl<'a> Variants<'a> {
     /// Whether anything can hide individual keys (so a tile may hold masked entries).
     pub(crate) fn masks(&self) -> bool {
         self.mask.is_some() || self.blocks.is_some()
@@ -301,7 +298,7 @@ impl<'a> Extras<'a> {
     }
 
     /// Whether any row may see any key of `k0..k0 + kn` (keys relative to the sequence); false
-    /// lets the caller skip the tile. `facts`: the tile's rows from [`Extras::scan`].
+    /// lets the caller skip the tile. `facts`: the tile's rows from [`Variants::scan`].
     pub(crate) fn tile_live(&self, rows: &[RowAt], k0: usize, kn: usize, facts: &[u8]) -> bool {
         if let Some(l) = self.blocks {
             let live = rows.iter().any(|r| {
@@ -320,7 +317,7 @@ impl<'a> Extras<'a> {
 
     /// Applies biases (times `unit`, the score scale: log2 e) and masks to the score tile
     /// `st` (key `j` of row `r` at `st[j * ld + r]`).
-    /// Returns whether anything was masked. `facts`: the tile's rows from [`Extras::scan`].
+    /// Returns whether anything was masked. `facts`: the tile's rows from [`Variants::scan`].
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn apply(
         &self,

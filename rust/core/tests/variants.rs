@@ -1,8 +1,8 @@
 //! Biases, masks, block-sparse layouts and sinks against a naive f64 reference.
 
 use ferroattn_core::{
-    attention_weights_with, attention_with, padded_sequences, BlockLayout, Dense, Elems, ElemsMut, Extras, Params,
-    RelBias, Strided, StridedMut,
+    attention_weights_with, attention_with, padded_sequences, BlockLayout, Dense, Elems, ElemsMut, Params, RelBias,
+    Strided, StridedMut, Variants,
 };
 
 struct Rng(u64);
@@ -94,7 +94,7 @@ fn reference(
     (out, lse)
 }
 
-fn run(q: &[f32], k: &[f32], v: &[f32], causal: bool, extras: &Extras) -> (Vec<f32>, Vec<f32>) {
+fn run(q: &[f32], k: &[f32], v: &[f32], causal: bool, variants: &Variants) -> (Vec<f32>, Vec<f32>) {
     let mut p = Params::new(0.25);
     p.causal = causal;
     let qv = Strided::contiguous("q", Elems::F32(q), [B, HQ, NQ, D]).unwrap();
@@ -104,7 +104,7 @@ fn run(q: &[f32], k: &[f32], v: &[f32], causal: bool, extras: &Extras) -> (Vec<f
     let mut lse = vec![0f32; B * HQ * NQ];
     let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut out), [B, HQ, NQ, D]).unwrap();
     let seqs = padded_sequences(B, NQ, NK, None).unwrap();
-    attention_with(&qv, &kv, &vv, &mut ov, Some(&mut lse), &seqs, &p, extras).unwrap();
+    attention_with(&qv, &kv, &vv, &mut ov, Some(&mut lse), &seqs, &p, variants).unwrap();
     (out, lse)
 }
 
@@ -133,10 +133,10 @@ fn dense_bias_and_mask_broadcast() {
     // Bias shared over the batch (stride 0), mask shared over heads.
     let bias = rng.vec(HQ * NQ * NK);
     let mask: Vec<u8> = (0..B * NQ * NK).map(|i| (rng.next() > -0.6 || i % 7 == 0) as u8).collect();
-    let extras = Extras {
+    let variants = Variants {
         bias: Some(Dense::new("bias", &bias, 0, [B, HQ, NQ, NK], [0, (NQ * NK) as isize, NK as isize, 1]).unwrap()),
         mask: Some(Dense::new("mask", &mask, 0, [B, HQ, NQ, NK], [(NQ * NK) as isize, 0, NK as isize, 1]).unwrap()),
-        ..Extras::default()
+        ..Variants::default()
     };
     for causal in [false, true] {
         let want = reference(
@@ -148,7 +148,7 @@ fn dense_bias_and_mask_broadcast() {
             &|b, _, i, j| mask[(b * NQ + i) * NK + j] != 0,
             None,
         );
-        check(&run(&q, &k, &v, causal, &extras), &want);
+        check(&run(&q, &k, &v, causal, &variants), &want);
     }
 }
 
@@ -161,8 +161,8 @@ fn alibi_rel_bias_and_sinks() {
     let table = rng.vec(32 * HQ);
     for bidirectional in [true, false] {
         let rel = RelBias { table: &table, num_buckets: 32, max_distance: 128, bidirectional };
-        let extras =
-            Extras { alibi_slopes: Some(&slopes), sinks: Some(&sinks), rel_bias: Some(rel), ..Extras::default() };
+        let variants =
+            Variants { alibi_slopes: Some(&slopes), sinks: Some(&sinks), rel_bias: Some(rel), ..Variants::default() };
         let want = reference(
             &q,
             &k,
@@ -176,7 +176,7 @@ fn alibi_rel_bias_and_sinks() {
             &|_, _, _, _| true,
             Some(&sinks),
         );
-        check(&run(&q, &k, &v, true, &extras), &want);
+        check(&run(&q, &k, &v, true, &variants), &want);
     }
 }
 
@@ -186,9 +186,9 @@ fn block_sparse_equals_the_equivalent_mask_and_weights_sum_below_one_with_sinks(
     let bs = 16;
     let (qb, kb) = (NQ.div_ceil(bs), NK.div_ceil(bs));
     let layout: Vec<u8> = (0..HQ * qb * kb).map(|i| (i % 3 != 1) as u8).collect();
-    let extras = Extras {
+    let variants = Variants {
         blocks: Some(BlockLayout { layout: &layout, heads: HQ, block: bs, q_blocks: qb, k_blocks: kb }),
-        ..Extras::default()
+        ..Variants::default()
     };
     let want = reference(
         &q,
@@ -199,17 +199,17 @@ fn block_sparse_equals_the_equivalent_mask_and_weights_sum_below_one_with_sinks(
         &|_, h, i, j| layout[(h * qb + i / bs) * kb + j / bs] != 0,
         None,
     );
-    check(&run(&q, &k, &v, false, &extras), &want);
+    check(&run(&q, &k, &v, false, &variants), &want);
 
     // Weights with a sink: rows sum to 1 − the sink's share.
     let sinks = [1.0f32; HQ];
-    let extras = Extras { sinks: Some(&sinks), ..Extras::default() };
+    let variants = Variants { sinks: Some(&sinks), ..Variants::default() };
     let qv = Strided::contiguous("q", Elems::F32(&q), [B, HQ, NQ, D]).unwrap();
     let kv = Strided::contiguous("k", Elems::F32(&k), [B, HK, NK, D]).unwrap();
     let mut w = vec![0f32; B * HQ * NQ * NK];
     let seqs = padded_sequences(B, NQ, NK, None).unwrap();
-    attention_weights_with(&qv, &kv, &mut w, &seqs, &Params::new(0.25), &extras).unwrap();
-    let (_, lse) = run(&q, &k, &v, false, &extras);
+    attention_weights_with(&qv, &kv, &mut w, &seqs, &Params::new(0.25), &variants).unwrap();
+    let (_, lse) = run(&q, &k, &v, false, &variants);
     for (row, l) in w.chunks(NK).zip(&lse) {
         let sum: f32 = row.iter().sum();
         let sink_share = (1.0f32 - l).exp();
@@ -218,7 +218,7 @@ fn block_sparse_equals_the_equivalent_mask_and_weights_sum_below_one_with_sinks(
 }
 
 #[test]
-fn bad_extras_are_errors() {
+fn bad_variants_are_errors() {
     let (q, k, v) = inputs();
     let short = [1.0f32; 3];
     let mut p = Params::new(0.25);
@@ -229,15 +229,15 @@ fn bad_extras_are_errors() {
     let mut out = vec![0f32; B * HQ * NQ * D];
     let mut ov = StridedMut::contiguous("out", ElemsMut::F32(&mut out), [B, HQ, NQ, D]).unwrap();
     let seqs = padded_sequences(B, NQ, NK, None).unwrap();
-    for extras in [
-        Extras { alibi_slopes: Some(&short), ..Extras::default() },
-        Extras { sinks: Some(&[f32::NAN; HQ]), ..Extras::default() },
-        Extras {
+    for variants in [
+        Variants { alibi_slopes: Some(&short), ..Variants::default() },
+        Variants { sinks: Some(&[f32::NAN; HQ]), ..Variants::default() },
+        Variants {
             blocks: Some(BlockLayout { layout: &[1; 4], heads: 1, block: 16, q_blocks: 2, k_blocks: 2 }),
-            ..Extras::default()
+            ..Variants::default()
         },
     ] {
-        assert!(attention_with(&qv, &kv, &vv, &mut ov, None, &seqs, &p, &extras).is_err());
+        assert!(attention_with(&qv, &kv, &vv, &mut ov, None, &seqs, &p, &variants).is_err());
     }
     assert!(Dense::new("bias", &short, 0, [1, 1, 2, 2], [0, 0, 2, 1]).is_err());
 }
