@@ -53,7 +53,7 @@ macro_rules! kernel_entry {
 
             #[cfg(target_arch = "aarch64")]
             #[target_feature(enable = "neon")]
-            unsafe fn neon($($arg: $ty),*) {
+            unsafe fn neon($($arg: $ty),*) $(-> $ret)? {
                 // SAFETY: the caller checked the ISA; the body's conditions are forwarded.
                 unsafe { $body::<$crate::simd::neon::Neon>($($arg),*) }
             }
