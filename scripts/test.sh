@@ -89,7 +89,9 @@ $PY -m pip install -q --upgrade pip
 # the extra packages (torch and the like: gigabytes to unpack); then the wheel goes in with its
 # test extras.
 rm -rf target/ci-wheel
-in_background "wheel build" target/ci-wheel.log $PY -m pip wheel -q --no-deps -w target/ci-wheel .
+$PY -m pip install -q "maturin>=1.8,<2"
+# The shipped artifact: audited and manylinux-tagged (scripts/build-wheels.sh); the suite runs on it.
+in_background "wheel build" target/ci-wheel.log bash scripts/build-wheels.sh -o target/ci-wheel x86_64
 wheel_build=$bg_pid
 if [[ -n ${FERROATTN_EXTRA_PIP:-} ]]; then
     $PY -m pip install -q ${FERROATTN_EXTRA_PIP}
@@ -151,6 +153,18 @@ fi
 if [[ " $isas " == *" avx512 "* ]] && grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/null; then
     step "Python bf16 tests, FERROATTN_ISA=avx512 FERROATTN_BF16DOT=0"
     FERROATTN_ISA=avx512 FERROATTN_BF16DOT=0 "${pytest[@]}" tests/test_bf16_dot.py
+fi
+step "x86_64 wheel: fresh virtualenv without Rust, smoke test, ferroattn demo"
+bash scripts/check-wheel.sh "${wheels[0]}"
+# aarch64 (FERROATTN_AARCH64=1, as .ci/run sets): cross-built with Debian's toolchain, run under
+# qemu-user (scripts/aarch64/); installs the Debian packages it needs where they are missing.
+if [[ ${FERROATTN_AARCH64:-0} == 1 ]]; then
+    step "aarch64: Rust tests under qemu (default CPU and Cortex-A53) and clippy"
+    bash scripts/aarch64/test-rust.sh
+    step "aarch64 wheel and sdist"
+    bash scripts/build-wheels.sh -o target/ci-wheel aarch64 sdist
+    step "aarch64: Python smoke test of the wheel under qemu"
+    bash scripts/aarch64/smoke.sh target/ci-wheel/ferroattn-*aarch64*.whl
 fi
 step ""
 echo "== all passed in $(( $(date +%s) - suite_t0 )) s"

@@ -182,9 +182,9 @@ pub(crate) unsafe fn gemm<S: Simd, E: Elem>(a: A, b: B<E>, c: C, m: usize, n: us
     unsafe {
         while i + MR <= m {
             let (ai, ci) = (a.at_row(i), c.at_row(i));
-            if S::LANES >= 16 {
-                // AVX-512's 32 registers hold 6 × 4 accumulators: each broadcast feeds 4 FMAs
-                // instead of 2 (prefill 8–15% faster on the Xeon; `docs/performance.md`,
+            if S::REGISTERS >= 32 {
+                // 32 registers (AVX-512, NEON) hold 6 × 4 accumulators: each broadcast feeds 4
+                // FMAs instead of 2 (prefill 8–15% faster on the Xeon; `docs/performance.md`,
                 // "Micro-tiles 6x4 on AVX-512").
                 block::<S, E, MR, 4>(ai, b, ci, n, k, accumulate, Prefetch::NONE);
             } else {

@@ -309,7 +309,8 @@ unsafe fn int8_pv<S: Simd>(
 }
 
 /// [`scores_rows`] for int8 keys with integer dot products, where the AVX-512 path runs on a
-/// CPU with VNNI; returns false (nothing written) otherwise.
+/// CPU with VNNI or the NEON path on one with `dotprod`; returns false (nothing written)
+/// otherwise.
 ///
 /// # Safety
 /// As for [`scores_rows`].
@@ -343,6 +344,24 @@ unsafe fn int8_dots<S: Simd>(
             // for `rows` rows; the rest is forwarded.
             unsafe { vnni::scores(k, ldk, q16, qs, rows, d, st, ld, kn, pf) };
             return true;
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        use crate::simd::dotprod;
+        // LANES == 4 is the NEON path: a forced scalar path never reaches these instructions.
+        if S::LANES == 4 && d.is_multiple_of(16) && d <= dotprod::MAX_D && dotprod::available() {
+            // SAFETY: an i16 buffer read as twice as many bytes (both plain integers).
+            let planes =
+                unsafe { std::slice::from_raw_parts_mut(sc.int8.q16.as_mut_ptr() as *mut i8, 2 * sc.int8.q16.len()) };
+            let qs = &mut sc.int8.qscale;
+            if *sc.int8.q16_ready.get_or_insert_with(|| dotprod::quantize(&sc.q.rows, rows, d, planes, qs)) {
+                let (pl, qs, st) = (sc.int8.q16.as_ptr() as *const i8, sc.int8.qscale.as_ptr(), sc.s.st.as_mut_ptr());
+                // SAFETY: the CPU has the feature (checked); d is a multiple of 16 within MAX_D; Q
+                // was rounded for `rows` rows; the rest is forwarded.
+                unsafe { dotprod::scores(k, ldk, pl, qs, rows, d, st, ld, kn) };
+                return true;
+            }
         }
     }
     let _ = (k, ldk, sc, rows, d, ld, kn, pf);

@@ -145,8 +145,8 @@ pub(crate) unsafe fn scores_rows<S: Simd, E: Elem>(
     pf: Prefetch,
 ) {
     // Four keys of R rows take 4·R accumulators and four key vectors: R = 4 fits the 32
-    // registers of AVX-512, R = 2 the 16 of AVX2.
-    let pass = if S::LANES >= 16 { 4 } else { 2 };
+    // registers of AVX-512 and NEON, R = 2 the 16 of AVX2.
+    let pass = if S::REGISTERS >= 32 { 4 } else { 2 };
     for (r0, m, pf) in pf.passes(rows, pass) {
         // SAFETY: rows r0..r0 + m of Q and of S are in range.
         unsafe {

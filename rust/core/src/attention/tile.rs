@@ -204,7 +204,8 @@ pub(crate) struct Widened {
 pub(crate) struct Int8 {
     /// The int8 scales of one key tile, gathered.
     pub keyscale: Vec<f32>,
-    /// Queries rounded to 16 bits (`rows × d`) and their per-row scales, for int8 keys.
+    /// Queries rounded to 16 bits (`rows × d`; on aarch64 as two planes of bytes) and their
+    /// per-row scales, for the integer products of int8 keys.
     pub q16: Vec<i16>,
     pub qscale: Vec<f32>,
     /// Whether `q16` holds this task's queries: `None` until first asked for, then whether

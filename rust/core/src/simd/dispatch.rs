@@ -14,8 +14,8 @@
 //! (through a struct field, the attention-weights loop reloaded its destination on every
 //! element and ran 16% slower).
 //!
-//! This is the seam for new hardware. A NEON path for aarch64 is a `simd/neon.rs` implementing
-//! `Simd`, an `Isa::Neon` found by `Isa::available`, and one arm below; an AMX (`tdpbf16ps`)
+//! This is the seam for new hardware. The NEON path of aarch64 is `simd/neon.rs` implementing
+//! `Simd`, `Isa::Neon` found by `Isa::available`, and one arm below; an AMX (`tdpbf16ps`)
 //! tile product beside the FMA micro-kernels is likewise a new arm, running the bodies with a
 //! vector type whose tile products go to the AMX unit. Kernels and their callers do not
 //! change. Extensions that only a few kernels use on top of an ISA (VNNI's integer dot
@@ -51,6 +51,13 @@ macro_rules! kernel_entry {
                 unsafe { $body::<$crate::simd::x86::Avx512>($($arg),*) }
             }
 
+            #[cfg(target_arch = "aarch64")]
+            #[target_feature(enable = "neon")]
+            unsafe fn neon($($arg: $ty),*) $(-> $ret)? {
+                // SAFETY: the caller checked the ISA; the body's conditions are forwarded.
+                unsafe { $body::<$crate::simd::neon::Neon>($($arg),*) }
+            }
+
             // SAFETY: forwarded from the caller; each entry point needs only its ISA.
             unsafe {
                 match isa {
@@ -58,6 +65,8 @@ macro_rules! kernel_entry {
                     $crate::simd::Isa::Avx512 => avx512($($arg),*),
                     #[cfg(target_arch = "x86_64")]
                     $crate::simd::Isa::Avx2 => avx2($($arg),*),
+                    #[cfg(target_arch = "aarch64")]
+                    $crate::simd::Isa::Neon => neon($($arg),*),
                     _ => $body::<$crate::simd::scalar::Scalar>($($arg),*),
                 }
             }

@@ -3,18 +3,28 @@
 //! Kernels are written once, generic over [`Simd`], and marked `#[inline(always)]`; each ISA gets
 //! a `#[target_feature]` entry point that instantiates them (the table in `dispatch`), so one
 //! binary built for the baseline target runs the best path the CPU offers. The path is chosen
-//! once per process ([`Isa::active`]); `FERROATTN_ISA=scalar|avx2|avx512` forces a path
+//! once per process ([`Isa::active`]); `FERROATTN_ISA=scalar|avx2|avx512|neon` forces a path
 //! (lower ones only: a path the CPU lacks is refused and the best available one is used instead).
-//! Intrinsics beyond the [`Simd`] trait that one kernel needs (the VNNI integer products) live
-//! here too, in their own files, so the algorithms hold no architecture-specific code.
+//! Intrinsics beyond the [`Simd`] trait that one kernel needs (the integer products of VNNI on
+//! x86-64 and of `sdot` on aarch64) live here too, in their own files, so the algorithms hold no
+//! architecture-specific code.
 
 use std::sync::OnceLock;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16dot;
 pub(crate) mod dispatch;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod dotprod;
 pub(crate) mod elem;
+pub(crate) mod exp2;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
+// Off x86-64 no pair unit exists yet (aarch64's `bfdot`/`bfmmla` would be one), so the
+// table and its operand types are compiled but never reached there.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) mod pair_operands;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) mod pairs;
 pub use pairs::bf16_dot;
 pub(crate) mod scalar;
@@ -40,6 +50,9 @@ pub(crate) fn round_up(x: usize, m: usize) -> usize {
 /// kernel with a type whose [`Isa`] was detected at run time.
 pub(crate) unsafe trait Simd: Copy {
     const LANES: usize;
+    /// Vector registers the ISA has: kernels size their register tiles by it (AVX2 has 16,
+    /// AVX-512 and NEON 32).
+    const REGISTERS: usize = 16;
     type V: Copy;
     fn zero() -> Self::V;
     fn splat(x: f32) -> Self::V;
@@ -90,6 +103,8 @@ pub enum Isa {
     Scalar,
     Avx2,
     Avx512,
+    /// AArch64 Advanced SIMD, 4 lanes (baseline on every AArch64 CPU).
+    Neon,
 }
 
 impl Isa {
@@ -98,6 +113,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Neon => "neon",
         }
     }
 
@@ -106,6 +122,7 @@ impl Isa {
             "scalar" | "portable" => Some(Isa::Scalar),
             "avx2" => Some(Isa::Avx2),
             "avx512" | "avx512f" => Some(Isa::Avx512),
+            "neon" => Some(Isa::Neon),
             _ => None,
         }
     }
@@ -124,6 +141,10 @@ impl Isa {
             if avx2 && std::is_x86_feature_detected!("avx512f") {
                 v.push(Isa::Avx512);
             }
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Isa::Neon);
         }
         v
     }
@@ -158,9 +179,12 @@ pub fn cpu_features() -> Vec<&'static str> {
     }
     #[cfg(target_arch = "aarch64")]
     {
-        if std::arch::is_aarch64_feature_detected!("neon") {
-            found.push("neon");
+        // neon runs the kernels; fp16 and bf16 (arithmetic in those types), dotprod and i8mm
+        // (int8 dot and matrix products) and sve are reported for `ferroattn info`.
+        macro_rules! probe {
+            ($($f:tt),*) => {$( if std::arch::is_aarch64_feature_detected!($f) { found.push($f); } )*};
         }
+        probe!("neon", "fp16", "dotprod", "bf16", "i8mm", "sve");
     }
     found
 }
@@ -204,9 +228,9 @@ const HINT_L1: i32 = std::arch::x86_64::_MM_HINT_T0;
 #[cfg(target_arch = "x86_64")]
 const HINT_L2: i32 = std::arch::x86_64::_MM_HINT_T1;
 #[cfg(not(target_arch = "x86_64"))]
-const HINT_L1: i32 = 0;
+const HINT_L1: i32 = 3;
 #[cfg(not(target_arch = "x86_64"))]
-const HINT_L2: i32 = 0;
+const HINT_L2: i32 = 2;
 
 /// How far ahead of its use a row of a stream read in order is requested, in bytes of the
 /// stream. The best distance depends on the core's prefetchers, so it is picked by vendor from
@@ -320,7 +344,25 @@ impl Prefetch {
                 }
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(target_arch = "aarch64")]
+        if !self.first.is_null() {
+            for j in j0..j0 + n {
+                let row = self.first.wrapping_offset(j as isize * self.ld_bytes);
+                for off in (0..self.row_bytes).step_by(64) {
+                    let p = row.wrapping_add(off);
+                    // SAFETY: `prfm` is a hint that never faults, whatever the address; it reads
+                    // and writes no memory the program sees.
+                    unsafe {
+                        if HINT == HINT_L1 {
+                            std::arch::asm!("prfm pldl1keep, [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly));
+                        } else {
+                            std::arch::asm!("prfm pldl2keep, [{p}]", p = in(reg) p, options(nostack, preserves_flags, readonly));
+                        }
+                    }
+                }
+            }
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         let _ = (j0, n);
     }
 }

@@ -40,6 +40,8 @@ impl PairUnit {
     /// is valid and C overlaps neither A nor B.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
+    // Elsewhere than x86-64 no unit is ever found, so its arguments go unread.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub(crate) unsafe fn gemm(
         self,
         a: Pairs,
@@ -71,6 +73,8 @@ impl PairUnit {
     /// `dst` holds `n` rows of `ld ≥ terms·dp` elements.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
+    // Elsewhere than x86-64 no unit is ever found, so its arguments go unread.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub(crate) unsafe fn pack_rows(
         self,
         src: Rows,
@@ -100,6 +104,8 @@ impl PairUnit {
     /// `dst` holds `terms·np/2` rows of `ld ≥ wp` words; `wp ≥ w` is a multiple of 16.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
+    // Elsewhere than x86-64 no unit is ever found, so its arguments go unread.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub(crate) unsafe fn pack_row_pairs(
         self,
         src: Rows,

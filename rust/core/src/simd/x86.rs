@@ -4,22 +4,9 @@
 //! entry points of the kernels, which are called only after [`super::Isa::available`] found the
 //! features; that is what makes the `unsafe` intrinsic calls below sound.
 
+use super::exp2::{C1, C2, C3, C4, C5, C6, EXP2_HI, EXP2_LO, EXP2_ZERO_BELOW};
 use super::Simd;
 use std::arch::x86_64::*;
-
-// 2^x = 2^n · 2^r with n = round(x), r = x − n in [−½, ½], 2^r by the Taylor polynomial of
-// e^(r·ln2) to degree 6 (error ≈ 1.2e-7, about 1 ulp). Scores are kept in base-2 units (log2 e is
-// folded into the query scale), which saves the multiply and the two-part ln2 reduction of exp.
-const EXP2_HI: f32 = 127.0;
-const EXP2_LO: f32 = -127.0;
-const EXP2_ZERO_BELOW: f32 = -126.0;
-const LN2: f32 = std::f32::consts::LN_2;
-const C1: f32 = LN2;
-const C2: f32 = LN2 * LN2 / 2.0;
-const C3: f32 = C2 * LN2 / 3.0;
-const C4: f32 = C3 * LN2 / 4.0;
-const C5: f32 = C4 * LN2 / 5.0;
-const C6: f32 = C5 * LN2 / 6.0;
 
 #[derive(Clone, Copy)]
 pub(crate) struct Avx2;
@@ -154,6 +141,7 @@ pub(crate) struct Avx512;
 // called after run-time detection of avx512f.
 unsafe impl Simd for Avx512 {
     const LANES: usize = 16;
+    const REGISTERS: usize = 32;
     type V = __m512;
 
     #[inline(always)]
