@@ -79,14 +79,19 @@ unsafe fn accumulate<S: Simd>(
     let bc = ctx.plan.bc;
     ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
     let step = decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
+    let k_start = ctx.seqs[task.seq].k_start;
     let mut k0 = kmin;
     while k0 < kmax {
-        let kn = bc.min(kmax - k0);
+        // Tiles are `bc` keys from `kmin` (the dense terms' facts are per such tile), cut at
+        // a block's end on paged keys and values: the steps walk a tile's rows from one
+        // pointer.
+        let run = ctx.run_len(k_start + k0);
+        let kn = (kmax.min(k0 - (k0 - kmin) % bc + bc) - k0).min(run);
         if tile_is_dead(ctx, sc, dims, k0, kn) {
             k0 += kn;
             continue;
         }
-        let wide = step.min(kmax - k0);
+        let wide = if step > bc { step.min(kmax - k0).min(run) } else { kn };
         // SAFETY: forwarded (both steps).
         if unsafe { decode::typed_tile::<S>(ctx, task, sc, dims, k0, wide) } {
             k0 += wide;

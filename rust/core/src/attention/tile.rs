@@ -137,6 +137,13 @@ impl<'a> Ctx<'a> {
         union.ranges().into_iter().filter(|(a, b)| a < b).collect()
     }
 
+    /// How many keys from key `n` (in the K/V token axis) lie one after another in memory in
+    /// both K and V (see [`Strided::run_len`]): no tile may run past them.
+    #[inline]
+    pub(crate) fn run_len(&self, n: usize) -> usize {
+        self.k.run_len(n).min(self.v.map_or(usize::MAX, |v| v.run_len(n)))
+    }
+
     /// The values (kernels that make output rows run only with them).
     #[inline]
     pub(crate) fn values(&self) -> &'a Strided<'a> {
