@@ -12,7 +12,7 @@ use super::decode;
 use super::output::Output;
 use super::paired;
 use super::prefill;
-use super::tile::{load_queries, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
+use super::tile::{load_queries, prefetch_of, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
 use crate::memory::Alloc;
 use crate::simd::{kernel_entry, Simd};
 
@@ -79,7 +79,15 @@ unsafe fn accumulate<S: Simd>(
     let bc = ctx.plan.bc;
     ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
     let step = decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
-    let k_start = ctx.seqs[task.seq].k_start;
+    let seq = &ctx.seqs[task.seq];
+    let k_start = seq.k_start;
+    // On paged K/V the steps request nothing ahead (their rows ahead lie in other blocks):
+    // keys up to a stream's distance past each tile are requested here, block by block.
+    let ahead = match ctx.paged() {
+        true => prefetch_of(ctx.k.typed_rows(seq.batch, task.kvh, k_start + kmin), ctx.plan.d).lead(),
+        false => 0,
+    };
+    let mut requested = kmin;
     let mut k0 = kmin;
     while k0 < kmax {
         // Tiles are `bc` keys from `kmin` (the dense terms' facts are per such tile), cut at
@@ -92,6 +100,13 @@ unsafe fn accumulate<S: Simd>(
             continue;
         }
         let wide = if step > bc { step.min(kmax - k0).min(run) } else { kn };
+        if ahead > 0 {
+            let to = kmax.min(k0 + wide + ahead);
+            if requested < to {
+                ctx.request_keys(task, requested.max(k0), to);
+                requested = to;
+            }
+        }
         // SAFETY: forwarded (both steps).
         if unsafe { decode::typed_tile::<S>(ctx, task, sc, dims, k0, wide) } {
             k0 += wide;
