@@ -23,6 +23,7 @@ from .kv_cache import KVCache
 from .layer import SelfAttention
 from .linear import LinearAttentionState, linear_attention
 from .merge import merge_partials
+from .paged import paged_attention, paged_attention_varlen, paged_write
 from .plot import plot_attention, render_attention
 from .precision import get_float32_precision, set_float32_precision
 from .rope import rope
@@ -53,6 +54,9 @@ __all__ = [
     "linear_attention",
     "local_global_layout",
     "merge_partials",
+    "paged_attention",
+    "paged_attention_varlen",
+    "paged_write",
     "plot_attention",
     "render_attention",
     "rope",

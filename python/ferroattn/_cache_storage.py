@@ -36,6 +36,7 @@ __all__ = [
     "NumpyStorage",
     "attend_sequences",
     "encode_numpy",
+    "quantize_rows",
 ]
 
 
@@ -131,7 +132,7 @@ def _aligned_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def _quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 per row (last axis): ``x ≈ q · scale``, ``scale = max |x| / 127``,
     rounded half to even."""
     if x.dtype != np.float32 or not (x.flags.c_contiguous and x.flags.aligned):
@@ -144,7 +145,7 @@ def encode_numpy(x: np.ndarray, code: str, dtype: np.dtype) -> tuple[np.ndarray,
     """New tokens in the NumPy storage type (a function: the cache's decoding path calls it
     directly, without a storage object in between)."""
     if code == "int8":
-        return _quantize(x)
+        return quantize_rows(x)
     return np.asarray(x).astype(dtype, copy=False), None
 
 

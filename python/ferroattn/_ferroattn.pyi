@@ -85,6 +85,12 @@ class KvEncodingArgs(Protocol):
     @property
     def v_scales(self) -> np.ndarray | None: ...
 
+class PageArgs(Protocol):
+    @property
+    def block_table(self) -> np.ndarray: ...
+    @property
+    def per_row(self) -> int: ...
+
 def attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -96,6 +102,7 @@ def attention(
     sequences: SequenceArgs | None = None,
     variants: VariantArgs | None = None,
     kv_encoding: KvEncodingArgs | None = None,
+    pages: PageArgs | None = None,
     return_lse: bool = False,
 ) -> npt.NDArray[np.float32] | None: ...
 def attention_weights(

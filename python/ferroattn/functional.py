@@ -61,7 +61,7 @@ def _mask(q4: np.ndarray, k4: np.ndarray, precision: Any, **options: Any) -> Mas
     )
 
 
-def _run(
+def run_kernel(
     q4: np.ndarray,
     k4: np.ndarray,
     v4: np.ndarray,
@@ -70,8 +70,12 @@ def _run(
     return_lse: bool,
     sequences: Sequences | None,
     variants: Variants | None = None,
+    **storage: Any,
 ) -> np.ndarray | None:
-    """Call the kernel, writing into ``out4`` when it is kernel-writable, else via a buffer."""
+    """Call the kernel, writing into ``out4`` when it is kernel-writable, else via a buffer.
+
+    ``storage``: the binding's ``kv_encoding`` and ``pages`` where keys and values are stored
+    otherwise than as ``q`` (:mod:`ferroattn.paged`)."""
     direct = (
         dtype_code(out4) == dtype_code(q4)
         and (out4.shape[-1] <= 1 or out4.strides[-1] == out4.itemsize)
@@ -88,6 +92,7 @@ def _run(
         sequences=sequences,
         variants=variants,
         return_lse=return_lse,
+        **storage,
     )
     if not direct:
         out4[...] = target
@@ -310,7 +315,7 @@ def attention(
     q4, k4, v4 = kernel_views(q4, k4, v4)
     sequences = None if lens is None else Sequences(kv_lengths=lens)
     out4 = to_bhsd("out", result, layout)
-    lse = _run(q4, k4, v4, out4, opts, return_lse, sequences, variants)
+    lse = run_kernel(q4, k4, v4, out4, opts, return_lse, sequences, variants)
     if not return_lse:
         return result
     assert lse is not None
@@ -382,7 +387,7 @@ def attention_varlen(
     result = output_array(out, user_shape, dtype, arrays)
     q4, k4, v4 = kernel_views(q4, k4, v4)
     sequences = Sequences(cu_seqlens_q=cq, cu_seqlens_k=ck)
-    lse = _run(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, sequences)
+    lse = run_kernel(q4, k4, v4, to_bhsd("out", result, "bshd"), opts, return_lse, sequences)
     if not return_lse:
         return result
     assert lse is not None

@@ -6,6 +6,7 @@
 //! (feature) axis must be contiguous, which the kernels rely on to convert a row at once.
 
 use crate::error::{ensure_shape, Error, Result};
+use crate::paged::Pages;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
@@ -196,23 +197,56 @@ pub struct Strided<'a> {
     strides: [isize; 4],
     /// Per-row scales of int8 data: buffer, index of row `[0, 0, 0]`, strides of (B, H, N).
     scales: Option<(&'a [f32], usize, [isize; 3])>,
+    /// The block table of a paged view; the batch stride (of data and scales) is then the
+    /// stride between physical blocks, and the token stride the one inside a block.
+    pages: Option<Pages<'a>>,
 }
 
 impl<'a> Strided<'a> {
     /// `offset` is the index of element `[0, 0, 0, 0]` in `data`; strides count elements.
     pub fn new(name: &str, data: Elems<'a>, offset: usize, shape: [usize; 4], strides: [isize; 4]) -> Result<Self> {
         check_view(name, data.len(), offset, shape, strides, data.dtype())?;
-        Ok(Strided { data, offset, shape, strides, scales: None })
+        Ok(Strided { data, offset, shape, strides, scales: None, pages: None })
     }
 
     /// Attaches the per-row scales of int8 data: row `[b, h, n, :]` is worth
-    /// `data[b, h, n, :] · scales[b, h, n]`.
+    /// `data[b, h, n, :] · scales[b, h, n]`. On a paged view, `strides` are those of the
+    /// physical cache's scales `(blocks, H, block_size)`, as for the data.
     pub fn with_scales(mut self, name: &str, scales: &'a [f32], offset: usize, strides: [isize; 3]) -> Result<Self> {
         ensure_shape!(self.dtype() == DType::I8, "{name}: scales only go with int8 data");
-        let [b, h, n, _] = self.shape;
+        let [b, h, n, _] = self.physical_shape();
         check_extent(name, scales.len(), offset, [b, h, n, 1], [strides[0], strides[1], strides[2], 1], 4)?;
         self.scales = Some((scales, offset, strides));
         Ok(self)
+    }
+
+    /// Turns a view of a block cache `(blocks, H, block_size, D)` into the paged view
+    /// `(batch, H, per_batch · block_size, D)` that `table` describes: rows of `per_row`
+    /// physical block ids, split evenly among the `batch` entries (one row each for a padded
+    /// batch; every row in the one entry of packed queries, each sequence's keys then starting
+    /// at its row's first token). See [`crate::paged`](Pages) for how rows are found; entries
+    /// are checked against the cache when a call reads them.
+    pub fn paged(mut self, name: &str, table: &'a [i32], per_row: usize, batch: usize) -> Result<Self> {
+        ensure_shape!(self.pages.is_none(), "{name}: the view is paged already");
+        let [blocks, h, block, d] = self.shape;
+        let (pages, tokens) = Pages::new(name, table, per_row, batch, block, blocks)?;
+        self.shape = [batch, h, tokens, d];
+        self.pages = Some(pages);
+        Ok(self)
+    }
+
+    /// Whether rows are found through a block table.
+    pub fn is_paged(&self) -> bool {
+        self.pages.is_some()
+    }
+
+    /// The shape of the memory behind the view: the cache's `(blocks, H, block_size, D)` for
+    /// a paged view, the view's own shape otherwise.
+    fn physical_shape(&self) -> [usize; 4] {
+        match self.pages {
+            Some(p) => [p.blocks, self.shape[1], p.block, self.shape[3]],
+            None => self.shape,
+        }
     }
 
     /// Whether the view can be read (int8 data needs its scales).
@@ -239,15 +273,49 @@ impl<'a> Strided<'a> {
         self.data.dtype()
     }
 
+    /// The element index of row `[b, h, n, 0]` (on a paged view, of a row whose table entry
+    /// was checked).
+    #[inline]
     fn index(&self, b: usize, h: usize, n: usize) -> usize {
-        (self.offset as isize
-            + b as isize * self.strides[0]
-            + h as isize * self.strides[1]
-            + n as isize * self.strides[2]) as usize
+        let st = self.strides;
+        Self::at(self.offset, [st[0], st[1], st[2]], self.pages, b, h, n)
+    }
+
+    /// The index of row `(b, h, n)` of a buffer whose row `[0, 0, 0]` is at `offset`, under the
+    /// (B, H, N) strides `st`, through `pages` where given (then `st[0]` steps between blocks).
+    #[inline(always)]
+    fn at(offset: usize, st: [isize; 3], pages: Option<Pages>, b: usize, h: usize, n: usize) -> usize {
+        let (outer, n) = match pages {
+            Some(p) => p.locate(b, n),
+            None => (b, n),
+        };
+        (offset as isize + outer as isize * st[0] + h as isize * st[1] + n as isize * st[2]) as usize
+    }
+
+    /// The index of the int8 scale of row `(b, h, n)`.
+    #[inline]
+    fn scale_index(&self, off: usize, st: [isize; 3], b: usize, h: usize, n: usize) -> usize {
+        Self::at(off, st, self.pages, b, h, n)
+    }
+
+    /// How many rows from row `n` on lie `strides[2]` apart, as the pointers of
+    /// [`Strided::f32_rows`] and [`Strided::typed_rows`] are walked: up to the end of `n`'s
+    /// block on a paged view, all of them otherwise.
+    #[inline]
+    pub(crate) fn run_len(&self, n: usize) -> usize {
+        self.pages.map_or(usize::MAX, |p| p.run(n))
+    }
+
+    /// On a paged view, checks the table entries that rows `n0..n1` of batch entry `b` are
+    /// read through (see [`Pages::check_keys`]); every view of a call checks the rows it will
+    /// read before a kernel runs.
+    pub(crate) fn check_rows(&self, b: usize, n0: usize, n1: usize) -> Result<()> {
+        self.pages.map_or(Ok(()), |p| p.check_keys(b, n0, n1))
     }
 
     /// For f32 data: a pointer to row `[b, h, n, :]` and the distance between consecutive
-    /// tokens, so f32 tiles are read in place instead of copied.
+    /// tokens, so f32 tiles are read in place instead of copied (for [`Strided::run_len`]
+    /// rows).
     #[inline]
     pub(crate) fn f32_rows(&self, b: usize, h: usize, n: usize) -> Option<(*const f32, isize)> {
         match self.data {
@@ -259,7 +327,8 @@ impl<'a> Strided<'a> {
     }
 
     /// Row `[b, h, n, :]` in its storage type with the distance between tokens (and, for int8,
-    /// the row's scale and the distance between scales), for kernels that widen in registers.
+    /// the row's scale and the distance between scales), for kernels that widen in registers
+    /// (for [`Strided::run_len`] rows).
     #[inline]
     pub(crate) fn typed_rows(&self, b: usize, h: usize, n: usize) -> TypedRows {
         let at = self.index(b, h, n);
@@ -272,7 +341,7 @@ impl<'a> Strided<'a> {
             Elems::BF16(s) => TypedRows::BF16(s.as_ptr().wrapping_add(at), ld),
             Elems::I8(s) => match self.scales {
                 Some((sc, off, st)) => {
-                    let si = (off as isize + b as isize * st[0] + h as isize * st[1] + n as isize * st[2]) as usize;
+                    let si = self.scale_index(off, st, b, h, n);
                     TypedRows::I8(s.as_ptr().wrapping_add(at), ld, sc.as_ptr().wrapping_add(si), st[2])
                 }
                 None => TypedRows::Unreadable,
@@ -291,9 +360,7 @@ impl<'a> Strided<'a> {
             Elems::BF16(s) => s[at..at + d].convert_to_f32_slice(&mut dst[..d]),
             Elems::I8(s) => {
                 let scale = match self.scales {
-                    Some((sc, off, st)) => {
-                        sc[(off as isize + b as isize * st[0] + h as isize * st[1] + n as isize * st[2]) as usize]
-                    }
+                    Some((sc, off, st)) => sc[self.scale_index(off, st, b, h, n)],
                     None => f32::NAN,
                 } * mul;
                 for (o, &x) in dst[..d].iter_mut().zip(&s[at..at + d]) {

@@ -27,6 +27,7 @@ mod layout;
 mod linear;
 mod mask;
 mod memory;
+mod paged;
 mod parallel;
 mod precision;
 mod quant;

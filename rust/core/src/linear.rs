@@ -216,6 +216,7 @@ fn check(q: &Strided, k: &Strided, v: &Strided, out: &StridedMut, params: &Linea
         return Err(Error::Value(format!("eps must be positive and finite, got {}", params.eps)));
     }
     check_qkv(q.shape(), k.shape(), v.shape())?;
+    ensure_shape!(!(q.is_paged() || k.is_paged() || v.is_paged()), "linear attention does not read paged views");
     let [b, hq, n, d] = q.shape();
     let [_, hkv, m, _] = k.shape();
     let dv = v.shape()[3];

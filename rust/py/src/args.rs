@@ -3,7 +3,7 @@
 //! to a group is one field on each side.
 
 use ferroattn_core as core;
-use numpy::PyUntypedArray;
+use numpy::{PyReadonlyArray1, PyUntypedArray};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 
@@ -88,4 +88,14 @@ pub(crate) struct KvEncodingArgs<'py> {
     pub(crate) kv_dtype: PyBackedStr,
     pub(crate) k_scales: Option<Bound<'py, PyUntypedArray>>,
     pub(crate) v_scales: Option<Bound<'py, PyUntypedArray>>,
+}
+
+/// `ferroattn.paged.PageTable`: keys and values in a block cache, read through a block table
+/// (`k`/`v` are then the cache viewed as `(num_blocks, Hkv, block_size, D)`).
+#[derive(FromPyObject)]
+pub(crate) struct PageArgs<'py> {
+    /// int32, C-contiguous, `rows × per_row` physical block ids.
+    pub(crate) block_table: PyReadonlyArray1<'py, i32>,
+    /// Entries per table row (`max_blocks_per_seq`).
+    pub(crate) per_row: usize,
 }

@@ -10,7 +10,7 @@ mod linear;
 mod memory;
 mod variants;
 
-use args::{KvEncodingArgs, MaskArgs, SequenceArgs};
+use args::{KvEncodingArgs, MaskArgs, PageArgs, SequenceArgs};
 use arrays::Raw;
 use ferroattn_core as core;
 use numpy::{PyArray1, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods};
@@ -21,10 +21,12 @@ use variants::{VariantArgs, VariantBuffers};
 /// Attention over 4-D `(B, H, N, D)` arrays into `out`; returns the flat LSE when asked.
 ///
 /// `q`/`out` are of `dtype`; `k`/`v` too unless `kv_encoding` names their type (int8 with
-/// its scales). `mask`, `sequences`, `variants` and `kv_encoding` are the Python package's
-/// typed option groups (see `args` and `variants`).
+/// its scales). `mask`, `sequences`, `variants`, `kv_encoding` and `pages` are the Python
+/// package's typed option groups (see `args` and `variants`); with `pages`, `k`/`v` (and their
+/// scales) are block caches read through its block table, its rows split evenly among `q`'s
+/// batch entries.
 #[pyfunction]
-#[pyo3(signature = (q, k, v, out, dtype, mask, *, sequences=None, variants=None, kv_encoding=None, return_lse=false))]
+#[pyo3(signature = (q, k, v, out, dtype, mask, *, sequences=None, variants=None, kv_encoding=None, pages=None, return_lse=false))]
 #[allow(clippy::too_many_arguments)]
 fn attention<'py>(
     py: Python<'py>,
@@ -37,6 +39,7 @@ fn attention<'py>(
     sequences: Option<SequenceArgs>,
     variants: Option<VariantArgs<'py>>,
     kv_encoding: Option<KvEncodingArgs<'py>>,
+    pages: Option<PageArgs<'py>>,
     return_lse: bool,
 ) -> PyResult<Option<Bound<'py, PyArray1<f32>>>> {
     let kv_dtype = kv_encoding.as_ref().map_or(dtype, |e| &*e.kv_dtype);
@@ -54,9 +57,16 @@ fn attention<'py>(
         for input in [&rq, &rk, &rv].into_iter().chain(optional.into_iter().flatten()) {
             ro.check_disjoint(input)?;
         }
-        Ok((rq, rk, rv, ro, rks, rvs, variants))
+        let table = match &pages {
+            Some(p) => Some((
+                p.block_table.as_slice().map_err(|_| core::Error::Value("block_table must be C-contiguous".into()))?,
+                p.per_row,
+            )),
+            None => None,
+        };
+        Ok((rq, rk, rv, ro, rks, rvs, variants, table))
     };
-    let (rq, rk, rv, ro, rks, rvs, variants) = convert().map_err(errors::to_py)?;
+    let (rq, rk, rv, ro, rks, rvs, variants, table) = convert().map_err(errors::to_py)?;
     let params = mask.params();
     let q_shape: [usize; 4] = q.shape().try_into().unwrap_or([0; 4]);
     let (hkv, dv) = (k.shape().get(1).copied().unwrap_or(0), v.shape().get(3).copied().unwrap_or(0));
@@ -81,6 +91,11 @@ fn attention<'py>(
                     let (data, offset, strides) = unsafe { r.scale_parts()? };
                     *view = view.with_scales(name, data, offset, strides)?;
                 }
+            }
+            if let Some((table, per_row)) = table {
+                let batch = qv.shape()[0];
+                kv = kv.paged("k", table, per_row, batch)?;
+                vv = vv.paged("v", table, per_row, batch)?;
             }
             let seqs = SequenceArgs::sequences(sequences, qv.shape(), kv.shape())?;
             // SAFETY: bias and mask are borrowed by this call.

@@ -15,7 +15,9 @@
 use super::dots::scores_rows;
 use super::online::{finish_row, merge_row, partial_len};
 use super::output::Output;
-use super::tile::{mask_tile, pv, pv_transposed, row_of, scale_rows, scores_few, Ctx, Dims, Plan, Scratch, Task};
+use super::tile::{
+    mask_tile, prefetch_of, pv, pv_transposed, row_of, scale_rows, scores_few, Ctx, Dims, Plan, Scratch, Task,
+};
 use crate::layout::{DType, TypedRows};
 use crate::memory::{mul, with_capacity, zeroed, Alloc, NoMemory};
 use crate::parallel;
@@ -117,7 +119,8 @@ unsafe fn transposed<S: Simd>(
     kn: usize,
 ) -> bool {
     let plan = ctx.plan;
-    let pf = prefetch_of(vrows, plan.dv);
+    // Paged rows past the tile lie in another block: the tile loop requests them.
+    let pf = if ctx.paged() { Prefetch::NONE } else { prefetch_of(vrows, plan.dv) };
     // SAFETY: rows come from validated views (kn rows in range); scratch sized by the plan.
     unsafe {
         let ok = match krows {
@@ -142,17 +145,6 @@ unsafe fn transposed<S: Simd>(
     true
 }
 
-/// Requests for `width` elements of each row of `rows`.
-fn prefetch_of(rows: TypedRows, width: usize) -> Prefetch {
-    match rows {
-        TypedRows::F32(p, ld) => Prefetch::of(p, ld, width),
-        TypedRows::F16(p, ld) => Prefetch::of(p, ld, width),
-        TypedRows::BF16(p, ld) => Prefetch::of(p, ld, width),
-        TypedRows::I8(p, ld, _, _) => Prefetch::of(p, ld, width),
-        TypedRows::Unreadable => Prefetch::NONE,
-    }
-}
-
 /// Stride of the row-major score rows: the key tile padded to whole vectors of every ISA.
 fn ldr(bc: usize) -> usize {
     bc.div_ceil(32) * 32
@@ -175,7 +167,9 @@ fn ldr(bc: usize) -> usize {
 unsafe fn row_major<S: Simd>(ctx: &Ctx, sc: &mut Scratch, dims: &Dims, krows: TypedRows, vrows: TypedRows, kn: usize) {
     let plan = ctx.plan;
     let ld = ldr(kn.max(plan.bc));
-    let (pf, vpf) = if streamed_row::<S>(ctx, dims) && !request_one_row_streams(S::LANES == 16) {
+    let one_row_plain = streamed_row::<S>(ctx, dims) && !request_one_row_streams(S::LANES == 16);
+    // Paged rows past the tile lie in another block: the tile loop requests them.
+    let (pf, vpf) = if one_row_plain || ctx.paged() {
         (Prefetch::NONE, Prefetch::NONE)
     } else {
         (prefetch_of(krows, plan.d), prefetch_of(vrows, plan.dv))

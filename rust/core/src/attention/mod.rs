@@ -87,6 +87,7 @@ fn check_inputs(
 ) -> Result<()> {
     params.validate()?;
     check_qkv(q.shape(), k.shape(), v_shape)?;
+    ensure_shape!(!q.is_paged(), "q: queries are never paged (only keys and values are)");
     let [_, _, sq, _] = q.shape();
     let sk = k.shape()[2];
     for s in seqs {
@@ -96,6 +97,7 @@ fn check_inputs(
             q.shape(),
             k.shape()
         );
+        k.check_rows(s.batch, s.k_start, s.k_start + s.k_len)?;
     }
     variants.validate(q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2])
 }
@@ -130,6 +132,9 @@ fn check_attention(
     }
     k.check_readable("k")?;
     v.check_readable("v")?;
+    for s in seqs {
+        v.check_rows(s.batch, s.k_start, s.k_start + s.k_len)?;
+    }
     if let Some(len) = lse_len {
         let rows = product("q (its log-sum-exp)", &[("B", b), ("Hq", hq), ("Nq", sq)])?;
         ensure_shape!(len == rows, "lse buffer has {} entries, expected {}", len, rows);
@@ -319,6 +324,7 @@ pub fn attention_weights_with(
 ) -> Result<()> {
     check_inputs(q, k, k.shape(), seqs, params, variants)?;
     k.check_readable("k")?;
+    ensure_shape!(!k.is_paged(), "k: attention weights do not read paged keys");
     let [b, hq, sq, d] = q.shape();
     let [_, hkv, sk, _] = k.shape();
     let total = product("q and k (their attention weights)", &[("B", b), ("Hq", hq), ("Nq", sq), ("Nk", sk)])?;

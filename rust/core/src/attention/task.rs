@@ -12,7 +12,7 @@ use super::decode;
 use super::output::Output;
 use super::paired;
 use super::prefill;
-use super::tile::{load_queries, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
+use super::tile::{load_queries, prefetch_of, row_of, tile_is_dead, Ctx, Dims, Scratch, Task};
 use crate::memory::Alloc;
 use crate::simd::{kernel_entry, Simd};
 
@@ -79,14 +79,34 @@ unsafe fn accumulate<S: Simd>(
     let bc = ctx.plan.bc;
     ctx.variants.scan(&sc.q.at[..dims.rows], kmin, kmax, bc, &mut sc.s.facts);
     let step = decode::keys_per_step::<S>(ctx, sc, dims, kmin, kmax);
+    let seq = &ctx.seqs[task.seq];
+    let k_start = seq.k_start;
+    // On paged K/V the steps request nothing ahead (their rows ahead lie in other blocks):
+    // keys up to a stream's distance past each tile are requested here, block by block.
+    let ahead = match ctx.paged() {
+        true => prefetch_of(ctx.k.typed_rows(seq.batch, task.kvh, k_start + kmin), ctx.plan.d).lead(),
+        false => 0,
+    };
+    let mut requested = kmin;
     let mut k0 = kmin;
     while k0 < kmax {
-        let kn = bc.min(kmax - k0);
+        // Tiles are `bc` keys from `kmin` (the dense terms' facts are per such tile), cut at
+        // a block's end on paged keys and values: the steps walk a tile's rows from one
+        // pointer.
+        let run = ctx.run_len(k_start + k0);
+        let kn = (kmax.min(k0 - (k0 - kmin) % bc + bc) - k0).min(run);
         if tile_is_dead(ctx, sc, dims, k0, kn) {
             k0 += kn;
             continue;
         }
-        let wide = step.min(kmax - k0);
+        let wide = if step > bc { step.min(kmax - k0).min(run) } else { kn };
+        if ahead > 0 {
+            let to = kmax.min(k0 + wide + ahead);
+            if requested < to {
+                ctx.request_keys(task, requested.max(k0), to);
+                requested = to;
+            }
+        }
         // SAFETY: forwarded (both steps).
         if unsafe { decode::typed_tile::<S>(ctx, task, sc, dims, k0, wide) } {
             k0 += wide;

@@ -137,6 +137,35 @@ impl<'a> Ctx<'a> {
         union.ranges().into_iter().filter(|(a, b)| a < b).collect()
     }
 
+    /// How many keys from key `n` (in the K/V token axis) lie one after another in memory in
+    /// both K and V (see [`Strided::run_len`]): no tile may run past them.
+    #[inline]
+    pub(crate) fn run_len(&self, n: usize) -> usize {
+        self.k.run_len(n).min(self.v.map_or(usize::MAX, |v| v.run_len(n)))
+    }
+
+    /// Whether keys or values are read through a block table.
+    #[inline]
+    pub(crate) fn paged(&self) -> bool {
+        self.k.is_paged() || self.v.is_some_and(|v| v.is_paged())
+    }
+
+    /// Requests keys `k0..k1` of `task` (and their values) into the second-level cache, a
+    /// block's run at a time: the steps' own requests run ahead along one pointer, which on
+    /// paged K/V leaves the block (see `task`).
+    pub(crate) fn request_keys(&self, task: &Task, k0: usize, k1: usize) {
+        let seq = &self.seqs[task.seq];
+        let (mut n, end) = (seq.k_start + k0, seq.k_start + k1);
+        while n < end {
+            let run = self.run_len(n).min(end - n);
+            prefetch_of(self.k.typed_rows(seq.batch, task.kvh, n), self.plan.d).rows_l2(0, run);
+            if let Some(v) = self.v {
+                prefetch_of(v.typed_rows(seq.batch, task.kvh, n), self.plan.dv).rows_l2(0, run);
+            }
+            n += run;
+        }
+    }
+
     /// The values (kernels that make output rows run only with them).
     #[inline]
     pub(crate) fn values(&self) -> &'a Strided<'a> {
@@ -593,5 +622,16 @@ pub(crate) unsafe fn pv_transposed<S: Simd>(sc: &mut Scratch, dims: &Dims, vrows
             }
             TypedRows::Unreadable => unreachable!("attention checked that the view is readable"),
         }
+    }
+}
+
+/// Requests for `width` elements of each row of `rows`.
+pub(crate) fn prefetch_of(rows: TypedRows, width: usize) -> Prefetch {
+    match rows {
+        TypedRows::F32(p, ld) => Prefetch::of(p, ld, width),
+        TypedRows::F16(p, ld) => Prefetch::of(p, ld, width),
+        TypedRows::BF16(p, ld) => Prefetch::of(p, ld, width),
+        TypedRows::I8(p, ld, _, _) => Prefetch::of(p, ld, width),
+        TypedRows::Unreadable => Prefetch::NONE,
     }
 }

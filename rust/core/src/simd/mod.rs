@@ -295,6 +295,11 @@ impl Prefetch {
         Prefetch { first: p as *const u8, ld_bytes: ld * size as isize, row_bytes, lead }
     }
 
+    /// How many rows ahead of the one being read [`Prefetch::ahead`] requests.
+    pub(crate) fn lead(&self) -> usize {
+        self.lead
+    }
+
     /// Decoding's streaming step: rows `j..j + n` are about to be read, in order, once; the
     /// rows a fixed distance further on are requested into L2.
     ///
