@@ -23,6 +23,7 @@ from .kv_cache import KVCache
 from .layer import SelfAttention
 from .linear import LinearAttentionState, linear_attention
 from .merge import merge_partials
+from .paged_cache import PagedKVCache
 from .plot import plot_attention, render_attention
 from .precision import get_float32_precision, set_float32_precision
 from .rope import rope
@@ -39,6 +40,7 @@ __version__: str = _ferroattn.__version__
 __all__ = [
     "KVCache",
     "LinearAttentionState",
+    "PagedKVCache",
     "SelfAttention",
     "T5Bias",
     "__version__",
