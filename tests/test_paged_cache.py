@@ -533,3 +533,30 @@ def test_the_scheduler_example_runs(capsys):
     runpy.run_path(str(EXAMPLE), run_name="__main__")
     text = capsys.readouterr().out
     assert "finished" in text and "all blocks free" in text
+
+
+@pytest.mark.parametrize("fails", ["paged_write", "paged_attention"])
+def test_a_step_that_fails_late_is_undone(rng, monkeypatch, fails):
+    """Should the write or the attention fail (out of memory, say) after blocks were handed
+    out, the step is undone: sequences, tables and the free list as before, and attention
+    over the cache as before."""
+    cache, _ = _two_sequences(rng)  # "p" and "c" share a partly filled block
+    q = rng.standard_normal((2, HQ, 1, D), dtype=F32)
+    want = cache.attend(["p", "c"], q)
+    ids, tables, free, free_list, _ = _snapshot(cache)
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no memory")
+
+    monkeypatch.setattr(ferroattn.paged_cache, fails, broken)
+    k, v = _tokens(rng, 7, 2)
+    with pytest.raises(MemoryError):
+        cache.step(["c", "p"], rng.standard_normal((2, HQ, 7, D), dtype=F32), k, v)
+    monkeypatch.undo()
+    after = _snapshot(cache)
+    assert after[0] == ids and after[2:4] == (free, free_list)
+    for x, y in zip(after[1], tables, strict=True):
+        np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(cache.attend(["p", "c"], q), want)
+    cache.step(["c", "p"], rng.standard_normal((2, HQ, 7, D), dtype=F32), k, v)
+    assert cache.num_free_blocks == free - 5  # one copy, two new blocks each

@@ -38,6 +38,17 @@ class _Sequence:
 
     blocks: list[int] = field(default_factory=list)
     length: int = 0
+    # ``blocks`` as the int32 row of a block table, made when first read after a change (a
+    # decode step changes the blocks once every block_size tokens, and reads them each time).
+    _row: np.ndarray | None = None
+
+    def row(self) -> np.ndarray:
+        if self._row is None:
+            self._row = np.array(self.blocks, dtype=np.int32)
+        return self._row
+
+    def changed(self) -> None:
+        self._row = None
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,7 @@ class _Plan:
     sequence copies first (copy on write), the blocks it gains, its slots."""
 
     taken: list[int]  # from the free list, in the order handed out
-    copies: list[tuple[Hashable, int, int]]  # (sequence, index in its blocks, new block)
+    copies: list[tuple[Hashable, int, int, int]]  # (sequence, index in its blocks, new, old)
     grown: list[tuple[Hashable, list[int]]]
     slots: np.ndarray  # (tokens,) int64 block * block_size + offset, packed in call order
 
@@ -196,7 +207,8 @@ class PagedKVCache:
     def block_table(self, seq_ids: Iterable[Hashable]) -> tuple[np.ndarray, np.ndarray]:
         """``(block_table (B, max_blocks) int32, seq_lens (B,) int32)`` of ``seq_ids``, as
         :func:`ferroattn.paged.paged_attention` takes them; unused entries are -1."""
-        return self._tables(self._ids(seq_ids))
+        table, lens = self._tables(self._ids(seq_ids))
+        return table.copy(), lens
 
     # ------------------------------------------------------------- sequences
 
@@ -226,6 +238,7 @@ class PagedKVCache:
         keep = -(-int(n) // self.block_size)
         self._release(seq.blocks[keep:])
         del seq.blocks[keep:]
+        seq.changed()
         seq.length = int(n)
 
     def free(self, seq_id: Hashable) -> None:
@@ -414,12 +427,17 @@ class PagedKVCache:
         return ids
 
     def _tables(self, ids: list[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+        """The block table and lengths of ``ids``; one sequence's table is its cached row (not
+        to be written)."""
         seqs = [self._seqs[s] for s in ids]
+        lens = np.array([s.length for s in seqs], dtype=np.int32)
+        if len(seqs) == 1 and seqs[0].blocks:
+            return seqs[0].row()[None], lens
         width = max([1] + [len(s.blocks) for s in seqs])
         table = np.full((len(ids), width), -1, dtype=np.int32)
-        for row, s in zip(table, seqs, strict=True):
-            row[: len(s.blocks)] = s.blocks
-        return table, np.array([s.length for s in seqs], dtype=np.int32)
+        for line, s in zip(table, seqs, strict=True):
+            line[: len(s.blocks)] = s.row()
+        return table, lens
 
     def _storage(self) -> tuple[np.ndarray, ...]:
         if self._ks is None or self._vs is None:
@@ -519,14 +537,15 @@ class PagedKVCache:
         copies, grown, slots = [], [], []
         for (s, copy, gained), c in zip(wants, counts[counts > 0].tolist(), strict=True):
             seq = self._seqs[s]
-            blocks = list(seq.blocks)
+            first = seq.length // bs  # the block the first new token goes to
+            tail = seq.blocks[first:]
             if copy:
-                blocks[-1] = next(given)
-                copies.append((s, len(blocks) - 1, blocks[-1]))
+                tail[-1] = next(given)
+                copies.append((s, len(seq.blocks) - 1, tail[-1], seq.blocks[-1]))
             new = [next(given) for _ in range(gained)]
             grown.append((s, new))
-            pos = np.arange(seq.length, seq.length + c)
-            slots.append(np.asarray(blocks + new, dtype=np.int64)[pos // bs] * bs + pos % bs)
+            pos = np.arange(seq.length, seq.length + c) - first * bs
+            slots.append(np.asarray(tail + new, dtype=np.int64)[pos // bs] * bs + pos % bs)
         packed = np.concatenate(slots) if slots else np.zeros(0, dtype=np.int64)
         return _Plan(taken, copies, grown, packed)
 
@@ -539,34 +558,50 @@ class PagedKVCache:
         block is as before (what was written lies in blocks no sequence holds any more, or
         past the length of every sequence that holds it)."""
         plan = self._plan(ids, counts)
-        free, refs = list(self._free), self._refs.copy()
-        saved = {s: (list(self._seqs[s].blocks), self._seqs[s].length) for s in ids}
+        for _, _, new, old in plan.copies:  # into free blocks: nothing to undo
+            for a in self._storage():
+                a[new] = a[old]
+        lengths = [self._seqs[s].length for s in ids]
+        self._apply(plan)
         try:
-            self._apply(plan)
             paged_write(self._k, self._v, k, v, plan.slots, **self._scales())
             for s, c in zip(ids, counts.tolist(), strict=True):
                 self._seqs[s].length += c
             return None if then is None else then()
         except BaseException:
-            self._free, self._refs = free, refs
-            for s, (blocks, length) in saved.items():
-                self._seqs[s].blocks, self._seqs[s].length = blocks, length
+            self._undo(plan)
+            for s, n in zip(ids, lengths, strict=True):
+                self._seqs[s].length = n
             raise
 
     def _apply(self, plan: _Plan) -> None:
-        """Takes the planned blocks from the free list and makes the copies."""
+        """Gives the planned blocks to their sequences (a copy never frees the block it
+        replaces: others still use it)."""
         if plan.taken:
             del self._free[-len(plan.taken) :]
             self._refs[plan.taken] = 1
-        for s, i, new in plan.copies:
-            seq = self._seqs[s]
-            old = seq.blocks[i]
-            for a in self._storage():
-                a[new] = a[old]
-            self._release([old])
-            seq.blocks[i] = new
+        for s, i, new, old in plan.copies:
+            self._refs[old] -= 1
+            self._seqs[s].blocks[i] = new
         for s, gained in plan.grown:
-            self._seqs[s].blocks += gained
+            if gained:
+                self._seqs[s].blocks += gained
+                self._seqs[s].changed()
+        for s, *_ in plan.copies:
+            self._seqs[s].changed()
+
+    def _undo(self, plan: _Plan) -> None:
+        """Puts blocks, reference counts and the free list back as before :meth:`_apply`."""
+        for s, gained in plan.grown:
+            if gained:
+                del self._seqs[s].blocks[-len(gained) :]
+                self._seqs[s].changed()
+        for s, i, _, old in plan.copies:
+            self._refs[old] += 1
+            self._seqs[s].blocks[i] = old
+            self._seqs[s].changed()
+        self._refs[plan.taken] = 0
+        self._free += plan.taken[::-1]
 
     def _release(self, blocks: list[int]) -> None:
         """One user fewer for each of ``blocks``; those left without one are free again."""
