@@ -560,3 +560,25 @@ def test_a_step_that_fails_late_is_undone(rng, monkeypatch, fails):
     np.testing.assert_array_equal(cache.attend(["p", "c"], q), want)
     cache.step(["c", "p"], rng.standard_normal((2, HQ, 7, D), dtype=F32), k, v)
     assert cache.num_free_blocks == free - 5  # one copy, two new blocks each
+
+
+def test_calls_without_work(rng):
+    """No sequences, no new tokens, no queries: each call does nothing and says so."""
+    cache = ferroattn.PagedKVCache(8, 4, HKV, D, value_dim=DV)
+    cache.add("a")
+    cache.add("b")
+    empty_k, empty_v = _tokens(rng, 0, 0)
+    cache.append([], empty_k, empty_v)
+    cache.append(["a"], *_tokens(rng, 0))
+    assert cache.num_free_blocks == 8 and cache.lengths().tolist() == [0, 0]
+    assert cache.attend([], np.zeros((0, HQ, 1, D), F32)).shape == (0, HQ, 1, DV)
+    cache.append(["a"], *_tokens(rng, 5))
+    assert cache.attend(["a"], np.zeros((1, HQ, 0, D), F32)).shape == (1, HQ, 0, DV)
+    assert cache.attend(["a"], np.zeros((1, 0, 1, D), F32)).shape == (1, 0, 1, DV)
+    nothing = [np.zeros((0, h, d), F32) for h, d in ((HQ, D), (HKV, D), (HKV, DV))]
+    assert cache.step_varlen(["a", "b"], *nothing, [0, 0]).shape == (0, HQ, DV)
+    q = rng.standard_normal((2, HQ, 2, D), dtype=F32)
+    twice = cache.attend(["a", "a"], q)  # reading: an id may repeat
+    assert rel_err(twice[1], cache.attend(["a"], q[1:])[0]) <= 1e-6
+    assert cache.lengths(["a", "a"]).tolist() == [5, 5]
+    assert cache.block_table(["a", "a"])[0].tolist() == [[0, 1], [0, 1]]

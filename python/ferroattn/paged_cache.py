@@ -201,13 +201,13 @@ class PagedKVCache:
     def lengths(self, seq_ids: Iterable[Hashable] | None = None) -> np.ndarray:
         """Tokens each of ``seq_ids`` (default: every sequence, in :attr:`seq_ids` order)
         holds, int64."""
-        ids = self.seq_ids if seq_ids is None else self._ids(seq_ids)
+        ids = self.seq_ids if seq_ids is None else self._ids(seq_ids, unique=False)
         return np.array([self._seqs[s].length for s in ids], dtype=np.int64)
 
     def block_table(self, seq_ids: Iterable[Hashable]) -> tuple[np.ndarray, np.ndarray]:
         """``(block_table (B, max_blocks) int32, seq_lens (B,) int32)`` of ``seq_ids``, as
         :func:`ferroattn.paged.paged_attention` takes them; unused entries are -1."""
-        table, lens = self._tables(self._ids(seq_ids))
+        table, lens = self._tables(self._ids(seq_ids, unique=False))
         return table.copy(), lens
 
     # ------------------------------------------------------------- sequences
@@ -611,18 +611,28 @@ class PagedKVCache:
                 self._free.append(b)
 
     def _attend(self, ids, q, out, options) -> np.ndarray:
+        if not q.size:  # no query rows (or heads): nothing for the kernels to do
+            return _empty_result((len(ids), q.shape[1], q.shape[2], self.value_dim), q, out)
         table, lens = self._tables(ids)
         return paged_attention(
             q, self._k, self._v, table, lens, causal=True, out=out, **self._scales(), **options
         )
 
     def _attend_varlen(self, ids, q, counts, out, options) -> np.ndarray:
+        if not q.size:
+            return _empty_result((q.shape[0], q.shape[1], self.value_dim), q, out)
         table, lens = self._tables(ids)
         cu = np.zeros(len(ids) + 1, dtype=np.int32)
         np.cumsum(counts, out=cu[1:])
         return paged_attention_varlen(
             q, self._k, self._v, table, lens, cu, causal=True, out=out, **self._scales(), **options
         )
+
+
+def _empty_result(shape: tuple[int, ...], q: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """The result of a call without a query row: ``out`` (checked already) or a new array, of
+    q's dtype, with no elements."""
+    return np.empty(shape, dtype=q.dtype) if out is None else out
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
