@@ -289,9 +289,8 @@ class PagedKVCache:
             )
         counts = np.full(len(ids), k.shape[2], dtype=np.int64)
         shape = (len(ids), q.shape[1], q.shape[2], self.value_dim)
-        self._check_options(q, shape, scale, softcap, alibi_slopes, sinks, out)
+        options = self._options(q, shape, out, scale, softcap, alibi_slopes, sinks)
         packed_k, packed_v = _packed(k, v, counts)
-        options = dict(scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         return self._store_then(
             ids, packed_k, packed_v, counts, lambda: self._attend(ids, q, out, options)
         )
@@ -332,8 +331,9 @@ class PagedKVCache:
         self._check_packed(q, k, v)
         counts = _q_lens(q_lens, len(ids), q.shape[0])
         shape = (q.shape[0], q.shape[1], self.value_dim)
-        self._check_options(q[None].swapaxes(1, 2), shape, scale, softcap, alibi_slopes, sinks, out)
-        options = dict(scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+        options = self._options(
+            q[None].swapaxes(1, 2), shape, out, scale, softcap, alibi_slopes, sinks
+        )
         return self._store_then(
             ids, k, v, counts, lambda: self._attend_varlen(ids, q, counts, out, options)
         )
@@ -368,9 +368,8 @@ class PagedKVCache:
         ids = self._ids(seq_ids, unique=False)
         q = self._check_q(ids, q)
         shape = (len(ids), q.shape[1], q.shape[2], self.value_dim)
-        self._check_options(q, shape, scale, softcap, alibi_slopes, sinks, out)
+        options = self._options(q, shape, out, scale, softcap, alibi_slopes, sinks)
         self._check_seen(ids, np.full(len(ids), q.shape[2]))
-        options = dict(scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         return self._attend(ids, q, out, options)
 
     def attend_varlen(
@@ -394,9 +393,10 @@ class PagedKVCache:
         self._check_packed(q, None, None)
         counts = _q_lens(q_lens, len(ids), q.shape[0])
         shape = (q.shape[0], q.shape[1], self.value_dim)
-        self._check_options(q[None].swapaxes(1, 2), shape, scale, softcap, alibi_slopes, sinks, out)
+        options = self._options(
+            q[None].swapaxes(1, 2), shape, out, scale, softcap, alibi_slopes, sinks
+        )
         self._check_seen(ids, counts)
-        options = dict(scale=scale, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
         return self._attend_varlen(ids, q, counts, out, options)
 
     # ------------------------------------------------------------- internals
@@ -491,8 +491,9 @@ class PagedKVCache:
                     f"{arr.shape}"
                 )
 
-    def _check_options(self, q4, shape, scale, softcap, alibi_slopes, sinks, out) -> None:
-        """Checks the attention options before a step stores anything."""
+    def _options(self, q4, shape, out, scale, softcap, alibi_slopes, sinks) -> dict[str, Any]:
+        """The attention options of queries ``q4`` ``(B, H, T, D)`` and a result of ``shape``,
+        checked (before a step stores anything), as keywords of the paged functions."""
         mask_options(head_dim=self.head_dim, causal=True, window=None, scale=scale, softcap=softcap)
         shape4 = (q4.shape[0], q4.shape[1], q4.shape[2], 1)
         normalize_variants(shape4=shape4, ndim=4, alibi_slopes=alibi_slopes, sinks=sinks)
@@ -500,6 +501,7 @@ class PagedKVCache:
             check_out(out, shape, q4.dtype, [q4])
             if any(np.may_share_memory(out, a) for a in self._storage()):
                 raise ValueError("out must not share memory with the cache's storage")
+        return {"scale": scale, "softcap": softcap, "alibi_slopes": alibi_slopes, "sinks": sinks}
 
     def _check_seen(self, ids: list[Hashable], counts: np.ndarray) -> None:
         for s, c in zip(ids, counts.tolist(), strict=True):
