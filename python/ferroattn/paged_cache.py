@@ -327,7 +327,8 @@ class PagedKVCache:
         """
         ids = self._ids(seq_ids)
         q, k, v = (as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
-        check_dtypes({"q": q, "k": k, "v": v})
+        check_dtypes({"q": q})
+        check_dtypes({"k": k, "v": v})
         self._check_packed(q, k, v)
         counts = _q_lens(q_lens, len(ids), q.shape[0])
         shape = (q.shape[0], q.shape[1], self.value_dim)
