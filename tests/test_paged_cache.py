@@ -584,3 +584,25 @@ def test_calls_without_work(rng):
     assert rel_err(twice[1], cache.attend(["a"], q[1:])[0]) <= 1e-6
     assert cache.lengths(["a", "a"]).tolist() == [5, 5]
     assert cache.block_table(["a", "a"])[0].tolist() == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("given", [np.float64, np.float16])
+def test_stores_what_kvcache_stores_for_any_input_dtype(rng, dtype, given):
+    """Keys given in float64 (or float16) are rounded once to the storage type, as KVCache's
+    append rounds them: the two caches hold the same bytes."""
+    k = rng.standard_normal((1, HKV, 9, D)).astype(given)
+    v = rng.standard_normal((1, HKV, 9, DV)).astype(given)
+    paged = ferroattn.PagedKVCache(4, 4, HKV, D, dtype=dtype, value_dim=DV)
+    paged.add(0)
+    paged.append([0], k, v)
+    contiguous = ferroattn.KVCache(1, HKV, D, 9, dtype=dtype, value_dim=DV)
+    contiguous.append(k, v)
+    table = paged.block_table([0])[0][0]
+    rows = paged.k_cache[table].reshape(-1, HKV, D)[:9].swapaxes(0, 1)
+    if dtype == "int8":
+        scales = paged.k_scale[table].reshape(-1, HKV)[:9].T
+        np.testing.assert_array_equal(rows, contiguous._k[0])
+        np.testing.assert_array_equal(scales, contiguous._ks[0])
+    else:
+        np.testing.assert_array_equal(rows.view(np.uint16), contiguous._k[0].view(np.uint16))

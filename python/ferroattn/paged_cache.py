@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ._args import as_array, check_dtypes, check_out, mask_options
-from ._cache_storage import NumpyStorage
+from ._cache_storage import NumpyStorage, encode_numpy
 from ._memory import allocating, nbytes
 from .kv_cache import _count, _storage_dtype
 from .paged import paged_attention, paged_attention_varlen, paged_write
@@ -561,6 +561,7 @@ class PagedKVCache:
         block is as before (what was written lies in blocks no sequence holds any more, or
         past the length of every sequence that holds it)."""
         plan = self._plan(ids, counts)
+        k, v = self._float32(k), self._float32(v)
         for _, _, new, old in plan.copies:  # into free blocks: nothing to undo
             for a in self._storage():
                 a[new] = a[old]
@@ -576,6 +577,18 @@ class PagedKVCache:
             for s, n in zip(ids, lengths, strict=True):
                 self._seqs[s].length = n
             raise
+
+    def _float32(self, x: np.ndarray) -> np.ndarray:
+        """New tokens as float32, the type ``paged_write`` converts from. Other inputs are
+        first rounded to a float cache's type (the float32 of which is exact), so that the
+        cache stores what KVCache's ``append`` stores for the same input: one rounding, not
+        two (int8 quantizes from float32 in both)."""
+        if x.dtype == np.float32:
+            return x
+        with allocating("k and v (converted to float32 for the cache)"):
+            if self._code != "int8":
+                x = encode_numpy(x, self._code, self._dtype)[0]
+            return x.astype(np.float32)
 
     def _apply(self, plan: _Plan) -> None:
         """Gives the planned blocks to their sequences (a copy never frees the block it
