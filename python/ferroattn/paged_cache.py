@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._args import as_array, check_dtypes, check_out, mask_options
+from ._args import as_array, check_dtypes, check_out, mask_options, valid_counts
 from ._cache_storage import NumpyStorage, encode_numpy
 from ._memory import allocating, nbytes
 from .kv_cache import _count, _storage_dtype
@@ -261,7 +261,7 @@ class PagedKVCache:
         """
         ids = self._ids(seq_ids)
         k, v = self._check_kv(ids, k, v)
-        counts = _valid_counts(lengths, len(ids), k.shape[2])
+        counts = valid_counts(lengths, len(ids), k.shape[2])
         self._store(ids, *_packed(k, v, counts), counts)
 
     def step(
@@ -655,20 +655,6 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     view = a.view()
     view.flags.writeable = False
     return view
-
-
-def _valid_counts(lengths: Any, n: int, t: int) -> np.ndarray:
-    """Valid new tokens per sequence: ``lengths`` checked (default ``t`` each)."""
-    if lengths is None:
-        return np.full(n, t, dtype=np.int64)
-    counts = np.asarray(lengths)
-    if counts.shape != (n,) or counts.dtype.kind not in "iu":
-        raise ValueError(
-            f"lengths must be {n} integers, got shape {counts.shape} dtype {counts.dtype}"
-        )
-    if counts.size and (counts.min() < 0 or counts.max() > t):
-        raise ValueError(f"lengths must lie in [0, {t}], got {counts.tolist()}")
-    return counts.astype(np.int64)
 
 
 def _q_lens(q_lens: Any, n: int, total: int) -> np.ndarray:
