@@ -114,6 +114,7 @@ echo "== benchmark smoke runs (they run and write well-formed JSON; no timing as
 $PY benches/harness.py --quick --no-chart
 $PY benches/bench_prefill.py --quick
 $PY benches/bench_decode.py --quick
+$PY benches/bench_paged.py --quick
 $PY -m ferroattn bench --quick
 
 step "Rust test build and clippy (running since the start)"

@@ -10,8 +10,8 @@ Dependencies run one way, from the bottom:
   Runtime) and the float64 reference.
 - ``tables``: text and markdown tables, result files.
 - ``config``, ``cases``, ``report``: the side-by-side harness (``benches/harness.py``).
-- ``sweeps``: the prefill thread sweep and the decode cells (``benches/bench_prefill.py``,
-  ``benches/bench_decode.py``).
+- ``sweeps``: the prefill thread sweep, the decode cells and the paged-cache cells
+  (``benches/bench_prefill.py``, ``benches/bench_decode.py``, ``benches/bench_paged.py``).
 
 ferroattn itself is imported by the entry points and passed down, so that a missing or broken
 install is one clear error line.

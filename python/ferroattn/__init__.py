@@ -24,6 +24,7 @@ from .layer import SelfAttention
 from .linear import LinearAttentionState, linear_attention
 from .merge import merge_partials
 from .paged import paged_attention, paged_attention_varlen, paged_write
+from .paged_cache import PagedKVCache
 from .plot import plot_attention, render_attention
 from .precision import get_float32_precision, set_float32_precision
 from .rope import rope
@@ -40,6 +41,7 @@ __version__: str = _ferroattn.__version__
 __all__ = [
     "KVCache",
     "LinearAttentionState",
+    "PagedKVCache",
     "SelfAttention",
     "T5Bias",
     "__version__",

@@ -351,6 +351,21 @@ def int_vector(name: str, x: Any, length: int | None = None) -> list[int]:
     return [int(v) for v in arr]
 
 
+def valid_counts(lengths: Any, n: int, t: int) -> np.ndarray:
+    """A cache's ``lengths=``: the valid new tokens of each of ``n`` sequences (right padding
+    of ``t`` tokens), ``n`` ints in ``[0, t]``, as int64; ``t`` each when None."""
+    if lengths is None:
+        return np.full(n, t, dtype=np.int64)
+    counts = np.asarray(lengths)
+    if counts.shape != (n,) or counts.dtype.kind not in "iu":
+        raise ValueError(
+            f"lengths must be {n} integers, got shape {counts.shape} dtype {counts.dtype}"
+        )
+    if counts.size and (counts.min() < 0 or counts.max() > t):
+        raise ValueError(f"lengths must lie in [0, {t}], got {counts.tolist()}")
+    return counts.astype(np.int64)
+
+
 def check_kv_lengths(kv_lengths: Any, batch: int, nk: int) -> list[int] | None:
     """``kv_lengths``: None, or ``batch`` integers in ``[0, nk]`` (the key length)."""
     if kv_lengths is None:

@@ -19,7 +19,14 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _ferroattn
-from ._args import NATIVE_CODES, MaskOptions, Sequences, check_dtypes, mask_options
+from ._args import (
+    NATIVE_CODES,
+    MaskOptions,
+    Sequences,
+    check_dtypes,
+    mask_options,
+    valid_counts,
+)
 from ._cache_storage import (
     CacheQuery,
     CacheStorage,
@@ -250,17 +257,7 @@ class KVCache:
         return max(self.sinks, int(self._len[b]) - self._ring, int(self._oldest[b]))
 
     def _valid_counts(self, lengths: Any, t: int) -> np.ndarray:
-        if lengths is None:
-            return np.full(self.batch, t, dtype=np.int64)
-        counts = np.asarray(lengths)
-        if counts.shape != (self.batch,) or counts.dtype.kind not in "iu":
-            raise ValueError(
-                f"lengths must be {self.batch} integers, got shape {counts.shape} "
-                f"dtype {counts.dtype}"
-            )
-        if counts.size and (counts.min() < 0 or counts.max() > t):
-            raise ValueError(f"lengths must lie in [0, {t}], got {counts.tolist()}")
-        return counts.astype(np.int64)
+        return valid_counts(lengths, self.batch, t)
 
     # ---------------------------------------------------------------- writes
 
