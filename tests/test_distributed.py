@@ -196,6 +196,18 @@ def test_sharded_window_softcap_scale(rng):
         assert np.subtract(_calls(sharded), before).tolist() == [1, 0, 1]
 
 
+def test_long_chunks_through_the_object_store(rng):
+    # Queries of 100 KiB and more go to the shards through one ray.put.
+    sharded, single = _pair("float16", shards=2, capacity=200)
+    with sharded:
+        for t in (230, 150):
+            q = rng.standard_normal((B, HQ, t, D), dtype=np.float32)
+            k, v = rng.standard_normal((2, B, HKV, t, D), dtype=np.float32)
+            got, want = sharded.step(q, k, v), single.step(q, k, v)
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+            assert got.flags.writeable
+
+
 # --------------------------------------------------------------------------------- failures
 
 

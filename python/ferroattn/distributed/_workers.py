@@ -24,6 +24,11 @@ def use_assigned_cpus() -> None:
     the machine; a node running several shards or tasks at once would then run several
     threads per core. A worker Ray reserved no CPU for (an actor by default) keeps them all.
     """
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    if not ray.is_initialized():  # asking the runtime context would start Ray
+        return
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    except AssertionError:  # a driver, not a worker: it keeps its own setting
+        return
     if cpus > 0:
         set_num_threads(max(1, int(cpus)))

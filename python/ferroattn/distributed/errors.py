@@ -32,6 +32,10 @@ def gather(refs: Sequence[tuple[int, Any]], what: str) -> list[Any]:
     """
     if not refs:
         return []
+    try:
+        return list(ray.get([r for _, r in refs]))  # the common case: one call into Ray
+    except RayError:
+        pass  # raised for one of them: wait for all, then say which failed first
     ray.wait([r for _, r in refs], num_returns=len(refs))
     results: list[Any] = []
     failed: tuple[int, RayError] | None = None

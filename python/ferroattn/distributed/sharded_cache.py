@@ -28,6 +28,12 @@ __all__ = ["ShardedKVCache"]
 
 _Worker = ray.remote(ShardWorker)
 
+# Queries smaller than this travel inside each shard's call rather than through the object
+# store: Ray inlines such arguments (its own limit is 100 KiB), while a put and the shards'
+# fetches of it cost ~1.3 ms more per step on one node for a decode step's 16 KiB of q
+# (benches/bench_distributed.py).
+_PUT_FROM = 100 * 1024
+
 
 class ShardedKVCache:
     """A :class:`ferroattn.KVCache` whose token positions are split over Ray actors.
@@ -354,7 +360,9 @@ class ShardedKVCache:
         if query is not None and plan:
             q = query[0]
             # Partial results are merged in float32: the shards compute them from float32 q.
-            q_ref = ray.put(q if q.dtype == np.float32 else q.astype(np.float32))
+            q_ref = q if q.dtype == np.float32 else q.astype(np.float32)
+            if len(plan) > 1 and q_ref.nbytes >= _PUT_FROM:
+                q_ref = ray.put(q_ref)  # once for all shards, not serialized into each call
         options = {} if query is None else query[1]
         held = self._fill(self._len)
         calls = []
@@ -370,5 +378,11 @@ class ShardedKVCache:
         shape = (self.batch, q.shape[1], q.shape[2], self.head_dim)
         if not parts:  # no query sees a key: zeros, as KVCache gives
             return np.zeros(shape, dtype=q.dtype)
-        out, _ = merge_partials([o for o, _ in parts], [lse for _, lse in parts])
-        return out.astype(q.dtype, copy=False)
+        if len(parts) == 1:  # one shard saw every key (rows it did not name are zeros)
+            out = parts[0][0]
+        else:
+            out, _ = merge_partials([o for o, _ in parts], [lse for _, lse in parts])
+        result = out.astype(q.dtype, copy=False)
+        # An array Ray handed back may be a read-only view of its buffer; results are the
+        # caller's to write, as KVCache's are.
+        return result if result.flags.writeable else result.copy()
