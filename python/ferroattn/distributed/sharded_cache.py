@@ -56,7 +56,10 @@ class ShardedKVCache:
             (no CPU reserved) on all of its machine's cores.
 
     Works on whatever cluster ``ray.init()`` connected this process to, and starts a local
-    one when there is none (call ``ray.init(address="auto")`` first to join a cluster).
+    one when there is none (call ``ray.init(address="auto")`` first to join a cluster). The
+    constructor returns once every shard's actor has started: on a cluster without room for
+    what ``actor_options`` reserve, it waits until there is (Ray logs that it cannot schedule
+    them).
 
     Methods follow :class:`ferroattn.KVCache`: bottom-right causal attention over the whole
     history, GQA, ``scale``, ``softcap``, ``precision``, ragged batches through ``lengths``.
@@ -100,7 +103,8 @@ class ShardedKVCache:
         self.window = None if window is None else _count("window", window, 1)
         if actor_options is not None and not isinstance(actor_options, Mapping):
             raise TypeError(f"actor_options must be a dict, got {type(actor_options).__name__}")
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        shape = self._shape
+        self.batch, self.kv_heads, self.head_dim = shape.batch, shape.kv_heads, shape.head_dim
         self._len = np.zeros(self.batch, dtype=np.int64)
         self._starts = np.arange(self.num_shards, dtype=np.int64) * self.shard_capacity
         connect()
