@@ -9,6 +9,7 @@ are undone by the next call that reaches them.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import numpy as np
@@ -16,10 +17,20 @@ import numpy as np
 from ..kv_cache import KVCache
 from ._workers import use_assigned_cpus
 
-__all__ = ["ShardWorker"]
+__all__ = ["ShardWorker", "pack", "unpack"]
 
 # (window, [(b, q0, q_len, k0, k_len), ...]): one kernel call, by KVCache.attend_slots.
 Group = tuple[tuple[int | None, int | None], list[tuple[int, int, int, int, int]]]
+
+
+def pack(message: Any) -> bytes:
+    """A small call or result as one pickled message (arrays inside it, copied)."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(message: bytes) -> Any:
+    """What :func:`pack` packed (between a cache and its own shards only)."""
+    return pickle.loads(message)
 
 
 class ShardWorker:
@@ -80,6 +91,10 @@ class ShardWorker:
             out += o
             np.maximum(lse, part_lse, out=lse)
         return out, lse
+
+    def run_packed(self, message: bytes) -> bytes:
+        """:meth:`run` with its arguments and result as single :func:`pack` messages."""
+        return pack(self.run(*unpack(message)))
 
     def _align(self, held: np.ndarray) -> None:
         """Drop tokens past what the caller counts (rolled back, reset, or written by a call

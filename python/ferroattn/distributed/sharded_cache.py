@@ -20,7 +20,7 @@ from ..kv_cache import KVCache, _count, _ScoreTerms
 from ..merge import merge_partials
 from ..precision import Precision, check_precision
 from ._ranges import visible_part
-from ._shard import Group, ShardWorker
+from ._shard import Group, ShardWorker, pack, unpack
 from ._workers import connect
 from .errors import gather
 
@@ -33,6 +33,19 @@ _Worker = ray.remote(ShardWorker)
 # fetches of it cost ~1.3 ms more per step on one node for a decode step's 16 KiB of q
 # (benches/bench_distributed.py).
 _PUT_FROM = 100 * 1024
+
+# A call whose arrays hold less than this goes to its shard as one pickled message (see
+# `_shard.pack`): Ray serializes each argument and array on its own, which costs ~0.35 ms
+# more per decode step on one node. Larger ones go as they are, read in place from Ray's
+# buffers.
+_PACK_BELOW = 64 * 1024
+
+
+def _payload(args: tuple[Any, ...]) -> int:
+    """Bytes of the arrays a shard call carries."""
+    held, new, q, _, _ = args
+    total = held.nbytes + (0 if q is None else q.nbytes)
+    return total + (0 if new is None else sum(a.nbytes for a in new))
 
 
 class ShardedKVCache:
@@ -360,21 +373,29 @@ class ShardedKVCache:
     def _run(self, new: dict, plan: dict, query: tuple[np.ndarray, dict] | None) -> Any:
         """One call to each shard that stores or attends; the merged result of the attending
         ones (None without a query)."""
-        q_ref = None
+        q_arg: Any = None  # float32 queries, or a reference to them in the object store
         if query is not None and plan:
             q = query[0]
             # Partial results are merged in float32: the shards compute them from float32 q.
-            q_ref = q if q.dtype == np.float32 else q.astype(np.float32)
-            if len(plan) > 1 and q_ref.nbytes >= _PUT_FROM:
-                q_ref = ray.put(q_ref)  # once for all shards, not serialized into each call
+            q_arg = q if q.dtype == np.float32 else q.astype(np.float32)
+            if len(plan) > 1 and q_arg.nbytes >= _PUT_FROM:
+                q_arg = ray.put(q_arg)  # once for all shards, not serialized into each call
         options = {} if query is None else query[1]
         held = self._fill(self._len)
-        calls = []
+        calls, packed = [], []
         for s in sorted(set(new) | set(plan)):
-            q_here = q_ref if s in plan else None
-            ref = self._actors[s].run.remote(held[s], new.get(s), q_here, plan.get(s, []), options)
+            q_here = q_arg if s in plan else None
+            args = (held[s], new.get(s), q_here, plan.get(s, []), options)
+            # A reference must be an argument of its own for Ray to resolve it.
+            small = not isinstance(q_here, ray.ObjectRef) and _payload(args) < _PACK_BELOW
+            actor = self._actors[s]
+            ref = actor.run_packed.remote(pack(args)) if small else actor.run.remote(*args)
             calls.append((s, ref))
-        results = gather(calls, "a ShardedKVCache")
+            packed.append(small)
+        results = [
+            unpack(r) if small else r
+            for r, small in zip(gather(calls, "a ShardedKVCache"), packed, strict=True)
+        ]
         if query is None:
             return None
         q = query[0]
