@@ -54,8 +54,10 @@ def _fill(cache: Any, length: int, kv_heads: int, dim: int, dtype: str, chunk: i
         done += t
 
 
-def _time(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median ms of each call, run round-robin (each round starting with the next one)."""
+def _time(calls: dict[str, Callable[[], Any]], repeats: int, gap: float) -> dict[str, float]:
+    """Median ms of each call, run round-robin (each round starting with the next one), with
+    ``gap`` seconds of sleep before each: the kernel threads of the call before (in this
+    process or a shard's) have gone idle, as between the decode steps of a model."""
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
     for name in names:  # warm-up
@@ -65,6 +67,7 @@ def _time(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]
         for r in range(repeats):
             for i in range(len(names)):
                 name = names[(r + i) % len(names)]
+                time.sleep(gap)
                 t0 = time.perf_counter()
                 calls[name]()
                 times[name].append((time.perf_counter() - t0) * 1e3)
@@ -115,7 +118,7 @@ def _case(
             if err > 5e-3:
                 raise SystemExit(f"{n} shards at {length} tokens: relative error {err:.2e}")
             calls[f"{n} shard{'s' if n > 1 else ''}"] = _stepper(cache, q, k, v)
-        return _time(calls, args.repeats)
+        return _time(calls, args.repeats, args.gap_ms / 1e3)
     finally:
         for cache in caches:
             cache.close()
@@ -133,6 +136,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="float16", choices=["float32", "float16"])
     p.add_argument("--repeats", type=int, default=21)
     p.add_argument("--chunk", type=int, default=8192, help="tokens per append while filling")
+    p.add_argument("--gap-ms", type=float, default=20.0, help="idle time before each call")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: a local one)")
     p.add_argument("--no-save", action="store_true", help="print only")
     args = p.parse_args()
@@ -161,8 +165,11 @@ def main() -> int:
             f"ferroattn {ferroattn.__version__}, ISA {ferroattn.info()['isa']}, {cores} cores, "
             f"Ray {ray.__version__} ({'cluster ' + args.address if args.address else 'local'}); "
             f"batch 1, {args.heads} query / {args.kv_heads} KV heads, D={args.dim}, "
-            f"{args.dtype} cache; one-token step(), median of {args.repeats}, ms. Shards "
-            f"reserve cores/shards CPUs each; the single cache uses all {cores} cores.",
+            f"{args.dtype} cache; one-token step(), median of {args.repeats} after "
+            f"{args.gap_ms:g} ms idle each, ms. Shards reserve cores/shards CPUs each; the "
+            f"single cache uses all {cores} cores. Load average at the start: "
+            f"{os.getloadavg()[0]:.1f} (other work on the machine slows every wake-up of a "
+            "round trip).",
             "",
             "## Per-step overhead of the Ray round trip",
             "",
@@ -193,7 +200,8 @@ def main() -> int:
         sharded = t[f"{args.shards} shard{'s' if args.shards > 1 else ''}"]
         row = f"| {t['one process']:.3f} | {sharded:.3f} | {sharded / t['one process']:.2f} |"
         lines.append(row)
-        print(row, flush=True)
+        lines += ["", f"Load average at the end: {os.getloadavg()[0]:.1f}."]
+        print(row + "\n\n" + lines[-1], flush=True)
     finally:
         ray.shutdown()
     if not args.no_save and not args.quick:

@@ -206,6 +206,15 @@ def test_long_chunks_through_the_object_store(rng):
             got, want = sharded.step(q, k, v), single.step(q, k, v)
             np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
             assert got.flags.writeable
+        # Tokens a shard holds past the cache's count (a call that failed on another shard
+        # leaves them) are dropped by its next call.
+        held = np.array([180, 180])
+        stray = rng.standard_normal((B, HKV, 3, D), dtype=np.float32)
+        ray.get(sharded.actors[1].run.remote(held, (stray, stray, np.array([3, 3])), None, [], {}))
+        q = rng.standard_normal((B, HQ, 1, D), dtype=np.float32)
+        k, v = rng.standard_normal((2, B, HKV, 1, D), dtype=np.float32)
+        got, want = sharded.step(q, k, v), single.step(q, k, v)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
 
 
 # --------------------------------------------------------------------------------- failures
