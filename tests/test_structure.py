@@ -7,6 +7,8 @@ imports is a tangle that only shows when a rarely taken branch runs.
 * No module reaches itself through imports.
 * ``ferroattn.torch`` (the one module that imports torch) is imported by ``ferroattn._dispatch``
   alone, and itself reaches none of the modules above it.
+* Ray is imported by ``ferroattn.distributed`` and its modules alone, and ``import ferroattn``
+  reaches none of them: the package works without Ray, and importing it never starts Ray.
 
 The kernel crate (``rust/core/src``) is held to the same rule: its modules' ``crate::`` and
 ``super::`` paths, read from the source, form no cycle.
@@ -15,13 +17,19 @@ The kernel crate (``rust/core/src``) is held to the same rule: its modules' ``cr
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = "ferroattn"
 ROOT = Path(__file__).resolve().parent.parent / "python" / PACKAGE
 TORCH = f"{PACKAGE}.torch"
 DISPATCH = f"{PACKAGE}._dispatch"
+DISTRIBUTED = f"{PACKAGE}.distributed"
 CORE = Path(__file__).resolve().parent.parent / "rust" / "core" / "src"
 
 
@@ -142,6 +150,48 @@ def test_torch_module_reaches_nothing_above_it():
     }
     reached = _reach(_graph(), TORCH) & above
     assert not reached, f"{TORCH} imports {sorted(reached)}"
+
+
+def _third_party(path: Path) -> set[str]:
+    """Top-level names of the modules outside the package that ``path`` imports, anywhere."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {PACKAGE}
+
+
+def _in_distributed(name: str) -> bool:
+    return name == DISTRIBUTED or name.startswith(DISTRIBUTED + ".")
+
+
+def test_only_distributed_imports_ray():
+    importers = sorted(m for m, p in _module_names().items() if "ray" in _third_party(p))
+    assert importers, "no module imports ray: is ferroattn.distributed there?"
+    outside = [m for m in importers if not _in_distributed(m)]
+    assert not outside, f"ray is imported outside {DISTRIBUTED}: {outside}"
+
+
+def test_package_never_reaches_distributed():
+    graph = _graph()
+    for start in (m for m in graph if not _in_distributed(m)):
+        reached = sorted(m for m in _reach(graph, start) if _in_distributed(m))
+        assert not reached, f"{start} imports {reached}"
+
+
+def test_import_ferroattn_leaves_ray_alone():
+    code = "import sys, ferroattn; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_distributed_without_ray_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    for name in [m for m in sys.modules if _in_distributed(m)]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r"pip install ferroattn\[ray\]"):
+        importlib.import_module(DISTRIBUTED)
 
 
 def _rust_graph() -> dict[str, set[str]]:

@@ -27,6 +27,7 @@ from ._args import (
 )
 from ._dispatch import tensor_among
 from ._memory import zeros
+from .precision import Precision, check_precision
 from .variants import normalize_variants
 
 __all__ = [
@@ -197,7 +198,11 @@ class NumpyStorage:
         v: np.ndarray,
         scales: tuple[np.ndarray, np.ndarray] | None,
         out: np.ndarray | None,
-    ) -> np.ndarray:
+        return_lse: bool = False,
+    ) -> Any:
+        """Attention as ``query`` says (see :meth:`CacheStorage.run`); with ``return_lse``,
+        ``(result, lse)``, the lse float32 ``(B, H, T)`` and ``-inf`` on the rows no sequence
+        names (they saw no key, as their zero output says)."""
         shape = query.shape
         result_dtype = q.dtype
         qk = kernel_ready("q", q)
@@ -221,7 +226,7 @@ class NumpyStorage:
         opts = query.opts
         if query.sink_keys:
             opts = dataclasses.replace(opts, sink_keys=query.sink_keys)
-        _ferroattn.attention(
+        lse = _ferroattn.attention(
             qk,
             k,
             v,
@@ -231,10 +236,18 @@ class NumpyStorage:
             sequences=Sequences(explicit=query.seqs),
             variants=variants,
             kv_encoding=encoding,
+            return_lse=return_lse,
         )
         if not direct:
             result[...] = target
-        return result
+        if lse is None:
+            return result
+        # The kernel leaves the lse of rows no sequence names at 0; they saw no key.
+        named = np.zeros((shape[0], shape[2]), dtype=bool)
+        for b, q0, q_len, _, _ in query.seqs:
+            named[b, q0 : q0 + q_len] = True
+        lse = lse.reshape(shape[:3])
+        return result, np.where(named[:, None, :], lse, np.float32(-np.inf))
 
 
 def attend_sequences(
@@ -245,24 +258,37 @@ def attend_sequences(
     *,
     scales: tuple[np.ndarray, np.ndarray] | None = None,
     causal: bool = False,
-    window: int | None = None,
+    window: Any = None,
     scale: float | None = None,
     softcap: float | None = None,
     sinks: Any = None,
     out: np.ndarray | None = None,
-) -> np.ndarray:
+    precision: Precision | None = None,
+    return_lse: bool = False,
+) -> Any:
     """Attention over ``(B, H, N, D)`` NumPy arrays as explicit sequences pair their rows.
 
     For callers that keep positions themselves (a cache of another library, a ring buffer read
-    in place): ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
-    batch ``b`` over keys ``k0 : k0 + k_len``, causal (bottom-right) and ``window`` counted
-    inside that range; rows no entry names are zeros. ``k``/``v`` are float arrays the kernels
-    read (float32, float16, bfloat16) or int8 with ``scales`` ``(B, Hkv, N)``; ``out``
-    ``(B, H, Nq, Dv)`` of q's dtype.
+    in place, a shard of a longer cache): ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries
+    ``q0 : q0 + q_len`` of batch ``b`` over keys ``k0 : k0 + k_len``, causal (bottom-right) and
+    ``window`` (an int or a ``(left, right)`` pair, as :func:`ferroattn.attention` takes it)
+    counted inside that range; rows no entry names are zeros. ``k``/``v`` are float arrays the
+    kernels read (float32, float16, bfloat16) or int8 with ``scales`` ``(B, Hkv, N)``; ``out``
+    ``(B, H, Nq, Dv)`` of q's dtype; ``precision`` as in :func:`ferroattn.attention`, but
+    ``"highest"`` when not given (the process-wide setting does not apply here). With
+    ``return_lse``: ``(out, lse)``, the lse float32 ``(B, H, Nq)``, ``-inf`` on rows that saw
+    no key (those no entry names included), ready for :func:`ferroattn.merge_partials`.
     """
     shape = (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
     opts = mask_options(
-        head_dim=q.shape[3], causal=causal, window=window, scale=scale, softcap=softcap
+        head_dim=q.shape[3],
+        causal=causal,
+        window=window,
+        scale=scale,
+        softcap=softcap,
+        # Float32 products unless asked, as before it took `precision`: the process-wide
+        # setting is for the public functions, and the transformers integration calls this.
+        precision="highest" if precision is None else check_precision(precision),
     )
     if out is not None:
         check_out(out, shape, q.dtype, [q, k, v])
@@ -270,6 +296,5 @@ def attend_sequences(
     if code is None:
         raise TypeError(f"k must be float32, float16, bfloat16 or int8, got {k.dtype}")
     terms = {} if sinks is None else {"sinks": sinks}
-    return NumpyStorage.run(
-        CacheQuery(list(seqs), 0, opts, terms, shape, code), q, k, v, scales, out
-    )
+    query = CacheQuery(list(seqs), 0, opts, terms, shape, code)
+    return NumpyStorage.run(query, q, k, v, scales, out, return_lse=return_lse)

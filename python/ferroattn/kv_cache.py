@@ -451,14 +451,15 @@ class KVCache:
 
     def attend_slots(
         self, q: np.ndarray, seqs: list[tuple[int, int, int, int, int]], **options: Any
-    ) -> np.ndarray:
+    ) -> Any:
         """Attention of ``q`` ``(batch, heads, T, head_dim)`` over the storage as it lies, by
         slot: ``seqs`` lists ``(b, q0, q_len, k0, k_len)``, queries ``q0 : q0 + q_len`` of
         sequence ``b`` over slots ``k0 : k0 + k_len`` (see :meth:`slot`). ``options``
-        (``causal``, ``window``, ``scale``, ``softcap``, ``sinks``, ``out``) as in
-        ``_cache_storage.attend_sequences``: causal and window count positions inside each
-        slot range. The stored lengths are not consulted: the caller says which slots hold
-        what. NumPy arrays, a cache with NumPy storage only.
+        (``causal``, ``window``, ``scale``, ``softcap``, ``sinks``, ``out``, ``precision``,
+        ``return_lse``) as in ``_cache_storage.attend_sequences``: causal and window count
+        positions inside each slot range; ``return_lse=True`` returns ``(out, lse)``. The
+        stored lengths are not consulted: the caller says which slots hold what. NumPy arrays,
+        a cache with NumPy storage only.
         """
         if not isinstance(self._store, NumpyStorage):
             raise ValueError("attend_slots reads NumPy storage (a cache with backend 'cpu')")
