@@ -101,6 +101,22 @@ wheels=(target/ci-wheel/ferroattn-*.whl)
 # (reinstalled even where the same version is installed: a rerun tests the new build)
 $PY -m pip install -q --force-reinstall --no-deps "${wheels[0]}"
 $PY -m pip install -q "${wheels[0]}[dev]"
+# aarch64 (FERROATTN_AARCH64=1, as .ci/run sets): cross-built with Debian's toolchain, run under
+# qemu-user (scripts/aarch64/; installs the Debian packages it needs where they are missing). It
+# runs beside the x86-64 steps below, which leave a core mostly idle (pytest is one process).
+aarch64_steps() {
+    echo "== aarch64: Rust tests under qemu (default CPU and Cortex-A53) and clippy"
+    bash scripts/aarch64/test-rust.sh
+    echo "== aarch64 wheel and sdist"
+    bash scripts/build-wheels.sh -o target/ci-wheel-aarch64 aarch64 sdist
+    echo "== aarch64: Python smoke test of the wheel under qemu"
+    bash scripts/aarch64/smoke.sh target/ci-wheel-aarch64/ferroattn-*aarch64*.whl
+}
+if [[ ${FERROATTN_AARCH64:-0} == 1 ]]; then
+    a64_log=target/ci-aarch64.log
+    in_background "aarch64 steps" "$a64_log" aarch64_steps
+    a64_job=$bg_pid
+fi
 
 step "lint (clippy: with the Rust test build)"
 cargo fmt --all --check
@@ -146,7 +162,7 @@ env -u FERROATTN_ISA "${pytest[@]}" -m "not kernel" tests
 # so the float int8 path of AVX-512 CPUs lacking VNNI is exercised here too.
 if [[ " $isas " == *" avx512 "* ]] && grep -qw avx512_vnni /proc/cpuinfo 2>/dev/null; then
     step "Python cache tests, FERROATTN_ISA=avx512 FERROATTN_VNNI=0"
-    FERROATTN_ISA=avx512 FERROATTN_VNNI=0 "${pytest[@]}" tests/test_kv_cache.py
+    FERROATTN_ISA=avx512 FERROATTN_VNNI=0 "${pytest[@]}" tests/test_kv_cache.py tests/test_paged_attention.py
 fi
 # With AVX-512 BF16, bf16 prefill (and float32 at precision="high"/"medium") takes bf16 dot
 # products; the scalar and AVX2 passes run those tests on the float32 kernels, and this one on the
@@ -157,15 +173,9 @@ if [[ " $isas " == *" avx512 "* ]] && grep -qw avx512_bf16 /proc/cpuinfo 2>/dev/
 fi
 step "x86_64 wheel: fresh virtualenv without Rust, smoke test, ferroattn demo"
 bash scripts/check-wheel.sh "${wheels[0]}"
-# aarch64 (FERROATTN_AARCH64=1, as .ci/run sets): cross-built with Debian's toolchain, run under
-# qemu-user (scripts/aarch64/); installs the Debian packages it needs where they are missing.
-if [[ ${FERROATTN_AARCH64:-0} == 1 ]]; then
-    step "aarch64: Rust tests under qemu (default CPU and Cortex-A53) and clippy"
-    bash scripts/aarch64/test-rust.sh
-    step "aarch64 wheel and sdist"
-    bash scripts/build-wheels.sh -o target/ci-wheel aarch64 sdist
-    step "aarch64: Python smoke test of the wheel under qemu"
-    bash scripts/aarch64/smoke.sh target/ci-wheel/ferroattn-*aarch64*.whl
+if [[ -n ${a64_job:-} ]]; then
+    step "aarch64 steps (running since the install)"
+    await "$a64_job" "$a64_log"
 fi
 step ""
 echo "== all passed in $(( $(date +%s) - suite_t0 )) s"

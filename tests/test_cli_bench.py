@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from optional import require
 
 import ferroattn
 from ferroattn import cli, selfcheck
@@ -42,7 +43,7 @@ def test_quick_json_checks_then_times_every_call(capsys):
 
 
 def test_quick_text_side_by_side_with_torch(capsys):
-    pytest.importorskip("torch")
+    require("torch", "torch")
     code, out, _ = _bench(capsys, "--repeats", "1")
     assert code == 0
     assert "torch/fa" in out and "scaled_dot_product_attention" in out

@@ -12,10 +12,11 @@ import itertools
 
 import numpy as np
 import pytest
+from optional import require
 
 import ferroattn
 
-ray = pytest.importorskip("ray", reason="needs Ray: pip install ferroattn[ray]")
+ray = require("ray", "ray")
 
 from ferroattn.distributed import (  # noqa: E402 - after the skip: it needs Ray
     ShardedKVCache,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from optional import require
 from reference import BF16, F16, F32, F64, OUT_RTOL, rel_err
 from test_rope import reference_rope
 
@@ -446,7 +447,7 @@ def test_from_state_dict_partial_biases(rng):
 
 
 def test_from_state_dict_with_torch_tensors(rng):
-    torch = pytest.importorskip("torch", reason="torch is not installed")
+    torch = require("torch", "torch")
     import torch.nn.functional as F  # noqa: N812
 
     d_model, h, hkv, hd, n = 32, 4, 2, 8, 9

@@ -56,8 +56,8 @@ class CacheQuery(NamedTuple):
     every general call, so cheap to build).
 
     Attributes:
-        seqs: ``(b, q0, q1, k0, k1)``: queries ``q0:q1`` of sequence ``b`` see keys ``k0:k1``;
-            rows no entry names are zeros.
+        seqs: ``(b, q0, q_len, k0, k_len)``: queries ``q0 : q0 + q_len`` of sequence ``b``
+            see keys ``k0 : k0 + k_len``; rows no entry names are zeros.
         sink_keys: the first keys, which the window does not hide (StreamingLLM sinks).
         opts: scale, softcap, causal alignment and window.
         terms: ``alibi_slopes``, ``sinks``, ``rel_bias`` (None where not given).

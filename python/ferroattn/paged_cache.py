@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -630,8 +630,12 @@ class PagedKVCache:
         if not q.size:  # no query rows (or heads): nothing for the kernels to do
             return _empty_result((len(ids), q.shape[1], q.shape[2], self.value_dim), q, out)
         table, lens = self._tables(ids)
-        return paged_attention(
-            q, self._k, self._v, table, lens, causal=True, out=out, **self._scales(), **options
+        # Without return_lse the result is the output array alone.
+        return cast(
+            np.ndarray,
+            paged_attention(
+                q, self._k, self._v, table, lens, causal=True, out=out, **self._scales(), **options
+            ),
         )
 
     def _attend_varlen(self, ids, q, counts, out, options) -> np.ndarray:
@@ -640,8 +644,20 @@ class PagedKVCache:
         table, lens = self._tables(ids)
         cu = np.zeros(len(ids) + 1, dtype=np.int32)
         np.cumsum(counts, out=cu[1:])
-        return paged_attention_varlen(
-            q, self._k, self._v, table, lens, cu, causal=True, out=out, **self._scales(), **options
+        return cast(
+            np.ndarray,
+            paged_attention_varlen(
+                q,
+                self._k,
+                self._v,
+                table,
+                lens,
+                cu,
+                causal=True,
+                out=out,
+                **self._scales(),
+                **options,
+            ),
         )
 
 
