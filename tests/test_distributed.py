@@ -266,6 +266,16 @@ def test_constructor_checks(rng):
         ShardedKVCache(2, B, HKV, D, 0)
     with pytest.raises(TypeError, match="dtype"):
         ShardedKVCache(2, B, HKV, D, 4, dtype="int4")
+    for bad in (0, -1.0, "5", True):
+        with pytest.raises(ValueError, match="start_timeout"):
+            ShardedKVCache(2, B, HKV, D, 4, start_timeout=bad)
+
+
+def test_shards_without_room_raise_instead_of_waiting():
+    # The local Ray has 2 CPUs: a shard reserving 64 is never placed.
+    with pytest.raises(ShardError, match="shard 0 did not start within 1 s") as caught:
+        ShardedKVCache(2, B, HKV, D, 4, actor_options={"num_cpus": 64}, start_timeout=1)
+    assert caught.value.shard == 0
 
 
 def test_dead_shard_raises_shard_error_naming_it(rng):

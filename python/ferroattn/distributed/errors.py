@@ -8,7 +8,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError
 
-__all__ = ["ShardError", "gather"]
+__all__ = ["ShardError", "gather", "started"]
 
 
 class ShardError(RuntimeError):
@@ -53,3 +53,20 @@ def gather(refs: Sequence[tuple[int, Any]], what: str) -> list[Any]:
         message = f"shard {shard} of {what} failed: {type(cause).__name__}: {first}"
         raise ShardError(shard, message) from cause
     return results
+
+
+def started(refs: Sequence[tuple[int, Any]], timeout: float | None) -> None:
+    """Waits up to ``timeout`` seconds (None: as long as Ray does) for the first calls of newly
+    created actors; raises :class:`ShardError` naming the first shard whose call has not
+    finished (its actor is not placed: the cluster has no room for what it reserves)."""
+    if timeout is None or not refs:
+        return
+    ready, _ = ray.wait([r for _, r in refs], num_returns=len(refs), timeout=timeout)
+    done = set(ready)
+    for shard, ref in refs:
+        if ref not in done:
+            raise ShardError(
+                shard,
+                f"shard {shard} did not start within {timeout:g} s: the cluster has no room "
+                f"for the resources actor_options reserve (see ray.available_resources())",
+            )

@@ -22,7 +22,7 @@ from ..precision import Precision, check_precision
 from ._ranges import visible_part
 from ._shard import Group, ShardWorker, pack, unpack
 from ._workers import connect
-from .errors import gather
+from .errors import gather, started
 
 __all__ = ["ShardedKVCache"]
 
@@ -67,12 +67,15 @@ class ShardedKVCache:
             ``resources``, ``scheduling_strategy`` to place shards on nodes, ...). A shard
             that Ray reserves ``num_cpus=n`` for runs its kernels on ``n`` threads; by default
             (no CPU reserved) on all of its machine's cores.
+        start_timeout: seconds to wait for every shard's actor to start (see below).
 
     Works on whatever cluster ``ray.init()`` connected this process to, and starts a local
     one when there is none (call ``ray.init(address="auto")`` first to join a cluster). The
-    constructor returns once every shard's actor has started: on a cluster without room for
-    what ``actor_options`` reserve, it waits until there is (Ray logs that it cannot schedule
-    them).
+    constructor returns once every shard's actor has started. On a cluster without room for
+    what ``actor_options`` reserve, Ray would wait for room indefinitely: after
+    ``start_timeout`` seconds (default 60; None waits as long as Ray does) the constructor
+    stops the actors and raises :class:`ferroattn.distributed.ShardError` naming the first
+    shard that has not started.
 
     Methods follow :class:`ferroattn.KVCache`: bottom-right causal attention over the whole
     history, GQA, ``scale``, ``softcap``, ``precision``, ragged batches through ``lengths``.
@@ -107,6 +110,7 @@ class ShardedKVCache:
         dtype: Any = "float32",
         window: int | None = None,
         actor_options: Mapping[str, Any] | None = None,
+        start_timeout: float | None = 60.0,
     ) -> None:
         self.num_shards = _count("num_shards", num_shards, 1)
         # A KVCache of one position per sequence checks the arguments of every call locally,
@@ -116,6 +120,14 @@ class ShardedKVCache:
         self.window = None if window is None else _count("window", window, 1)
         if actor_options is not None and not isinstance(actor_options, Mapping):
             raise TypeError(f"actor_options must be a dict, got {type(actor_options).__name__}")
+        if start_timeout is not None and (
+            isinstance(start_timeout, bool)
+            or not isinstance(start_timeout, (int, float))
+            or not start_timeout > 0
+        ):
+            raise ValueError(
+                f"start_timeout must be a positive number or None, got {start_timeout!r}"
+            )
         shape = self._shape
         self.batch, self.kv_heads, self.head_dim = shape.batch, shape.kv_heads, shape.head_dim
         self._len = np.zeros(self.batch, dtype=np.int64)
@@ -125,7 +137,9 @@ class ShardedKVCache:
         args = (self.batch, self.kv_heads, self.head_dim, self.shard_capacity, self.dtype)
         self._actors: tuple[Any, ...] = tuple(worker.remote(*args) for _ in self._starts)
         try:
-            sizes = gather([(s, a.nbytes.remote()) for s, a in enumerate(self._actors)], "a cache")
+            refs = [(s, a.nbytes.remote()) for s, a in enumerate(self._actors)]
+            started(refs, start_timeout)
+            sizes = gather(refs, "a cache")
         except BaseException:
             self.close()
             raise
