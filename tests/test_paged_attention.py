@@ -31,9 +31,21 @@ class Paged:
     dequantized (or as stored) gather of every sequence, padded, for the oracle."""
 
     def __init__(
-        self, rng, lens, *, bs, hkv=2, d=16, dv=None, dtype=F32, extra_blocks=3, share=False
+        self,
+        rng,
+        lens,
+        *,
+        bs,
+        hkv=2,
+        d=16,
+        dv=None,
+        dtype=F32,
+        extra_blocks=3,
+        share=False,
+        kv_layout="nhd",
     ):
         dv = d if dv is None else dv
+        self.kv_layout = kv_layout
         self.lens, self.bs, self.dtype = list(lens), bs, np.dtype(dtype)
         need = [-(-n // bs) for n in lens]
         per_row = max(need + [1]) + 1
@@ -60,6 +72,11 @@ class Paged:
             self.k, self.v = k.astype(self.dtype), v.astype(self.dtype)
             kf, vf = self.k.astype(np.float32), self.v.astype(np.float32)
         self.kf, self.vf = kf, vf
+        if kv_layout == "hnd":  # the same blocks, head-major
+            self.k, self.v = (np.ascontiguousarray(a.swapaxes(1, 2)) for a in (self.k, self.v))
+            if self.k_scale is not None:
+                self.k_scale = np.ascontiguousarray(self.k_scale.swapaxes(1, 2))
+                self.v_scale = np.ascontiguousarray(self.v_scale.swapaxes(1, 2))
         n_max = per_row * bs
         self.k_gather = np.zeros((len(lens), hkv, n_max, d), np.float32)
         self.v_gather = np.zeros((len(lens), hkv, n_max, dv), np.float32)
@@ -71,7 +88,7 @@ class Paged:
 
     @property
     def scales(self):
-        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale, "kv_layout": self.kv_layout}
 
     def run(self, q, **opts):
         return ferroattn.paged_attention(
@@ -117,28 +134,45 @@ def _check(cache, q, rtol=None, **opts):
     return out, lse
 
 
+KV_LAYOUTS = ["nhd", "hnd"]
+
+
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
 @pytest.mark.parametrize("bs", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [F32, F16, BF16, I8])
 @pytest.mark.parametrize("nq", [1, 3, 20])
-def test_paged_equals_gathered_attention(rng, bs, dtype, nq):
-    cache = Paged(rng, [37, 130, 5, 64], bs=bs, dtype=dtype, share=True)
+def test_paged_equals_gathered_attention(rng, bs, dtype, nq, kv_layout):
+    cache = Paged(rng, [37, 130, 5, 64], bs=bs, dtype=dtype, share=True, kv_layout=kv_layout)
     q_dtype = F32 if dtype == I8 else dtype
     _check(cache, _queries(rng, 4, 4, nq, 16, q_dtype))
 
 
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
 @pytest.mark.parametrize("dtype", [F16, I8])
-def test_float32_queries_over_narrow_caches(rng, dtype):
-    cache = Paged(rng, [300, 129], bs=16, hkv=2, d=32, dtype=dtype)
+def test_float32_queries_over_narrow_caches(rng, dtype, kv_layout):
+    cache = Paged(rng, [300, 129], bs=16, hkv=2, d=32, dtype=dtype, kv_layout=kv_layout)
     _check(cache, _queries(rng, 2, 8, 1, 32), rtol=2e-6)
 
 
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
 @pytest.mark.parametrize("bs", [16, 64])
-def test_long_decode_splits_keys_over_blocks(rng, bs):
+def test_long_decode_splits_keys_over_blocks(rng, bs, kv_layout):
     """One sequence, one query: split-K cuts the keys into parts that cross blocks."""
-    cache = Paged(rng, [2000], bs=bs, hkv=1, d=64, dtype=F16)
+    cache = Paged(rng, [2000], bs=bs, hkv=1, d=64, dtype=F16, kv_layout=kv_layout)
     _check(cache, _queries(rng, 1, 4, 1, 64, F16))
-    cache = Paged(rng, [3001], bs=bs, hkv=1, d=32)
+    cache = Paged(rng, [3001], bs=bs, hkv=1, d=32, kv_layout=kv_layout)
     _check(cache, _queries(rng, 1, 1, 1, 32))
+
+
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
+@pytest.mark.parametrize("bs", [16, 48, 256])
+@pytest.mark.parametrize("dtype", [F16, I8])
+@pytest.mark.parametrize("group", [1, 4])
+def test_decode_tiles_span_blocks(rng, bs, dtype, group, kv_layout):
+    """Decode over 128-wide heads (int8's integer paths included): the typed step reads whole
+    tiles of small blocks, a block at a time, requesting the blocks ahead."""
+    cache = Paged(rng, [1500, 333], bs=bs, hkv=2, d=128, dtype=dtype, kv_layout=kv_layout)
+    _check(cache, _queries(rng, 2, 2 * group, 1, 128))
 
 
 @pytest.mark.parametrize(
@@ -205,10 +239,11 @@ def _cu(lens):
     return np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
 
 
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16, I8])
-def test_varlen_equals_per_sequence_calls(rng, dtype):
+def test_varlen_equals_per_sequence_calls(rng, dtype, kv_layout):
     lens, nq = [37, 130, 5, 64, 20], [3, 0, 5, 1, 20]
-    cache = Paged(rng, lens, bs=16, dtype=dtype, share=True)
+    cache = Paged(rng, lens, bs=16, dtype=dtype, share=True, kv_layout=kv_layout)
     q_dtype = F32 if dtype == I8 else dtype
     q = rng.standard_normal((sum(nq), 4, 16)).astype(np.float32).astype(q_dtype)
     cu = _cu(nq)
@@ -268,21 +303,27 @@ def test_random_shapes(lens, bs, nq, group, d, causal, seed):
 # --- paged_write -------------------------------------------------------------------------
 
 
+def _blocks(shape, dtype, kv_layout):
+    """Zeroed ``(num_blocks, block_size, Hkv, ·)`` blocks (or scales without the last axis) in
+    ``kv_layout``, returned with their token-major view."""
+    a = np.zeros(shape if kv_layout == "nhd" else (shape[0], shape[2], shape[1], *shape[3:]), dtype)
+    return a, (a if kv_layout == "nhd" else a.swapaxes(1, 2))
+
+
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
 @pytest.mark.parametrize("dtype", [F32, F16, BF16, I8])
-def test_write_then_read_matches_kv_cache_storage(rng, dtype):
+def test_write_then_read_matches_kv_cache_storage(rng, dtype, kv_layout):
     nb, bs, hkv, d = 6, 4, 2, 16
-    kc = np.zeros((nb, bs, hkv, d), dtype)
-    vc = np.zeros((nb, bs, hkv, d), dtype)
-    scales = {}
+    kc_given, kc = _blocks((nb, bs, hkv, d), dtype, kv_layout)
+    vc_given, vc = _blocks((nb, bs, hkv, d), dtype, kv_layout)
+    scales, given = {}, {}
     if dtype == I8:
-        scales = {
-            "k_scale": np.zeros((nb, bs, hkv), np.float32),
-            "v_scale": np.zeros((nb, bs, hkv), np.float32),
-        }
+        for name in ("k_scale", "v_scale"):
+            given[name], scales[name] = _blocks((nb, bs, hkv), np.float32, kv_layout)
     k = rng.standard_normal((5, hkv, d)).astype(np.float32)
     v = rng.standard_normal((5, hkv, d)).astype(np.float32)
     slots = np.array([9, -1, 0, 23, 4], np.int64)
-    ferroattn.paged_write(kc, vc, k, v, slots, **scales)
+    ferroattn.paged_write(kc_given, vc_given, k, v, slots, **given, kv_layout=kv_layout)
     # An int8 KVCache holds the same bytes for the same tokens.
     cache = ferroattn.KVCache(1, hkv, d, 8, dtype="int8" if dtype == I8 else dtype)
     cache.append(k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
@@ -404,19 +445,49 @@ def test_bad_caches_and_queries(rng):
         ferroattn.paged_attention_varlen(q[:, :, 0], c.k, c.v, c.table, c.lens, [0, 2, 1])
 
 
-def _write_args(rng, dtype=F32):
+def test_head_major_caches_are_checked_in_their_layout(rng):
+    c = Paged(rng, [20, 9], bs=8, kv_layout="hnd")
+    i8 = Paged(rng, [20, 9], bs=8, dtype=I8, kv_layout="hnd")
+    q = _queries(rng, 2, 4, 1, 16)
+    with pytest.raises(ValueError, match=r"kv_layout must be 'nhd' or 'hnd', got 'bshd'"):
+        ferroattn.paged_attention(q, c.k, c.v, c.table, c.lens, kv_layout="bshd")
+    with pytest.raises(ValueError, match=r"num_blocks, Hkv, block_size, D"):
+        ferroattn.paged_attention(q, c.k[0], c.v[0], c.table, c.lens, kv_layout="hnd")
+    with pytest.raises(ValueError, match="agree in blocks"):
+        ferroattn.paged_attention(q, c.k, c.v[:, :1], c.table, c.lens, kv_layout="hnd")
+    with pytest.raises(ValueError, match="int8 caches need k_scale .num_blocks, Hkv, block_size"):
+        ferroattn.paged_attention(q, i8.k, i8.v, i8.table, i8.lens, kv_layout="hnd")
+    nhd_scale = np.ascontiguousarray(i8.v_scale.swapaxes(1, 2))
+    with pytest.raises(ValueError, match=r"v_scale must have shape \(\d+, 2, 8\)"):
+        ferroattn.paged_attention(
+            q, i8.k, i8.v, i8.table, i8.lens, k_scale=i8.k_scale, v_scale=nhd_scale, kv_layout="hnd"
+        )
+    # The same blocks read as the wrong layout are refused by shape (here: Hkv=8, D=16).
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        ferroattn.paged_attention(q, c.k, c.v, c.table, c.lens, kv_layout="nhd")
+    kc, vc, k, v, _ = _write_args(rng, kv_layout="hnd")
+    with pytest.raises(ValueError, match=r"\(T, Hkv, D\)"):
+        ferroattn.paged_write(kc, vc, k, v, [0, 1, 2, 3])
+    with pytest.raises(ValueError, match="kv_layout must be"):
+        ferroattn.paged_write(kc, vc, k, v, [0, 1, 2, 3], kv_layout=None)
+
+
+def _write_args(rng, dtype=F32, kv_layout="nhd"):
     nb, bs, hkv, d = 3, 4, 2, 8
-    kc, vc = np.zeros((nb, bs, hkv, d), dtype), np.zeros((nb, bs, hkv, d), dtype)
+    kc, _ = _blocks((nb, bs, hkv, d), dtype, kv_layout)
+    vc, _ = _blocks((nb, bs, hkv, d), dtype, kv_layout)
     scales = {}
     if dtype == I8:
         scales = {
-            "k_scale": np.zeros((nb, bs, hkv), np.float32),
-            "v_scale": np.zeros((nb, bs, hkv), np.float32),
+            n: _blocks((nb, bs, hkv), np.float32, kv_layout)[0] for n in ("k_scale", "v_scale")
         }
+    if kv_layout == "hnd":
+        scales["kv_layout"] = kv_layout
     k = rng.standard_normal((4, hkv, d)).astype(np.float32)
     return kc, vc, k, k.copy(), scales
 
 
+@pytest.mark.parametrize("kv_layout", KV_LAYOUTS)
 @pytest.mark.parametrize("dtype", [F32, I8])
 @pytest.mark.parametrize(
     "slots, error, match",
@@ -428,12 +499,13 @@ def _write_args(rng, dtype=F32):
         ([[0, 1, 2, 3]], ValueError, "1-D array of integers"),
     ],
 )
-def test_write_errors_change_nothing(rng, dtype, slots, error, match):
-    kc, vc, k, v, scales = _write_args(rng, dtype)
-    before = _snapshot(kc, vc, *scales.values())
+def test_write_errors_change_nothing(rng, dtype, slots, error, match, kv_layout):
+    kc, vc, k, v, args = _write_args(rng, dtype, kv_layout)
+    arrays = [kc, vc, *(a for a in args.values() if isinstance(a, np.ndarray))]
+    before = _snapshot(*arrays)
     with pytest.raises(error, match=match):
-        ferroattn.paged_write(kc, vc, k, v, slots, **scales)
-    for a, b in zip(before, [kc, vc, *scales.values()], strict=True):
+        ferroattn.paged_write(kc, vc, k, v, slots, **args)
+    for a, b in zip(before, arrays, strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -38,6 +38,15 @@ def _contiguous(dtype, k, v):
     return cache
 
 
+def _token_major(cache):
+    """``(k_cache, v_cache, k_scale, v_scale)`` as token-major views ``(num_blocks,
+    block_size, Hkv, ·)``, whatever the cache's ``kv_layout`` (scales None for float caches)."""
+    arrays = (cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale)
+    if cache.kv_layout == "nhd":
+        return arrays
+    return tuple(None if a is None else a.swapaxes(1, 2) for a in arrays)
+
+
 def _used_blocks(cache):
     """Every block some sequence holds (each once), checking each table's width first."""
     used = set()
@@ -82,7 +91,7 @@ def _check_against(cache, model, dtype, rng):
             continue
         contiguous = _contiguous(dtype, k, v)
         table, _ = cache.block_table([s])
-        kc, vc, ks, vs = cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale
+        kc, vc, ks, vs = _token_major(cache)
         np.testing.assert_allclose(gather(kc, table[0], n, ks), contiguous.keys(0), rtol=1e-6)
         np.testing.assert_allclose(gather(vc, table[0], n, vs), contiguous.values(0), rtol=1e-6)
         for t in {1, min(n, 3)}:
@@ -427,6 +436,7 @@ def test_errors_leave_the_cache_unchanged(rng, case, dtype):
         ({"kv_heads": -1}, ValueError),
         ({"value_dim": 0}, ValueError),
         ({"dtype": "float64"}, TypeError),
+        ({"kv_layout": "bhsd"}, ValueError),
     ],
 )
 def test_constructor_refuses_bad_sizes(kwargs, error):
@@ -438,17 +448,17 @@ def test_constructor_refuses_bad_sizes(kwargs, error):
 # ------------------------------------------------ attention, options, varlen
 
 
+@pytest.mark.parametrize("kv_layout", ["hnd", "nhd"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_attend_equals_the_float64_paged_reference(rng, dtype):
-    cache = ferroattn.PagedKVCache(32, 5, HKV, D, dtype=dtype, value_dim=DV)
+def test_attend_equals_the_float64_paged_reference(rng, dtype, kv_layout):
+    cache = ferroattn.PagedKVCache(32, 5, HKV, D, dtype=dtype, value_dim=DV, kv_layout=kv_layout)
     for s, n in (("x", 23), ("y", 7)):
         cache.add(s)
         cache.append([s], *_tokens(rng, n))
     q = rng.standard_normal((2, HQ, 3, D), dtype=F32)
     table, lens = cache.block_table(["x", "y"])
-    want, _ = paged_reference(
-        q, cache.k_cache, cache.v_cache, table, lens, k_scale=cache.k_scale, v_scale=cache.v_scale
-    )
+    kc, vc, ks, vs = _token_major(cache)
+    want, _ = paged_reference(q, kc, vc, table, lens, k_scale=ks, v_scale=vs)
     assert rel_err(cache.attend(["x", "y"], q), want) <= 1e-5
 
 
@@ -526,7 +536,11 @@ def test_facts_and_read_only_views(rng):
     assert table.tolist() == [[0, 1], [-1, -1]] and lens.tolist() == [5, 0]
     for a in (cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale):
         assert not a.flags.writeable
-    assert cache.k_cache.shape == (8, 4, HKV, D) and cache.v_scale.shape == (8, 4, HKV)
+    assert cache.kv_layout == "hnd"
+    assert cache.k_cache.shape == (8, HKV, 4, D) and cache.v_scale.shape == (8, HKV, 4)
+    nhd = ferroattn.PagedKVCache(8, 4, HKV, D, dtype="int8", value_dim=DV, kv_layout="nhd")
+    assert nhd.kv_layout == "nhd" and nhd.nbytes == cache.nbytes
+    assert nhd.k_cache.shape == (8, 4, HKV, D) and nhd.v_scale.shape == (8, 4, HKV)
     assert ferroattn.PagedKVCache(2, 2, 1, 4).k_scale is None
     assert "free_blocks=6" in repr(cache)
 
@@ -599,9 +613,10 @@ def test_stores_what_kvcache_stores_for_any_input_dtype(rng, dtype, given):
     contiguous = ferroattn.KVCache(1, HKV, D, 9, dtype=dtype, value_dim=DV)
     contiguous.append(k, v)
     table = paged.block_table([0])[0][0]
-    rows = paged.k_cache[table].reshape(-1, HKV, D)[:9].swapaxes(0, 1)
+    kc, _, ks, _ = _token_major(paged)
+    rows = kc[table].reshape(-1, HKV, D)[:9].swapaxes(0, 1)
     if dtype == "int8":
-        scales = paged.k_scale[table].reshape(-1, HKV)[:9].T
+        scales = ks[table].reshape(-1, HKV)[:9].T
         np.testing.assert_array_equal(rows, contiguous._k[0])
         np.testing.assert_array_equal(scales, contiguous._ks[0])
     else:

@@ -1,20 +1,29 @@
 """Attention over paged key/value caches (vLLM's and flash-attn's block tables).
 
-A paged cache is one pool of fixed-size blocks ``(num_blocks, block_size, Hkv, D)`` that every
-sequence shares; a block table lists, per sequence, the physical blocks that hold its tokens in
-order. Sequences then grow a block at a time, share prefix blocks, and free blocks without
-moving anything. The kernels read each key and value in the block where it is stored (no gather
-copy): the same kernels as :func:`ferroattn.attention`, so the same options mean the same thing.
+A paged cache is one pool of fixed-size blocks that every sequence shares; a block table lists,
+per sequence, the physical blocks that hold its tokens in order. Sequences then grow a block at
+a time, share prefix blocks, and free blocks without moving anything. The kernels read each key
+and value in the block where it is stored (no gather copy): the same kernels as
+:func:`ferroattn.attention`, so the same options mean the same thing.
 
 - :func:`paged_attention`: queries ``(B, Hq, Nq, D)``, the last ``Nq`` tokens of each sequence.
 - :func:`paged_attention_varlen`: packed queries ``(T, Hq, D)``, a different number per
   sequence (zero for a sequence that is idle this step).
 - :func:`paged_write`: writes new tokens into their slots (vLLM's ``reshape_and_cache``).
+
+Blocks come in two layouts (FlashInfer's names), chosen with ``kv_layout``:
+
+- ``"nhd"`` (the default): ``(num_blocks, block_size, Hkv, D)``, flash-attn's and vLLM's
+  token-major blocks; int8 scales ``(num_blocks, block_size, Hkv)``.
+- ``"hnd"``: ``(num_blocks, Hkv, block_size, D)``, head-major blocks; scales
+  ``(num_blocks, Hkv, block_size)``. Each head's rows of a block are one contiguous run, so a
+  decode step (one task per KV head) streams them; token-major blocks interleave the heads,
+  and a task reads ``D`` elements out of every ``Hkv * D``. Decode over ``"hnd"`` is the faster.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeAlias, cast
 
 import numpy as np
 
@@ -38,6 +47,8 @@ from .precision import check_precision
 from .variants import normalize_variants
 
 __all__ = ["paged_attention", "paged_attention_varlen", "paged_write"]
+
+KVLayout: TypeAlias = Literal["nhd", "hnd"]
 
 
 class PageTable(NamedTuple):
@@ -74,20 +85,39 @@ def _cache_code(arr: np.ndarray) -> str | None:
     return name if name in _CACHE_CODES else None
 
 
-def _check_caches(k_cache: Any, v_cache: Any, k_scale: Any, v_scale: Any) -> _Caches:
-    """``k_cache (num_blocks, block_size, Hkv, D)`` and ``v_cache (…, Dv)`` of one cache dtype,
-    int8 with float32 scales ``(num_blocks, block_size, Hkv)``, others without."""
+def check_kv_layout(kv_layout: Any) -> KVLayout:
+    """``kv_layout`` when it is ``"nhd"`` or ``"hnd"``; refuses anything else by name."""
+    if isinstance(kv_layout, str) and kv_layout in ("nhd", "hnd"):
+        return cast(KVLayout, kv_layout)
+    raise ValueError(f"kv_layout must be 'nhd' or 'hnd', got {kv_layout!r}")
+
+
+def _token_major(a: np.ndarray, kv_layout: KVLayout) -> np.ndarray:
+    """A block array (data ``(·, ·, ·, D)`` or scales ``(·, ·, ·)``) of ``kv_layout`` as a
+    token-major view ``(num_blocks, block_size, Hkv, …)``, the same memory."""
+    return a if kv_layout == "nhd" else a.swapaxes(1, 2)
+
+
+def _check_caches(
+    k_cache: Any, v_cache: Any, k_scale: Any, v_scale: Any, kv_layout: Any = "nhd"
+) -> _Caches:
+    """``k_cache`` and ``v_cache`` of one cache dtype in ``kv_layout`` (``"nhd"``: ``(num_blocks,
+    block_size, Hkv, D)``, ``"hnd"``: ``(num_blocks, Hkv, block_size, D)``), int8 with float32
+    scales of the first three axes, others without. Returned as token-major views of the same
+    memory, whatever the layout."""
+    kv_layout = check_kv_layout(kv_layout)
+    axes = "(num_blocks, block_size, Hkv" if kv_layout == "nhd" else "(num_blocks, Hkv, block_size"
     k = as_array("k_cache", k_cache)
     v = as_array("v_cache", v_cache)
     shapes = f"k_cache {k.shape}, v_cache {v.shape}"
     if k.ndim != 4 or v.ndim != 4:
-        raise ValueError(
-            f"k_cache and v_cache must be (num_blocks, block_size, Hkv, D); got {shapes}"
-        )
+        raise ValueError(f"k_cache and v_cache must be {axes}, D); got {shapes}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(
             f"k_cache and v_cache must agree in blocks, block size and heads; {shapes}"
         )
+    scale_shape = k.shape[:3]
+    k, v = _token_major(k, kv_layout), _token_major(v, kv_layout)
     num_blocks, block_size, heads, d = k.shape
     if block_size < 1 or heads < 1 or d < 1 or v.shape[3] < 1:
         raise ValueError(
@@ -106,13 +136,13 @@ def _check_caches(k_cache: Any, v_cache: Any, k_scale: Any, v_scale: Any) -> _Ca
     scales = []
     for name, s in (("k_scale", k_scale), ("v_scale", v_scale)):
         if s is None:
-            raise ValueError(f"int8 caches need {name} (num_blocks, block_size, Hkv) float32")
+            raise ValueError(f"int8 caches need {name} {axes}) float32")
         s = as_array(name, s)
         if s.dtype != np.float32:
             raise TypeError(f"{name} must be float32, got {s.dtype}")
-        if s.shape != k.shape[:3]:
-            raise ValueError(f"{name} must have shape {k.shape[:3]}, got {s.shape}")
-        scales.append(s)
+        if s.shape != scale_shape:
+            raise ValueError(f"{name} must have shape {scale_shape}, got {s.shape}")
+        scales.append(_token_major(s, kv_layout))
     return _Caches(k, v, code, num_blocks, block_size, heads, KVEncoding(code, *scales))
 
 
@@ -216,6 +246,7 @@ def paged_attention(
     sinks: Any = None,
     k_scale: Any = None,
     v_scale: Any = None,
+    kv_layout: KVLayout = "nhd",
     layout: Literal["bhsd", "bshd"] = "bhsd",
     return_lse: bool = False,
     out: Any = None,
@@ -226,8 +257,10 @@ def paged_attention(
         q: ``(B, Hq, Nq, D)`` (``layout="bshd"``: ``(B, Nq, Hq, D)``), float32, float16 or
             bfloat16: the last ``Nq`` tokens of each sequence (1 when decoding, a chunk when
             prefilling in chunks); their keys and values must be in the cache already.
-        k_cache: ``(num_blocks, block_size, Hkv, D)``, float32, float16, bfloat16 or int8.
-        v_cache: ``(num_blocks, block_size, Hkv, Dv)``, the dtype of ``k_cache``.
+        k_cache: ``(num_blocks, block_size, Hkv, D)`` (``kv_layout="hnd"``: ``(num_blocks,
+            Hkv, block_size, D)``), float32, float16, bfloat16 or int8.
+        v_cache: ``(num_blocks, block_size, Hkv, Dv)`` (``"hnd"``: ``(num_blocks, Hkv,
+            block_size, Dv)``), the dtype of ``k_cache``.
         block_table: ``(B, max_blocks_per_seq)`` integers: sequence ``b``'s token ``n`` is row
             ``n % block_size`` of block ``block_table[b, n // block_size]``. Entries past
             ``ceil(seq_lens[b] / block_size)`` are ignored (may be anything, e.g. -1).
@@ -240,9 +273,12 @@ def paged_attention(
             (zeros, ``lse = -inf``) when causal.
         window, scale, softcap, alibi_slopes, sinks, return_lse, out: as in
             :func:`ferroattn.attention` (``lse`` ``(B, Hq, Nq)``).
-        k_scale, v_scale: for int8 caches, float32 ``(num_blocks, block_size, Hkv)``: a
-            stored value is worth ``int8 · scale`` (symmetric per token and head, as
-            :func:`paged_write` and an int8 :class:`ferroattn.KVCache` store them).
+        k_scale, v_scale: for int8 caches, float32 ``(num_blocks, block_size, Hkv)``
+            (``"hnd"``: ``(num_blocks, Hkv, block_size)``): a stored value is worth
+            ``int8 · scale`` (symmetric per token and head, as :func:`paged_write` and an int8
+            :class:`ferroattn.KVCache` store them).
+        kv_layout: ``"nhd"`` (default, token-major blocks as flash-attn's) or ``"hnd"``
+            (head-major blocks, faster to decode from); see :mod:`ferroattn.paged`.
         layout: of ``q`` and the output.
 
     Returns:
@@ -257,7 +293,7 @@ def paged_attention(
     """
     return_lse = check_flag("return_lse", return_lse)
     checked_layout = check_layout(layout)
-    c = _check_caches(k_cache, v_cache, k_scale, v_scale)
+    c = _check_caches(k_cache, v_cache, k_scale, v_scale, kv_layout)
     user_q = as_array("q", q)
     q4, dtype = _check_query(user_q, checked_layout, c)
     b, hq, nq, _ = q4.shape
@@ -306,6 +342,7 @@ def paged_attention_varlen(
     sinks: Any = None,
     k_scale: Any = None,
     v_scale: Any = None,
+    kv_layout: KVLayout = "nhd",
     return_lse: bool = False,
     out: Any = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -314,7 +351,7 @@ def paged_attention_varlen(
     Args:
         q: ``(T, Hq, D)``: sequence ``s``'s queries are ``q[cu_seqlens_q[s]:cu_seqlens_q[s+1]]``,
             its last tokens (none for a sequence idle this step).
-        k_cache, v_cache, block_table, seq_lens, k_scale, v_scale: as in
+        k_cache, v_cache, block_table, seq_lens, k_scale, v_scale, kv_layout: as in
             :func:`paged_attention`, one table row and length per sequence.
         cu_seqlens_q: ``(S + 1,)`` integers: starts at 0, never decreases, ends at ``T``.
         causal, window, scale, softcap, alibi_slopes, sinks, return_lse, out: as in
@@ -333,7 +370,7 @@ def paged_attention_varlen(
         (3, 4, 8)
     """
     return_lse = check_flag("return_lse", return_lse)
-    c = _check_caches(k_cache, v_cache, k_scale, v_scale)
+    c = _check_caches(k_cache, v_cache, k_scale, v_scale, kv_layout)
     user_q = as_array("q", q)
     if user_q.ndim != 3:
         raise ValueError(f"q must be 3-D (total_tokens, Hq, D), got shape {user_q.shape}")
@@ -410,6 +447,7 @@ def paged_write(
     *,
     k_scale: Any = None,
     v_scale: Any = None,
+    kv_layout: KVLayout = "nhd",
 ) -> None:
     """Write new tokens' keys and values into their slots of a paged cache (vLLM's
     ``reshape_and_cache``), converting to the cache's dtype.
@@ -423,6 +461,7 @@ def paged_write(
         k_scale, v_scale: for int8 caches, their writable scales: each token and head is
             rounded symmetrically against its own ``max |x| / 127`` (half to even), exactly
             as an int8 :class:`ferroattn.KVCache` stores it.
+        kv_layout: of the caches and scales, as in :func:`paged_attention`.
 
     Everything is checked before the first write: a refused call changes nothing.
 
@@ -434,7 +473,7 @@ def paged_write(
         >>> float(kc[1, 1, 0, 0])
         1.0
     """
-    c = _check_caches(k_cache, v_cache, k_scale, v_scale)
+    c = _check_caches(k_cache, v_cache, k_scale, v_scale, kv_layout)
     kx, vx = as_array("k", k), as_array("v", v)
     check_dtypes({"k": kx, "v": vx})
     shapes = f"k {kx.shape}, v {vx.shape}"

@@ -3,9 +3,13 @@
 Where :class:`ferroattn.KVCache` gives every sequence a slot of ``capacity`` tokens, a
 :class:`PagedKVCache` hands out blocks of ``block_size`` tokens as sequences grow (a free
 list), so memory follows the tokens actually held and any number of sequences of any lengths
-share one pool (continuous batching, as vLLM's block manager). Storage is flash-attn's paged
-layout, ``(num_blocks, block_size, kv_heads, dim)``, read in place by
-:func:`ferroattn.paged.paged_attention` through each sequence's block table.
+share one pool (continuous batching, as vLLM's block manager). Blocks are read in place by
+:func:`ferroattn.paged.paged_attention` through each sequence's block table. By default they
+are head-major, ``(num_blocks, kv_heads, block_size, dim)`` (``kv_layout="hnd"``): each head's
+rows of a block are one contiguous run, which a decode task (one per sequence and KV head)
+streams, where flash-attn's token-major blocks ``(num_blocks, block_size, kv_heads, dim)``
+(``kv_layout="nhd"``, for sharing the arrays with code that expects them) make it read ``dim``
+elements out of every ``kv_heads * dim``.
 
 Forked sequences (parallel sampling, beam search, a shared prompt) share their parent's blocks
 by reference count. A block is written only where its tokens lie past every sharer's length,
@@ -26,7 +30,7 @@ from ._args import as_array, check_dtypes, check_out, mask_options, valid_counts
 from ._cache_storage import NumpyStorage, encode_numpy
 from ._memory import allocating, nbytes
 from .kv_cache import _count, _storage_dtype
-from .paged import paged_attention, paged_attention_varlen, paged_write
+from .paged import KVLayout, check_kv_layout, paged_attention, paged_attention_varlen, paged_write
 from .variants import normalize_variants
 
 __all__ = ["PagedKVCache"]
@@ -74,6 +78,9 @@ class PagedKVCache:
         dtype: storage, as :class:`ferroattn.KVCache`'s: ``"float32"``, ``"float16"``,
             ``"bfloat16"`` or ``"int8"`` (symmetric, one float32 scale per token and head).
         value_dim: dimension of values, default ``head_dim``.
+        kv_layout: ``"hnd"`` (default): blocks ``(num_blocks, kv_heads, block_size, dim)``,
+            the faster to decode from; ``"nhd"``: ``(num_blocks, block_size, kv_heads, dim)``
+            as flash-attn's and vLLM's paged caches (see :mod:`ferroattn.paged`).
 
     Sequences are named by any hashable id: :meth:`add` one, :meth:`append` its keys and
     values, :meth:`attend` (or :meth:`step`: both at once) with its queries, :meth:`fork` it,
@@ -106,6 +113,7 @@ class PagedKVCache:
         *,
         dtype: Any = "float32",
         value_dim: int | None = None,
+        kv_layout: KVLayout = "hnd",
     ) -> None:
         self.num_blocks = _count("num_blocks", num_blocks, 1)
         self.block_size = _count("block_size", block_size, 1)
@@ -113,7 +121,10 @@ class PagedKVCache:
         self.head_dim = _count("head_dim", head_dim, 1)
         self.value_dim = self.head_dim if value_dim is None else _count("value_dim", value_dim, 1)
         self._code, self._dtype = _storage_dtype(dtype)
+        self._layout = check_kv_layout(kv_layout)
         rows = (self.num_blocks, self.block_size, self.kv_heads)
+        if self._layout == "hnd":
+            rows = (self.num_blocks, self.kv_heads, self.block_size)
         int8 = self._code == "int8"
         total = nbytes((*rows, self.head_dim), self._dtype)
         total += nbytes((*rows, self.value_dim), self._dtype)
@@ -143,6 +154,12 @@ class PagedKVCache:
         return self._code
 
     @property
+    def kv_layout(self) -> KVLayout:
+        """Block layout of :attr:`k_cache`, :attr:`v_cache` and the scales: ``"hnd"`` or
+        ``"nhd"``; pass it to the :mod:`ferroattn.paged` functions with them."""
+        return self._layout
+
+    @property
     def num_free_blocks(self) -> int:
         """Blocks no sequence holds."""
         return len(self._free)
@@ -159,18 +176,22 @@ class PagedKVCache:
 
     @property
     def k_cache(self) -> np.ndarray:
-        """Keys, ``(num_blocks, block_size, kv_heads, head_dim)``: a read-only view."""
+        """Keys, a read-only view: ``(num_blocks, kv_heads, block_size, head_dim)``
+        (:attr:`kv_layout` ``"hnd"``) or ``(num_blocks, block_size, kv_heads, head_dim)``
+        (``"nhd"``)."""
         return _read_only(self._k)
 
     @property
     def v_cache(self) -> np.ndarray:
-        """Values, ``(num_blocks, block_size, kv_heads, value_dim)``: a read-only view."""
+        """Values, a read-only view: ``(num_blocks, kv_heads, block_size, value_dim)``
+        (``"hnd"``) or ``(num_blocks, block_size, kv_heads, value_dim)`` (``"nhd"``)."""
         return _read_only(self._v)
 
     @property
     def k_scale(self) -> np.ndarray | None:
-        """int8 keys' float32 scales ``(num_blocks, block_size, kv_heads)`` (read-only), or
-        None for a float cache."""
+        """int8 keys' float32 scales (read-only) ``(num_blocks, kv_heads, block_size)``
+        (``"hnd"``) or ``(num_blocks, block_size, kv_heads)`` (``"nhd"``), or None for a
+        float cache."""
         return None if self._ks is None else _read_only(self._ks)
 
     @property
@@ -206,7 +227,8 @@ class PagedKVCache:
 
     def block_table(self, seq_ids: Iterable[Hashable]) -> tuple[np.ndarray, np.ndarray]:
         """``(block_table (B, max_blocks) int32, seq_lens (B,) int32)`` of ``seq_ids``, as
-        :func:`ferroattn.paged.paged_attention` takes them; unused entries are -1."""
+        :func:`ferroattn.paged.paged_attention` takes them (with :attr:`k_cache`,
+        :attr:`v_cache` and ``kv_layout=`` :attr:`kv_layout`); unused entries are -1."""
         table, lens = self._tables(self._ids(seq_ids, unique=False))
         return table.copy(), lens
 
@@ -568,7 +590,9 @@ class PagedKVCache:
         lengths = [self._seqs[s].length for s in ids]
         self._apply(plan)
         try:
-            paged_write(self._k, self._v, k, v, plan.slots, **self._scales())
+            paged_write(
+                self._k, self._v, k, v, plan.slots, kv_layout=self._layout, **self._scales()
+            )
             for s, c in zip(ids, counts.tolist(), strict=True):
                 self._seqs[s].length += c
             return None if then is None else then()
@@ -634,7 +658,16 @@ class PagedKVCache:
         return cast(
             np.ndarray,
             paged_attention(
-                q, self._k, self._v, table, lens, causal=True, out=out, **self._scales(), **options
+                q,
+                self._k,
+                self._v,
+                table,
+                lens,
+                causal=True,
+                out=out,
+                kv_layout=self._layout,
+                **self._scales(),
+                **options,
             ),
         )
 
@@ -655,6 +688,7 @@ class PagedKVCache:
                 cu,
                 causal=True,
                 out=out,
+                kv_layout=self._layout,
                 **self._scales(),
                 **options,
             ),

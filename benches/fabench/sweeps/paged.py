@@ -4,9 +4,10 @@ packed call gains a continuous-batching step.
 1. Decode: one query token over L cached tokens (B=1, 32 query / 8 KV heads, D=128, L = 4096
    and 32768), per cache dtype (float16, int8) and block size (16, 64): the contiguous
    ``KVCache.attend``, ``PagedKVCache.attend`` (its blocks interleaved with another
-   sequence's, as sequences that grow together get them) and ``paged_attention`` over a
-   shuffled block table (blocks anywhere in the pool). The ratio paged / contiguous is the
-   cost of paging; the project's target is <= 1.1x.
+   sequence's, as sequences that grow together get them; head-major blocks, its default) and
+   ``paged_attention`` over a shuffled block table (blocks anywhere in the pool), once per
+   block layout (``kv_layout`` "nhd": flash-attn's token-major blocks, "hnd": head-major). The
+   ratio paged / contiguous is the cost of paging; the project's target is <= 1.1x.
 2. Continuous batching: 16 sequences of mixed lengths in one step, some prefilling a
    128-token chunk, the others decoding one token: one ``paged_attention_varlen`` call vs a
    loop of one ``paged_attention`` call per sequence. Reported as the speedup and as the
@@ -43,6 +44,7 @@ DTYPES = ("float16", "int8")
 BW_REPEATS = 8
 TARGET_RATIO = 1.1  # paged / contiguous decode time
 CONTIGUOUS, PAGED_CACHE, PAGED_FN = "KVCache", "PagedKVCache", "paged_attention"
+KV_LAYOUTS = ("nhd", "hnd")
 PACKED, LOOP = "varlen (one call)", "loop (a call per sequence)"
 
 
@@ -135,24 +137,24 @@ def _interleaved(fa: Any, dt: str, bs: int, k: np.ndarray, v: np.ndarray) -> Any
     return cache
 
 
-def _shuffled(fa: Any, dt: str, bs: int, k: np.ndarray, v: np.ndarray, rng: np.random.Generator):
-    """``(k_cache, v_cache, scales, block_table, seq_lens)``: ``k``/``v`` written by
-    ``paged_write`` into blocks at random places of a pool twice their size."""
+def _shuffled(fa: Any, dt: str, bs: int, k: np.ndarray, v: np.ndarray, table: Any, kv_layout: str):
+    """``(k_cache, v_cache, scales)``: ``k``/``v`` written by ``paged_write`` into the blocks
+    ``table`` names of a pool twice their size, in ``kv_layout``."""
     _, hkv, length, d = k.shape
-    blocks = -(-length // bs)
-    pool = 2 * blocks
+    pool = 2 * (-(-length // bs))
     dtype = np.int8 if dt == "int8" else np.float16
-    kc = np.zeros((pool, bs, hkv, d), dtype)
-    vc = np.zeros((pool, bs, hkv, d), dtype)
+    blocks = (pool, bs, hkv) if kv_layout == "nhd" else (pool, hkv, bs)
+    kc = np.zeros((*blocks, d), dtype)
+    vc = np.zeros((*blocks, d), dtype)
     scales = {}
     if dt == "int8":
-        scales = {"k_scale": np.zeros((pool, bs, hkv), np.float32)}
-        scales["v_scale"] = np.zeros((pool, bs, hkv), np.float32)
-    table = rng.permutation(pool)[:blocks].astype(np.int32)[None]
+        scales = {"k_scale": np.zeros(blocks, np.float32)}
+        scales["v_scale"] = np.zeros(blocks, np.float32)
     pos = np.arange(length)
     slots = table[0, pos // bs].astype(np.int64) * bs + pos % bs
-    fa.paged.paged_write(kc, vc, k[0].swapaxes(0, 1), v[0].swapaxes(0, 1), slots, **scales)
-    return kc, vc, scales, table, np.array([length], np.int32)
+    kv = (k[0].swapaxes(0, 1), v[0].swapaxes(0, 1))
+    fa.paged.paged_write(kc, vc, *kv, slots, **scales, kv_layout=kv_layout)
+    return kc, vc, scales
 
 
 def decode_cell(fa, cfg, dt, bs, length, flush, rng) -> dict[str, Any]:
@@ -162,18 +164,20 @@ def decode_cell(fa, cfg, dt, bs, length, flush, rng) -> dict[str, Any]:
     contiguous = fa.KVCache(1, hkv, d, length, dtype=dt)
     contiguous.append(k, v)
     paged = _interleaved(fa, dt, bs, k, v)
-    kc, vc, scales, table, lens = _shuffled(fa, dt, bs, k, v, rng)
+    blocks = -(-length // bs)
+    table = rng.permutation(2 * blocks)[:blocks].astype(np.int32)[None]
+    lens = np.array([length], np.int32)
     tol = RTOL[dt]
     cands = [
         Cand(CONTIGUOUS, partial(contiguous.attend, q), ref="f64", tol=tol),
         Cand(PAGED_CACHE, partial(paged.attend, [0], q), ref="f64", tol=tol),
-        Cand(
-            PAGED_FN,
-            partial(fa.paged.paged_attention, q, kc, vc, table, lens, **scales),
-            ref="f64",
-            tol=tol,
-        ),
     ]
+    for kv_layout in KV_LAYOUTS:
+        kc, vc, scales = _shuffled(fa, dt, bs, k, v, table, kv_layout)
+        attend = partial(
+            fa.paged.paged_attention, q, kc, vc, table, lens, **scales, kv_layout=kv_layout
+        )
+        cands.append(Cand(f"{PAGED_FN} {kv_layout}", attend, ref="f64", tol=tol))
     refs = {"f64": reference64(q, k, v)}
     del k, v
     return _timed(cands, refs, cfg, flush, {"dtype": dt, "block_size": bs, "L": length})
@@ -195,16 +199,19 @@ def batch_cell(fa, cfg, flush, rng) -> dict[str, Any]:
     cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     q = rng.standard_normal((int(cu[-1]), h, d), dtype=np.float32)
     kc, vc = cache.k_cache, cache.v_cache
+    kv_layout = {"kv_layout": getattr(cache, "kv_layout", "nhd")}
 
     def loop() -> np.ndarray:
         out = np.empty((q.shape[0], h, d), np.float32)
         for b in ids:
             qb = q[None, cu[b] : cu[b + 1]].swapaxes(1, 2)
-            got = fa.paged.paged_attention(qb, kc, vc, table[b : b + 1], lens[b : b + 1])
+            got = fa.paged.paged_attention(
+                qb, kc, vc, table[b : b + 1], lens[b : b + 1], **kv_layout
+            )
             out[cu[b] : cu[b + 1]] = got[0].swapaxes(0, 1)
         return out
 
-    packed = partial(fa.paged.paged_attention_varlen, q, kc, vc, table, lens, cu)
+    packed = partial(fa.paged.paged_attention_varlen, q, kc, vc, table, lens, cu, **kv_layout)
     cands = [Cand(LOOP, loop, ref=None), Cand(PACKED, packed, ref=LOOP, tol=1e-5)]
     tokens = sum(n for n, _ in batch)
     cell = _timed(cands, {}, cfg, flush, {"sequences": len(batch), "tokens": tokens})
