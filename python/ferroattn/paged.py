@@ -231,6 +231,37 @@ def _options(q4: np.ndarray, span: int, causal: Any, window: Any, scale: Any, so
     )
 
 
+def _run(
+    q4: np.ndarray,
+    c: _Caches,
+    table: np.ndarray,
+    out4: np.ndarray,
+    opts: Any,
+    return_lse: bool,
+    sequences: Sequences,
+    variants: Any,
+) -> np.ndarray | None:
+    """The kernel call of both paged functions: ``q4`` over the checked caches ``c`` through
+    ``table``, into ``out4``; the LSE when ``return_lse``, else None."""
+    k4, v4, encoding = _kernel_caches(c)
+    lse = run_kernel(
+        kernel_ready("q", q4),
+        k4,
+        v4,
+        out4,
+        opts,
+        return_lse,
+        sequences,
+        variants,
+        kv_encoding=encoding,
+        pages=PageTable(table.reshape(-1), table.shape[1]),
+    )
+    if not return_lse:
+        return None
+    assert lse is not None
+    return lse
+
+
 def paged_attention(
     q: Any,
     k_cache: Any,
@@ -307,23 +338,10 @@ def paged_attention(
     result = output_array(
         out, from_bhsd_shape((b, hq, nq, dv), 4, layout), dtype, [user_q, c.k, c.v]
     )
-    k4, v4, encoding = _kernel_caches(c)
-    lse = run_kernel(
-        kernel_ready("q", q4),
-        k4,
-        v4,
-        to_bhsd("out", result, checked_layout),
-        opts,
-        return_lse,
-        Sequences(kv_lengths=lens),
-        variants,
-        kv_encoding=encoding,
-        pages=PageTable(table.reshape(-1), table.shape[1]),
-    )
-    if not return_lse:
-        return result
-    assert lse is not None
-    return result, lse.reshape(b, hq, nq)
+    out4 = to_bhsd("out", result, checked_layout)
+    seqs = Sequences(kv_lengths=lens)
+    lse = _run(q4, c, table, out4, opts, return_lse, seqs, variants)
+    return result if lse is None else (result, lse.reshape(b, hq, nq))
 
 
 def paged_attention_varlen(
@@ -392,26 +410,12 @@ def paged_attention_varlen(
     )
     dv = c.v.shape[3]
     result = output_array(out, (total, hq, dv), dtype, [user_q, c.k, c.v])
-    k4, v4, encoding = _kernel_caches(c)
     # Every table row in the one batch entry of packed queries: sequence s's keys start at its
     # row's first token.
     spans = [(0, cu[s], cu[s + 1] - cu[s], s * per_seq, lens[s]) for s in range(seqs)]
-    lse = run_kernel(
-        kernel_ready("q", q4),
-        k4,
-        v4,
-        to_bhsd("out", result, "bshd"),
-        opts,
-        return_lse,
-        Sequences(explicit=spans),
-        variants,
-        kv_encoding=encoding,
-        pages=PageTable(table.reshape(-1), table.shape[1]),
-    )
-    if not return_lse:
-        return result
-    assert lse is not None
-    return result, lse.reshape(hq, total)
+    out4 = to_bhsd("out", result, "bshd")
+    lse = _run(q4, c, table, out4, opts, return_lse, Sequences(explicit=spans), variants)
+    return result if lse is None else (result, lse.reshape(hq, total))
 
 
 def _check_slots(slot_mapping: Any, tokens: int, slots: int) -> np.ndarray:
